@@ -1,0 +1,76 @@
+"""Command line: `codi train | eval | probe | convert | demo | data`. Parses and calls the library."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+USAGE = """usage: codi COMMAND [flags]
+
+commands:
+  train     train CODI or a CoT-SFT / No-CoT-SFT baseline (reference-script flags, --config preset.yaml)
+  eval      evaluate a checkpoint on GSM8k / SVAMP / GSM-Hard / MultiArith
+  probe     decode the latent thoughts (top-k tokens, logit lens, Table-3 metric, HTML report)
+  convert   convert an authors' reference checkpoint to this project's format
+  demo      the offline end-to-end demo (synthetic data, train, evaluate, probe)
+  data      data utilities (`codi data synth`)
+
+`codi COMMAND --help` lists a command's flags."""
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def cmd_train(argv: list[str]) -> int:
+    from .config import parse_args
+    from .train import train
+
+    model_args, data_args, training_args = parse_args(argv)
+    result = train(model_args, data_args, training_args)
+    print({key: value for key, value in result.metrics.items() if isinstance(value, (int, float))})
+    return 0
+
+
+def _delegate(module: str):
+    """Commands other than train live in their own module as `main(argv) -> int`."""
+
+    def run(argv: list[str]) -> int:
+        import importlib
+
+        return importlib.import_module(f"codi.{module}").main(argv)
+
+    return run
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "eval": _delegate("evaluate"),
+    "probe": _delegate("probe"),
+    "convert": _delegate("convert"),
+    "demo": _delegate("demo"),
+    "data": _delegate("synth"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"codi: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    _setup_logging()
+    try:
+        return COMMANDS[command](rest) or 0
+    except (ValueError, FileNotFoundError) as error:
+        print(f"codi {command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

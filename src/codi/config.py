@@ -1,0 +1,376 @@
+"""Typed, validated arguments for model, data and training.
+
+The field names are those of the authors' reference scripts, so their command lines work unchanged
+(`--num_latent 6 --use_prj True --distill_loss_factor 20 ...`); the older spellings `mse_loss_*` are
+accepted as aliases. `CODITrainingArguments` extends `transformers.TrainingArguments`, so every HF
+Trainer flag (batch size, schedule, bf16, DeepSpeed/FSDP, ...) is available too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
+
+logger = logging.getLogger(__name__)
+
+# Seed-README names -> later reference names (SPEC §3). Both spellings are accepted everywhere.
+ALIASES = {
+    "mse_loss_div_std": "distill_loss_div_std",
+    "mse_loss_type": "distill_loss_type",
+    "mse_loss_factor": "distill_loss_factor",
+}
+DISTILL_LOSS_TYPES = ("smooth_l1", "l1", "l2")
+METHODS = ("codi", "cot_sft", "no_cot_sft")
+
+# LoRA targets per architecture family (SPEC §2); matched on `config.model_type`.
+DEFAULT_LORA_TARGETS = {
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"],
+    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"],
+    "phi": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"],
+}
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+@dataclass
+class CODIModelArguments:
+    """Everything needed to rebuild a CODI model; saved as `codi_config.json` with every checkpoint."""
+
+    model_name_or_path: str = field(
+        default="gpt2", metadata={"help": "Base causal LM: a hub id or a local directory."}
+    )
+    gguf_file: str | None = field(
+        default=None, metadata={"help": "GGUF file inside `model_name_or_path` (de-quantised on load)."}
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "Tokenizer location when it differs from the model's."}
+    )
+    use_lora: bool = field(default=True, metadata={"help": "Train LoRA adapters (False: full fine-tuning)."})
+    lora_r: int = field(default=128, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha."})
+    lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the LoRA branch."})
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "Module names to wrap with LoRA; default per architecture (SPEC §2)."},
+    )
+    lora_init: bool = field(
+        default=True,
+        metadata={"help": "Reference flag: standard LoRA init (B=0). Accepted for compatibility."},
+    )
+    use_prj: bool = field(
+        default=True, metadata={"help": "Project each latent thought before feeding it back."}
+    )
+    prj_dim: int = field(default=768, metadata={"help": "Hidden width of the projection MLP."})
+    prj_dropout: float = field(default=0.0, metadata={"help": "Dropout at the projection's input."})
+    prj_no_ln: bool = field(default=False, metadata={"help": "Omit the projection's final LayerNorm."})
+    train_special_token_embeddings: bool = field(
+        default=False,
+        metadata={
+            "help": "Train the <bot>/<eot> embedding rows under LoRA. Off by default: the reference "
+            "keeps them at their random initial values, which produced the paper's numbers."
+        },
+    )
+    num_latent: int = field(default=6, metadata={"help": "Latent thoughts fed during training."})
+    inf_latent_iterations: int = field(
+        default=6, metadata={"help": "Latent thoughts fed at inference (may differ from num_latent)."}
+    )
+    remove_eos: bool = field(
+        default=True,
+        metadata={"help": "Reference flag; every reference script sets it. Only True is supported."},
+    )
+    answer_prompt: str = field(
+        default="The answer is:", metadata={"help": "Text that precedes the answer value in every target."}
+    )
+    reference_compat: bool = field(
+        default=False,
+        metadata={
+            "help": "Reproduce the reference exactly, bugs included: unmasked latent/decoder steps "
+            "(unless fix_attn_mask), default position ids, a second no-grad teacher forward, "
+            "l2 divided by the std twice."
+        },
+    )
+    fix_attn_mask: bool = field(
+        default=False,
+        metadata={
+            "help": "Reference flag (only read with reference_compat): mask padding at the decoder step."
+        },
+    )
+    dtype: str = field(
+        default="float32",
+        metadata={"help": "Weights dtype when loading: float32 | bfloat16 | float16 | auto."},
+    )
+    attn_implementation: str | None = field(
+        default="sdpa", metadata={"help": "Attention kernel passed to from_pretrained (sdpa | eager | ...)."}
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow custom modelling code from the hub."}
+    )
+
+    def __post_init__(self) -> None:
+        _check(self.lora_r > 0, f"lora_r must be positive, got {self.lora_r}")
+        _check(self.lora_alpha > 0, f"lora_alpha must be positive, got {self.lora_alpha}")
+        _check(0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        _check(0.0 <= self.prj_dropout < 1.0, f"prj_dropout must be in [0, 1), got {self.prj_dropout}")
+        _check(self.prj_dim > 0, f"prj_dim must be positive, got {self.prj_dim}")
+        _check(self.num_latent >= 0, f"num_latent must be >= 0, got {self.num_latent}")
+        _check(
+            self.inf_latent_iterations >= 0,
+            f"inf_latent_iterations must be >= 0, got {self.inf_latent_iterations}",
+        )
+        _check(
+            self.remove_eos, "remove_eos=False is not supported: every reference script uses remove_eos=True"
+        )
+        _check(bool(self.answer_prompt.strip()), "answer_prompt must not be empty")
+        _check(
+            self.dtype in ("float32", "bfloat16", "float16", "auto"),
+            f"dtype must be float32 | bfloat16 | float16 | auto, got {self.dtype!r}",
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class CODIDataArguments:
+    """Where the training data comes from and how it is preprocessed (SPEC §1)."""
+
+    data_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub dataset id (zen-E/GSM8k-Aug, zen-E/GSM8k-Aug-NL, whynlp/gsm8k-aug, "
+            "zen-E/CommonsenseQA-GPT4omini) or the reference aliases icot | icot-full | commonsense."
+        },
+    )
+    train_file: str | None = field(
+        default=None,
+        metadata={"help": "Local training file: ICoT .txt, JSONL {question, cot, answer} or GSM8k JSONL."},
+    )
+    validation_file: str | None = field(
+        default=None, metadata={"help": "Local validation file (same formats) for periodic validation loss."}
+    )
+    validation_split: str | None = field(
+        default=None,
+        metadata={"help": "Hub split used for validation (e.g. 'validation' for whynlp/gsm8k-aug)."},
+    )
+    cot_style: str = field(
+        default="auto",
+        metadata={
+            "help": "equation | nl | auto: how a CoT is split into steps (auto: equation if '<<' present)."
+        },
+    )
+    include_last_cot: bool = field(
+        default=False, metadata={"help": "Keep the last CoT step (paper Table 2: dropping it helps)."}
+    )
+    max_token_num: int = field(
+        default=1000, metadata={"help": "Drop records whose question+cot+answer exceed this many tokens."}
+    )
+    skip_negative_answers: bool = field(
+        default=False,
+        metadata={"help": "Reference behaviour: drop records whose answer does not start with a digit."},
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Use only the first N training records."}
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Use only the first N validation records."}
+    )
+    # Reference-script flags kept so their command lines parse; their effect is stated in the help.
+    exp_mode: bool = field(default=False, metadata={"help": "Reference flag: use only exp_data_num records."})
+    exp_data_num: int = field(default=10000, metadata={"help": "Reference flag: records used when exp_mode."})
+
+    def __post_init__(self) -> None:
+        _check(
+            self.cot_style in ("auto", "equation", "nl"),
+            f"cot_style must be auto|equation|nl, got {self.cot_style!r}",
+        )
+        _check(self.max_token_num > 0, f"max_token_num must be positive, got {self.max_token_num}")
+        for name in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            _check(value is None or value > 0, f"{name} must be positive, got {value}")
+        if self.exp_mode and self.max_train_samples is None:
+            self.max_train_samples = self.exp_data_num
+
+
+@dataclass
+class CODITrainingArguments(TrainingArguments):
+    """HF `TrainingArguments` plus the CODI loss and method settings."""
+
+    output_dir: str = field(default="runs/codi", metadata={"help": "Where checkpoints and logs are written."})
+    method: str = field(
+        default="codi",
+        metadata={"help": "codi | cot_sft (question+CoT+answer) | no_cot_sft (question+answer)."},
+    )
+    distill_loss_type: str = field(default="smooth_l1", metadata={"help": "smooth_l1 | l1 | l2."})
+    distill_loss_factor: float = field(
+        default=1.0, metadata={"help": "beta: weight of the distillation loss."}
+    )
+    distill_loss_div_std: bool = field(
+        default=False, metadata={"help": "Divide each layer's distillation loss by the teacher's std."}
+    )
+    ref_loss_factor: float = field(default=1.0, metadata={"help": "gamma: weight of the teacher CE loss."})
+    warmup_ratio: float | None = field(
+        default=None,
+        metadata={"help": "Reference flag: warmup as a share of total steps (sets warmup_steps)."},
+    )
+    model_max_length: int = field(
+        default=512,
+        metadata={
+            "help": "Reference flag: truncation length (unused: over-long records are dropped by max_token_num)."
+        },
+    )
+    expt_name: str | None = field(
+        default=None, metadata={"help": "Reference flag: experiment name (used as run_name)."}
+    )
+    logging_dir: str | None = field(
+        default=None, metadata={"help": "Reference flag: TensorBoard log folder."}
+    )
+    save_safetensors: bool = field(
+        default=True, metadata={"help": "Reference flag: checkpoints are always safetensors."}
+    )
+    print_ref_model_stats: bool = field(
+        default=False, metadata={"help": "Reference flag: accepted, no effect."}
+    )
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Must stay False: CODI batches carry several views."}
+    )
+
+    def __post_init__(self) -> None:
+        _check(self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}")
+        _check(
+            self.distill_loss_type in DISTILL_LOSS_TYPES,
+            f"distill_loss_type must be one of {DISTILL_LOSS_TYPES}, got {self.distill_loss_type!r}",
+        )
+        _check(
+            self.distill_loss_factor >= 0, f"distill_loss_factor must be >= 0, got {self.distill_loss_factor}"
+        )
+        _check(self.ref_loss_factor >= 0, f"ref_loss_factor must be >= 0, got {self.ref_loss_factor}")
+        if self.warmup_ratio is not None:
+            _check(0.0 <= self.warmup_ratio < 1.0, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+            self.warmup_steps = self.warmup_ratio
+        if self.expt_name and not self.run_name:
+            self.run_name = self.expt_name
+        self.remove_unused_columns = False
+        if self.dataloader_pin_memory and not _has_accelerator():
+            self.dataloader_pin_memory = False  # avoids torch's warning on CPU-only machines
+        if self.logging_dir and self.report_to in ("tensorboard", ["tensorboard"]):
+            os.environ.setdefault("TENSORBOARD_LOGGING_DIR", self.logging_dir)
+        super().__post_init__()
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+
+
+ARGUMENT_CLASSES = (CODIModelArguments, CODIDataArguments, CODITrainingArguments)
+
+
+def _valid_names(classes: Sequence[type] = ARGUMENT_CLASSES) -> list[str]:
+    names = {f.name for cls in classes for f in dataclasses.fields(cls) if f.init}
+    return sorted(names | set(ALIASES))
+
+
+def _unknown_key_error(key: str, source: str, classes: Sequence[type]) -> ValueError:
+    close = difflib.get_close_matches(key, _valid_names(classes), n=4, cutoff=0.6)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    return ValueError(f"unknown argument {key!r} in {source}.{hint}")
+
+
+def canonical_key(key: str) -> str:
+    return ALIASES.get(key, key)
+
+
+def _yaml_to_argv(path: str, classes: Sequence[type]) -> list[str]:
+    """Turn a YAML preset into flags, so that later command-line flags override it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path}")
+    with open(path) as handle:
+        try:
+            values = yaml.safe_load(handle) or {}
+        except yaml.YAMLError as error:
+            raise ValueError(f"{path}: invalid YAML: {error}") from error
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of argument names to values at the top level")
+    valid = set(_valid_names(classes))
+    argv: list[str] = []
+    for key, value in values.items():
+        if key not in valid:
+            raise _unknown_key_error(key, path, classes)
+        if value is None:
+            continue
+        argv.append(f"--{canonical_key(key)}")
+        if isinstance(value, list):
+            argv.extend(str(item) for item in value)
+        elif isinstance(value, dict):
+            argv.append(json.dumps(value))
+        else:
+            argv.append(str(value))
+    return argv
+
+
+def _normalise_argv(argv: list[str], classes: Sequence[type]) -> list[str]:
+    """Rename alias flags and reject unknown ones with a suggestion (argparse would only say 'unrecognized')."""
+    valid = set(_valid_names(classes))
+    out = []
+    for token in argv:
+        if token.startswith("--"):
+            name, sep, rest = token[2:].partition("=")
+            if name not in valid:
+                raise _unknown_key_error(name, "the command line", classes)
+            token = f"--{canonical_key(name)}{sep}{rest}"
+        out.append(token)
+    return out
+
+
+def parse_args(argv: list[str] | None = None, classes: Sequence[type] = ARGUMENT_CLASSES) -> tuple[Any, ...]:
+    """Parse `--config preset.yaml` plus flags into the argument dataclasses (flags win over the YAML)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config_paths = []
+    rest = []
+    index = 0
+    while index < len(argv):
+        token = argv[index]
+        if token == "--config":
+            if index + 1 >= len(argv):
+                raise ValueError("--config needs a path to a YAML file")
+            config_paths.append(argv[index + 1])
+            index += 2
+            continue
+        if token.startswith("--config="):
+            config_paths.append(token.split("=", 1)[1])
+        else:
+            rest.append(token)
+        index += 1
+    merged = [flag for path in config_paths for flag in _yaml_to_argv(path, classes)]
+    merged += _normalise_argv(rest, classes)
+    parser = HfArgumentParser(list(classes))
+    return tuple(parser.parse_args_into_dataclasses(args=merged, look_for_args_file=False))
+
+
+def args_from_dict(values: dict[str, Any], cls: type) -> Any:
+    """Build one argument dataclass from a dict, with aliases and a helpful unknown-key error."""
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in values.items():
+        key = canonical_key(key)
+        if key not in known:
+            raise _unknown_key_error(key, cls.__name__, (cls,))
+        kwargs[key] = value
+    return cls(**kwargs)

@@ -1,0 +1,420 @@
+"""Training data: loading, the reference preprocessing (SPEC §1), teacher/student views, collation.
+
+A record becomes one `Example` holding both views of the same problem:
+
+    teacher  : Q ++ CoT ++ A ++ [eos]            labels: question positions = -100
+    student  : Q ++ [bot]  (encoder, left-padded in a batch)
+               [eot] ++ A ++ [eos]               (decoder, labels = the same ids)
+
+where A = tokens of "The answer is: {value}". The distillation position of each view is the index of
+the token whose next token is the first token of the answer value, found from character offsets.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+HUB_ALIASES = {
+    "icot": "zen-E/GSM8k-Aug",
+    "icot-full": "zen-E/GSM8k-Aug-NL",
+    "commonsense": "zen-E/CommonsenseQA-GPT4omini",
+}
+_GSM8K_ANNOTATION = re.compile(r"<<([^<>]*)>>")
+
+
+class DataError(ValueError):
+    """A record that cannot be read; the message names the source and the line or index."""
+
+
+@dataclass
+class RawRecord:
+    """One training record as read from its source; `where` names the file:line or dataset:index."""
+
+    question: str
+    cot: str
+    answer: str
+    where: str = ""
+
+
+@dataclass
+class Example:
+    """Token ids of both views of one record (no padding)."""
+
+    question_ids: list[int]
+    cot_ids: list[int]
+    answer_ids: list[int]
+    answer_value_index: int  # index, inside answer_ids, of the first token of the answer value
+    teacher_input_ids: list[int]
+    teacher_labels: list[int]
+    teacher_distill_pos: int
+    student_input_ids: list[int]
+    decoder_input_ids: list[int]
+    decoder_distill_pos: int
+
+    def as_features(self, method: str) -> dict[str, list[int] | int]:
+        features: dict[str, list[int] | int] = {
+            "teacher_input_ids": self.teacher_input_ids,
+            "teacher_labels": self.teacher_labels,
+            "teacher_distill_pos": self.teacher_distill_pos,
+        }
+        if method == "codi":
+            features.update(
+                student_input_ids=self.student_input_ids,
+                decoder_input_ids=self.decoder_input_ids,
+                decoder_distill_pos=self.decoder_distill_pos,
+            )
+        return features
+
+
+@dataclass
+class DataStats:
+    """How many records were read, kept and dropped, by reason."""
+
+    read: int = 0
+    kept: int = 0
+    dropped: Counter = field(default_factory=Counter)
+
+    def log(self, name: str) -> None:
+        reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(self.dropped.items())) or "none"
+        logger.info("%s: read %d records, kept %d, dropped %s", name, self.read, self.kept, reasons)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _require(record: dict, keys: Sequence[str], where: str) -> list[str]:
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    missing = [key for key in keys if key not in record]
+    if missing:
+        raise DataError(f"{where}: missing field(s) {missing}; found {sorted(record)}")
+    values = []
+    for key in keys:
+        value = record[key]
+        if not isinstance(value, (str, int, float)):
+            raise DataError(f"{where}: field {key!r} must be text, got {type(value).__name__}")
+        values.append(str(value))
+    return values
+
+
+def parse_icot_line(line: str, where: str) -> RawRecord:
+    """`question||step step step #### answer` (the ICoT / GSM8k-Aug text format)."""
+    if "||" not in line:
+        raise DataError(f"{where}: expected 'question||cot #### answer', found no '||'")
+    question, _, rest = line.partition("||")
+    if "####" not in rest:
+        raise DataError(f"{where}: expected '#### answer' after the CoT, found none")
+    cot, _, answer = rest.rpartition("####")
+    if not question.strip() or not answer.strip():
+        raise DataError(f"{where}: empty question or answer")
+    return RawRecord(question.strip(), cot.strip(), answer.strip(), where)
+
+
+def gsm8k_to_record(question: str, solution: str, where: str) -> RawRecord:
+    """Original GSM8k: the CoT is the `<<...>>` annotations joined by spaces; the answer follows `####`."""
+    if "####" not in solution:
+        raise DataError(f"{where}: GSM8k answer has no '#### N' line")
+    steps = _GSM8K_ANNOTATION.findall(solution)
+    answer = solution.rpartition("####")[2].strip()
+    return RawRecord(question.strip(), " ".join(f"<<{step}>>" for step in steps), answer, where)
+
+
+def _json_record(record: dict, where: str) -> RawRecord:
+    if isinstance(record, dict) and "cot" not in record and "question" in record and "answer" in record:
+        question, solution = _require(record, ("question", "answer"), where)
+        return gsm8k_to_record(question, solution, where)
+    question, cot, answer = _require(record, ("question", "cot", "answer"), where)
+    return RawRecord(question, cot, answer, where)
+
+
+def read_records(path: str) -> list[RawRecord]:
+    """Read a local file: ICoT `.txt`, `.jsonl` ({question, cot, answer} or GSM8k), or a `.json` array."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"data file not found: {path}")
+    records = []
+    if path.endswith(".txt"):
+        with open(path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if line.strip():
+                    records.append(parse_icot_line(line.rstrip("\n"), f"{path}:{number}"))
+    elif path.endswith(".jsonl"):
+        with open(path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{number}"
+                try:
+                    item = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise DataError(f"{where}: invalid JSON: {error.msg}") from error
+                records.append(_json_record(item, where))
+    elif path.endswith(".json"):
+        with open(path, encoding="utf-8") as handle:
+            try:
+                items = json.load(handle)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}: invalid JSON at line {error.lineno}: {error.msg}") from error
+        if not isinstance(items, list):
+            raise DataError(f"{path}: expected a JSON array of records")
+        records = [_json_record(item, f"{path}[{index}]") for index, item in enumerate(items)]
+    else:
+        raise DataError(f"{path}: unknown data format (expected .txt, .jsonl or .json)")
+    return records
+
+
+def load_hub_records(name: str, split: str = "train") -> list[RawRecord]:
+    """Records of a hub dataset with `question`, `cot`, `answer` columns (needs network or the HF cache)."""
+    import datasets
+
+    dataset_id = HUB_ALIASES.get(name, name)
+    dataset = datasets.load_dataset(dataset_id, split=split)
+    return [_json_record(dict(row), f"{dataset_id}[{split}][{index}]") for index, row in enumerate(dataset)]
+
+
+def load_records(source: str, split: str = "train") -> list[RawRecord]:
+    """A local file path, or else a hub dataset id / reference alias."""
+    if os.path.exists(source) or source.endswith((".txt", ".jsonl", ".json")):
+        return read_records(source)
+    return load_hub_records(source, split)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference preprocessing (SPEC §1)
+
+
+def answer_value(answer: str) -> str:
+    """The last whitespace token of the answer, with `####` removed."""
+    tokens = answer.replace("####", " ").split()
+    return tokens[-1] if tokens else ""
+
+
+def process_cot(cot: str, style: str = "auto", include_last_cot: bool = False) -> str:
+    """Equation CoTs split on single spaces, NL CoTs on '. '; the last step is dropped unless asked."""
+    if style == "auto":
+        style = "equation" if "<<" in cot else "nl"
+    if style == "equation":
+        steps = cot.split(" ")
+        if not include_last_cot:
+            steps = steps[:-1]
+        return " ".join(steps)
+    steps = cot.split(". ")
+    if not include_last_cot:
+        steps = steps[:-1]
+    return ". ".join(steps) + ".\n" if steps else ""
+
+
+def answer_text(value: str, answer_prompt: str = "The answer is:") -> str:
+    return f"{answer_prompt} {value}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenisation and the two views
+
+
+def encode_question(tokenizer, question: str) -> list[int]:
+    """Question ids with the tokenizer's own BOS (if it adds one) and never a trailing EOS."""
+    ids = list(tokenizer(question, add_special_tokens=True)["input_ids"])
+    if ids and tokenizer.eos_token_id is not None and ids[-1] == tokenizer.eos_token_id and len(ids) > 1:
+        if tokenizer.bos_token_id != tokenizer.eos_token_id or ids[0] != ids[-1]:
+            ids = ids[:-1]
+    return ids
+
+
+def encode_answer(tokenizer, value: str, answer_prompt: str = "The answer is:") -> tuple[list[int], int]:
+    """Ids of `"{answer_prompt} {value}"` and the index of the first token that carries the value.
+
+    The value's first character is located by character offsets, so tokenizers that emit the space
+    before a number as its own token (Llama-3) are handled like those that glue it to the number
+    (GPT-2): the distillation position is always the token just before that index.
+    """
+    text = answer_text(value, answer_prompt)
+    value_start = len(text) - len(value)
+    try:
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = list(encoded["input_ids"]), list(encoded["offset_mapping"])
+        index = next((i for i, (_, end) in enumerate(offsets) if end > value_start), None)
+    except (NotImplementedError, KeyError, TypeError):
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        index = next((i for i in range(len(ids)) if len(tokenizer.decode(ids[: i + 1])) > value_start), None)
+    if index is None or index == 0:
+        raise ValueError(
+            f"cannot locate the answer value {value!r} after the prompt {answer_prompt!r} in the "
+            f"tokenisation of {text!r} (ids {ids}): the distillation position is undefined"
+        )
+    return ids, index
+
+
+def build_example(
+    tokenizer,
+    question: str,
+    cot: str,
+    value: str,
+    *,
+    bot_id: int | None,
+    eot_id: int | None,
+    method: str = "codi",
+    answer_prompt: str = "The answer is:",
+) -> Example:
+    """The teacher and student views of one preprocessed record (see the module docstring)."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no eos_token_id; CODI targets end with EOS")
+    question_ids = encode_question(tokenizer, question)
+    cot_ids = (
+        list(tokenizer(cot, add_special_tokens=False)["input_ids"]) if cot and method != "no_cot_sft" else []
+    )
+    answer_ids, value_index = encode_answer(tokenizer, value, answer_prompt)
+    target = cot_ids + answer_ids + [eos]
+    teacher_input_ids = question_ids + target
+    teacher_labels = [IGNORE_INDEX] * len(question_ids) + target
+    teacher_distill_pos = len(question_ids) + len(cot_ids) + value_index - 1
+    student_input_ids, decoder_input_ids, decoder_distill_pos = [], [], 0
+    if method == "codi":
+        if bot_id is None or eot_id is None:
+            raise ValueError("method 'codi' needs the <bot> and <eot> token ids")
+        student_input_ids = question_ids + [bot_id]
+        decoder_input_ids = [eot_id] + answer_ids + [eos]
+        decoder_distill_pos = value_index  # 1 for [eot], then value_index - 1 inside the answer
+    return Example(
+        question_ids=question_ids,
+        cot_ids=cot_ids,
+        answer_ids=answer_ids,
+        answer_value_index=value_index,
+        teacher_input_ids=teacher_input_ids,
+        teacher_labels=teacher_labels,
+        teacher_distill_pos=teacher_distill_pos,
+        student_input_ids=student_input_ids,
+        decoder_input_ids=decoder_input_ids,
+        decoder_distill_pos=decoder_distill_pos,
+    )
+
+
+class CODIDataset(torch.utils.data.Dataset):
+    """Pre-tokenised examples; `__getitem__` returns the features that the collator pads."""
+
+    def __init__(self, examples: list[Example], method: str = "codi"):
+        self.examples = examples
+        self.method = method
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.examples[index].as_features(self.method)
+
+
+def build_dataset(
+    records: Iterable[RawRecord],
+    tokenizer,
+    *,
+    bot_id: int | None,
+    eot_id: int | None,
+    method: str = "codi",
+    cot_style: str = "auto",
+    include_last_cot: bool = False,
+    max_token_num: int = 1000,
+    skip_negative_answers: bool = False,
+    answer_prompt: str = "The answer is:",
+    max_samples: int | None = None,
+    name: str = "train",
+) -> tuple[CODIDataset, DataStats]:
+    """Preprocess and tokenise records; every dropped record is counted by reason and logged."""
+    stats = DataStats()
+    examples = []
+    for record in records:
+        if max_samples is not None and stats.kept >= max_samples:
+            break
+        stats.read += 1
+        value = answer_value(record.answer)
+        if not value:
+            stats.dropped["empty_answer"] += 1
+            logger.debug("%s: dropped, empty answer", record.where)
+            continue
+        if skip_negative_answers and not value[0].isdigit():
+            stats.dropped["answer_not_starting_with_digit"] += 1
+            continue
+        cot = process_cot(record.cot, cot_style, include_last_cot)
+        example = build_example(
+            tokenizer,
+            record.question,
+            cot,
+            value,
+            bot_id=bot_id,
+            eot_id=eot_id,
+            method=method,
+            answer_prompt=answer_prompt,
+        )
+        if len(example.question_ids) + len(example.cot_ids) + len(example.answer_ids) > max_token_num:
+            stats.dropped["longer_than_max_token_num"] += 1
+            logger.debug("%s: dropped, longer than max_token_num=%d", record.where, max_token_num)
+            continue
+        examples.append(example)
+        stats.kept += 1
+    stats.log(name)
+    if not examples:
+        raise DataError(f"{name}: no usable records (read {stats.read}, dropped {dict(stats.dropped)})")
+    return CODIDataset(examples, method), stats
+
+
+# --------------------------------------------------------------------------------------------------
+# Collation
+
+
+def pad_sequences(sequences: Sequence[Sequence[int]], value: int, side: str) -> torch.Tensor:
+    longest = max(len(sequence) for sequence in sequences)
+    rows = []
+    for sequence in sequences:
+        padding = [value] * (longest - len(sequence))
+        rows.append(padding + list(sequence) if side == "left" else list(sequence) + padding)
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def attention_mask_for(sequences: Sequence[Sequence[int]], side: str) -> torch.Tensor:
+    return pad_sequences([[1] * len(sequence) for sequence in sequences], 0, side)
+
+
+@dataclass
+class CODICollator:
+    """Pads a list of features into a batch.
+
+    Padding layout (why: the student appends latents and the decoder right after the question, so
+    its question must end at the same column for every row):
+      teacher_*  right-padded  (pad id / label -100 / mask 0 after the sequence)
+      student_*  LEFT-padded   (Q ++ [bot] ends in the last column)
+      decoder_*  right-padded  ([eot] ++ A ++ [eos] starts in the first column)
+    Distillation positions are indices into the unpadded sequences, which right padding preserves.
+    """
+
+    pad_token_id: int
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        batch: dict[str, torch.Tensor] = {}
+        teacher = [feature["teacher_input_ids"] for feature in features]
+        batch["teacher_input_ids"] = pad_sequences(teacher, self.pad_token_id, "right")
+        batch["teacher_attention_mask"] = attention_mask_for(teacher, "right")
+        batch["teacher_labels"] = pad_sequences(
+            [f["teacher_labels"] for f in features], IGNORE_INDEX, "right"
+        )
+        batch["teacher_distill_pos"] = torch.tensor([f["teacher_distill_pos"] for f in features])
+        if "student_input_ids" in features[0]:
+            student = [feature["student_input_ids"] for feature in features]
+            decoder = [feature["decoder_input_ids"] for feature in features]
+            batch["student_input_ids"] = pad_sequences(student, self.pad_token_id, "left")
+            batch["student_attention_mask"] = attention_mask_for(student, "left")
+            batch["decoder_input_ids"] = pad_sequences(decoder, self.pad_token_id, "right")
+            batch["decoder_attention_mask"] = attention_mask_for(decoder, "right")
+            batch["decoder_labels"] = pad_sequences(decoder, IGNORE_INDEX, "right")
+            batch["decoder_distill_pos"] = torch.tensor([f["decoder_distill_pos"] for f in features])
+        return batch

@@ -1,0 +1,109 @@
+"""CODI losses (SPEC §3) as pure functions of tensors.
+
+total = student_ce + distill_loss_factor * distill + ref_loss_factor * teacher_ce
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .data import IGNORE_INDEX
+
+
+def next_token_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the non-ignored labels of a batch.
+
+    logits: (B, T, V); labels: (B, T) with IGNORE_INDEX where no loss is taken. Position t predicts
+    labels[t + 1]. Normalised by the number of counted tokens in the batch, as HF causal LMs do.
+    """
+    shifted_logits = logits[:, :-1, :].float()
+    shifted_labels = labels[:, 1:]
+    return F.cross_entropy(
+        shifted_logits.reshape(-1, shifted_logits.size(-1)),
+        shifted_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+    )
+
+
+def gather_positions(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """hidden: (B, T, d); positions: (B,) -> (B, d), the vector of each row at its own position."""
+    rows = torch.arange(hidden.size(0), device=hidden.device)
+    return hidden[rows, positions.to(hidden.device)]
+
+
+def pointwise_distance(student: torch.Tensor, teacher: torch.Tensor, loss_type: str) -> torch.Tensor:
+    """Mean distance between (B, d) tensors: smooth_l1 (beta 1), l1 or l2 (MSE)."""
+    if loss_type == "smooth_l1":
+        return F.smooth_l1_loss(student, teacher, beta=1.0)
+    if loss_type == "l1":
+        return F.l1_loss(student, teacher)
+    if loss_type == "l2":
+        return F.mse_loss(student, teacher)
+    raise ValueError(f"unknown distill_loss_type {loss_type!r} (smooth_l1 | l1 | l2)")
+
+
+@dataclass
+class DistillOutput:
+    loss: torch.Tensor  # scalar, mean over layers
+    per_layer: torch.Tensor  # (L,), detached, for logging
+
+
+def distillation_loss(
+    student_hidden: Sequence[torch.Tensor],
+    teacher_hidden: Sequence[torch.Tensor],
+    loss_type: str = "smooth_l1",
+    div_std: bool = False,
+    l2_std_twice: bool = False,
+) -> DistillOutput:
+    """Layer-wise distillation between student and teacher vectors at the distillation position.
+
+    student_hidden, teacher_hidden: L tensors of shape (B, d), one per `hidden_states` entry
+    (embedding output plus every block). The teacher is detached here, whatever the caller passed.
+    With `div_std`, each layer's loss is divided by the (unbiased) std of that layer's teacher (B, d)
+    tensor. `l2_std_twice` reproduces the reference's bug of dividing the l2 loss by the std twice.
+    """
+    if len(student_hidden) != len(teacher_hidden):
+        raise ValueError(f"{len(student_hidden)} student layers but {len(teacher_hidden)} teacher layers")
+    losses = []
+    for student, teacher in zip(student_hidden, teacher_hidden):
+        teacher = teacher.detach().float()
+        loss = pointwise_distance(student.float(), teacher, loss_type)
+        if div_std:
+            std = teacher.std()
+            loss = loss / std
+            if l2_std_twice and loss_type == "l2":
+                loss = loss / std
+        losses.append(loss)
+    stacked = torch.stack(losses)
+    return DistillOutput(loss=stacked.mean(), per_layer=stacked.detach())
+
+
+@dataclass
+class CODILoss:
+    total: torch.Tensor
+    student_ce: torch.Tensor
+    teacher_ce: torch.Tensor
+    distill: torch.Tensor
+
+    def components(self) -> dict[str, float]:
+        return {
+            "student_ce": float(self.student_ce.detach()),
+            "teacher_ce": float(self.teacher_ce.detach()),
+            "distill_loss": float(self.distill.detach()),
+        }
+
+
+def combine_losses(
+    student_ce: torch.Tensor,
+    teacher_ce: torch.Tensor,
+    distill: torch.Tensor,
+    distill_loss_factor: float = 1.0,
+    ref_loss_factor: float = 1.0,
+) -> CODILoss:
+    """total = student_ce + beta * distill + gamma * teacher_ce (all scalars)."""
+    total = student_ce + distill_loss_factor * distill + ref_loss_factor * teacher_ce
+    return CODILoss(total=total, student_ce=student_ce, teacher_ce=teacher_ce, distill=distill)

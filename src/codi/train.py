@@ -1,0 +1,206 @@
+"""Training: setup -> fit -> validate -> save, on the HF Trainer (so DDP/FSDP/DeepSpeed work unchanged).
+
+from codi import train
+train(model_args, data_args, training_args)       # or: codi train --config configs/gpt2_gsm8k-aug.yaml
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from transformers import Trainer, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from .config import CODIDataArguments, CODIModelArguments, CODITrainingArguments
+from .data import CODICollator, CODIDataset, DataStats, build_dataset, load_records
+from .model import CODIModel, LossSettings
+
+logger = logging.getLogger(__name__)
+COMPONENTS = ("student_ce", "teacher_ce", "distill_loss")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; raised with the step so the run can be resumed or fixed."""
+
+
+class CODITrainer(Trainer):
+    """HF Trainer that logs every loss component and saves/loads CODI checkpoints."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._sums = {"train": defaultdict(float), "eval": defaultdict(float)}
+        self._counts = {"train": 0, "eval": 0}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        loss = outputs["loss"]
+        if not torch.isfinite(loss.detach()).all():
+            raise NonFiniteLossError(
+                f"non-finite loss at global step {self.state.global_step}: "
+                + ", ".join(f"{key}={float(outputs[key]):.4g}" for key in COMPONENTS if key in outputs)
+                + ". Lower the learning rate, use bf16 instead of fp16, or resume from the last checkpoint."
+            )
+        phase = "train" if model.training else "eval"
+        for key in COMPONENTS:
+            if key in outputs:
+                self._sums[phase][key] += float(outputs[key])
+        self._counts[phase] += 1
+        return (loss, outputs) if return_outputs else loss
+
+    def _pop_means(self, phase: str, prefix: str = "") -> dict[str, float]:
+        count = self._counts[phase]
+        means = {f"{prefix}{key}": value / count for key, value in self._sums[phase].items()} if count else {}
+        self._sums[phase].clear()
+        self._counts[phase] = 0
+        return means
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            logs.update({key: round(value, 4) for key, value in self._pop_means("train").items()})
+        super().log(logs, start_time)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        self._pop_means("eval")
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        components = self._pop_means("eval", prefix=f"{metric_key_prefix}_")
+        if components:
+            metrics.update(components)
+            self.log(components)
+        return metrics
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:
+            return
+        self.accelerator.unwrap_model(self.model).save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        target = self.accelerator.unwrap_model(model if model is not None else self.model)
+        logger.info("Loading weights from %s", resume_from_checkpoint)
+        target.load_weights(resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        self._load_from_checkpoint(self.state.best_model_checkpoint)
+
+
+@dataclass
+class TrainResult:
+    model: CODIModel
+    trainer: CODITrainer
+    train_stats: DataStats
+    eval_stats: DataStats | None
+    metrics: dict
+
+
+def build_model(model_args: CODIModelArguments, training_args: CODITrainingArguments) -> CODIModel:
+    model = CODIModel.from_base(model_args)
+    model.loss_settings = LossSettings(
+        method=training_args.method,
+        distill_loss_type=training_args.distill_loss_type,
+        distill_loss_factor=training_args.distill_loss_factor,
+        distill_loss_div_std=training_args.distill_loss_div_std,
+        ref_loss_factor=training_args.ref_loss_factor,
+    )
+    return model
+
+
+def build_datasets(
+    model: CODIModel, data_args: CODIDataArguments, method: str
+) -> tuple[CODIDataset, DataStats, CODIDataset | None, DataStats | None]:
+    source = data_args.train_file or data_args.data_name
+    if source is None:
+        raise ValueError("no training data: pass --train_file PATH or --data_name HUB_ID")
+    common = dict(
+        bot_id=model.bot_id,
+        eot_id=model.eot_id,
+        method=method,
+        cot_style=data_args.cot_style,
+        include_last_cot=data_args.include_last_cot,
+        max_token_num=data_args.max_token_num,
+        skip_negative_answers=data_args.skip_negative_answers,
+        answer_prompt=model.args.answer_prompt,
+    )
+    train_set, train_stats = build_dataset(
+        load_records(source, "train"),
+        model.tokenizer,
+        max_samples=data_args.max_train_samples,
+        name="train",
+        **common,
+    )
+    eval_source = data_args.validation_file or (data_args.data_name if data_args.validation_split else None)
+    if eval_source is None:
+        return train_set, train_stats, None, None
+    eval_set, eval_stats = build_dataset(
+        load_records(eval_source, data_args.validation_split or "validation"),
+        model.tokenizer,
+        max_samples=data_args.max_eval_samples,
+        name="validation",
+        **common,
+    )
+    return train_set, train_stats, eval_set, eval_stats
+
+
+def _resume_path(training_args: CODITrainingArguments) -> str | None:
+    value = training_args.resume_from_checkpoint
+    if value is None or str(value).lower() in ("", "false", "no"):
+        return None
+    if str(value).lower() in ("true", "last", "latest"):
+        last = (
+            get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        )
+        if last is None:
+            raise FileNotFoundError(
+                f"--resume_from_checkpoint {value}: no checkpoint-* in {training_args.output_dir}"
+            )
+        return last
+    if not os.path.isdir(value):
+        raise FileNotFoundError(f"--resume_from_checkpoint: no such directory {value}")
+    return value
+
+
+def train(
+    model_args: CODIModelArguments, data_args: CODIDataArguments, training_args: CODITrainingArguments
+) -> TrainResult:
+    """Train CODI (or a CoT-SFT / No-CoT-SFT baseline), then save the final model to `output_dir`."""
+    set_seed(training_args.seed)
+    resume = _resume_path(training_args)
+    model = build_model(model_args, training_args)
+    train_set, train_stats, eval_set, eval_stats = build_datasets(model, data_args, training_args.method)
+    if eval_set is None and training_args.eval_strategy != "no":
+        raise ValueError("eval_strategy is set but there is no validation data (--validation_file)")
+    if training_args.label_names is None:
+        training_args.label_names = ["teacher_labels"]
+    training_args.prediction_loss_only = True
+    trainer = CODITrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=CODICollator(model.pad_id),
+    )
+    output = trainer.train(resume_from_checkpoint=resume)
+    metrics = dict(output.metrics)
+    if eval_set is not None:
+        metrics.update(trainer.evaluate())
+    trainer.save_model(training_args.output_dir)
+    if trainer.is_world_process_zero():
+        trainer.save_metrics(
+            "all",
+            {
+                **metrics,
+                "train_records_kept": train_stats.kept,
+                "train_records_dropped": dict(train_stats.dropped),
+            },
+        )
+        trainer.save_state()
+    steps_per_epoch = math.ceil(len(train_set) / max(1, training_args.per_device_train_batch_size))
+    logger.info(
+        "trained %d steps (%d batches per epoch per device)", trainer.state.global_step, steps_per_epoch
+    )
+    return TrainResult(model, trainer, train_stats, eval_stats, metrics)
