@@ -224,12 +224,13 @@ def answer_text(value: str, answer_prompt: str = "The answer is:") -> str:
 
 
 def encode_question(tokenizer, question: str) -> list[int]:
-    """Question ids with the tokenizer's own BOS (if it adds one) and never a trailing EOS."""
-    ids = list(tokenizer(question, add_special_tokens=True)["input_ids"])
-    if ids and tokenizer.eos_token_id is not None and ids[-1] == tokenizer.eos_token_id and len(ids) > 1:
-        if tokenizer.bos_token_id != tokenizer.eos_token_id or ids[0] != ids[-1]:
-            ids = ids[:-1]
-    return ids
+    """Question ids with the special tokens the tokenizer puts BEFORE the text (BOS), none after (EOS)."""
+    plain = list(tokenizer(question, add_special_tokens=False)["input_ids"])
+    full = list(tokenizer(question, add_special_tokens=True)["input_ids"])
+    for lead in range(len(full) - len(plain) + 1):
+        if full[lead : lead + len(plain)] == plain:
+            return full[: lead + len(plain)]
+    return plain  # a post-processor that rewrites the text tokens: keep the text alone
 
 
 def encode_answer(tokenizer, value: str, answer_prompt: str = "The answer is:") -> tuple[list[int], int]:
