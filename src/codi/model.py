@@ -54,6 +54,8 @@ class LatentPrefix:
     hidden: last-layer states before the projection, after `<bot>` and after each fed latent (B, d);
         filled only when asked for (probing).
     latents: the latent embeddings fed or pending (B, d), in order.
+    all_hidden: with `keep_all_layers`, for each entry of `hidden`, every entry of the LM's
+        `hidden_states` (embedding output and each block's output, each (B, d)) at that position.
     """
 
     cache: DynamicCache
@@ -62,6 +64,7 @@ class LatentPrefix:
     pending: torch.Tensor | None
     hidden: list[torch.Tensor] = field(default_factory=list)
     latents: list[torch.Tensor] = field(default_factory=list)
+    all_hidden: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
 
 
 def build_projection(hidden_size: int, args: CODIModelArguments) -> nn.Module:
@@ -341,6 +344,7 @@ class CODIModel(nn.Module):
         num_latent: int,
         keep_hidden: bool = False,
         defer_last: bool = True,
+        keep_all_layers: bool = False,
     ) -> LatentPrefix:
         """Run `Q ++ [bot]` (left-padded) and feed exactly `num_latent` latent thoughts.
 
@@ -348,6 +352,7 @@ class CODIModel(nn.Module):
         with the decoder tokens, which saves one forward call. With `keep_hidden` (and not deferred)
         `prefix.hidden` holds num_latent + 1 states: after `<bot>` and after each latent. With
         `reference_compat` every latent is fed on its own, unmasked, at default positions.
+        `keep_all_layers` (with `keep_hidden`) also fills `prefix.all_hidden` (logit lens).
         """
         compat = self.args.reference_compat
         defer = defer_last and not compat
@@ -366,6 +371,8 @@ class CODIModel(nn.Module):
         for step in range(num_latent):
             if keep_hidden:
                 prefix.hidden.append(last_hidden)
+                if keep_all_layers:
+                    prefix.all_hidden.append(tuple(h[:, -1] for h in out.hidden_states))
             latent = self.project(last_hidden).unsqueeze(1)
             prefix.latents.append(latent[:, 0])
             if defer and step == num_latent - 1:
@@ -385,6 +392,8 @@ class CODIModel(nn.Module):
         else:
             if keep_hidden:
                 prefix.hidden.append(last_hidden)
+                if keep_all_layers:
+                    prefix.all_hidden.append(tuple(h[:, -1] for h in out.hidden_states))
         return prefix
 
     def decode_step(
