@@ -1,0 +1,416 @@
+"""`codi demo`: the offline end-to-end demonstration of CODI on data and a model it makes itself.
+
+1. synthetic GSM8k-Aug-style data (`codi.synth`): train / validation / test, disjoint by problem;
+2. a word/digit-level tokenizer (`tokenizers` WordLevel, every digit its own token) and a small
+   GPT-2 from scratch, saved HF-style under `<out>/base` so every other command can load it;
+3. No-CoT-SFT and CODI trained with the same model size and the same number of steps;
+4. evaluation on the held-out test split: CODI in latent mode, the same CODI model in teacher CoT mode,
+   and No-CoT; the latent probe when `codi.probe` is installed;
+5. one table (accuracy, tokens generated per answer, questions/s, speedup vs CoT) printed and saved as
+   `results.json` and `results.png` in a fresh output folder.
+
+The presets are in `PRESETS`; docs/demo.md records every regime tried and why these values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, replace
+
+import torch
+
+from .synth import SynthConfig, make_splits, to_icot_line, write_splits
+
+logger = logging.getLogger(__name__)
+EOS = "<|endoftext|>"
+UNK = "<unk>"
+# Every symbol a CoT or answer can contain, so the vocabulary never depends on the sample drawn.
+_SYMBOLS = "The answer is: 0 1 2 3 4 5 6 7 8 9 + - * / % ( ) = . , ? : << >>"
+
+
+@dataclass
+class Preset:
+    """Everything a demo run depends on (seed excepted)."""
+
+    # data
+    steps: int = 3
+    operators: str = "+*"
+    modulus: int = 10
+    n_train: int = 20000
+    n_test: int = 500
+    n_validation: int = 200
+    # model: a GPT-2 trained from scratch
+    n_layer: int = 4
+    n_embd: int = 128
+    n_head: int = 4
+    # training; both methods get `steps_budget` optimiser steps (CODI's include its CoT warm-up)
+    steps_budget: int = 1500
+    cot_warmup_steps: int = 0
+    batch_size: int = 64
+    learning_rate: float = 3e-3
+    num_latent: int = 4
+    distill_factor: float = 1.0
+    distill_loss_type: str = "smooth_l1"
+    distill_div_std: bool = True
+    ref_loss_factor: float = 1.0
+    eval_batch_size: int = 250
+
+
+PRESETS = {
+    "default": Preset(),
+    "long": Preset(steps_budget=6000),
+    "smoke": Preset(n_train=400, n_test=40, n_validation=20, n_layer=1, n_embd=32, n_head=2, steps_budget=4),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenizer and base model
+
+
+def build_tokenizer(texts: list[str]):
+    """Word-level tokenizer: words (with a leading '▁' for the space), every digit and punctuation mark
+    its own token, `<<`/`>>` kept whole; decoding restores the exact text, so answers parse."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel(unk_token=UNK))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Metaspace(prepend_scheme="first"),
+            pre_tokenizers.Split(Regex(r"<<|>>|\d|[^\w▁]"), behavior="isolated"),
+        ]
+    )
+    tokenizer.decoder = decoders.Metaspace(prepend_scheme="first")
+    trainer = trainers.WordLevelTrainer(special_tokens=[UNK, EOS], show_progress=False)
+    tokenizer.train_from_iterator([_SYMBOLS, *texts], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, bos_token=EOS, unk_token=UNK)
+
+
+def build_base_model(directory: str, texts: list[str], preset: Preset, seed: int) -> str:
+    """A randomly initialised GPT-2 (dropout off: the runs are short) and its tokenizer, HF-style."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = build_tokenizer(texts)
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=256,
+        n_embd=preset.n_embd,
+        n_layer=preset.n_layer,
+        n_head=preset.n_head,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    model = GPT2LMHeadModel(config)
+    os.makedirs(directory, exist_ok=True)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+
+
+def train_method(
+    method: str, base: str, train_file: str, out_dir: str, preset: Preset, seed: int, max_steps: int
+):
+    """Train one method from `base` for `max_steps` steps; returns the trained `CODIModel`."""
+    from .config import CODIDataArguments, CODIModelArguments, CODITrainingArguments
+    from .train import train
+
+    model_args = CODIModelArguments(
+        model_name_or_path=base,
+        use_lora=False,
+        prj_dim=2 * preset.n_embd,
+        num_latent=preset.num_latent,
+        inf_latent_iterations=preset.num_latent,
+    )
+    data_args = CODIDataArguments(train_file=train_file)
+    training_args = CODITrainingArguments(
+        output_dir=out_dir,
+        method=method,
+        max_steps=max_steps,
+        per_device_train_batch_size=preset.batch_size,
+        learning_rate=preset.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=min(50, max_steps // 10),
+        weight_decay=0.01,
+        max_grad_norm=2.0,
+        distill_loss_factor=preset.distill_factor,
+        distill_loss_type=preset.distill_loss_type,
+        distill_loss_div_std=preset.distill_div_std,
+        ref_loss_factor=preset.ref_loss_factor,
+        logging_steps=max(1, max_steps // 10),
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=seed,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+    return train(model_args, data_args, training_args).model
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@dataclass
+class Row:
+    """One line of the results table."""
+
+    name: str
+    mode: str
+    accuracy: float
+    tokens_per_answer: float
+    positions_per_answer: float
+    questions_per_s: float
+    n: int
+    speedup_vs_cot: float = 1.0
+
+
+def _extract(text: str) -> float | None:
+    try:
+        from .evaluate import extract_answer
+    except ImportError:  # the reference rule (SPEC §5): the last number, commas removed
+        matches = re.findall(r"-?\d+\.?\d*", text.replace(",", ""))
+        return float(matches[-1]) if matches else None
+    value = extract_answer(text)
+    return None if value is None else float(value)
+
+
+def score(model, records: list[dict], mode: str, preset: Preset, name: str) -> Row:
+    """Greedy answers for `records`; accuracy by the reference's answer extraction."""
+    from .generate import generate
+
+    questions = [record["question"] for record in records]
+    model.eval()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        outputs = generate(model, questions, mode=mode, max_new_tokens=64, batch_size=preset.eval_batch_size)
+    seconds = time.perf_counter() - start
+    correct = 0
+    for output, record in zip(outputs, records):
+        predicted = _extract(output.text)
+        gold = float(record["answer"].replace("####", "").strip())
+        correct += predicted is not None and abs(predicted - gold) < 1e-6
+    n = len(records)
+    tokens = sum(output.num_generated_tokens for output in outputs) / n
+    latent = sum(output.num_latent_positions for output in outputs) / n
+    # positions decoded per answer: generated tokens, plus <bot>, the latents and <eot> in latent mode
+    positions = tokens + (latent + 2 if mode == "latent" else 0)
+    return Row(name, mode, correct / n, tokens, positions, n / seconds, n)
+
+
+def run_probe(model_dir: str, records: list[dict], out_dir: str) -> dict | None:
+    """The latent probe (paper §5) when `codi.probe` exists; its summary, or None."""
+    try:
+        from . import probe
+    except ImportError:
+        logger.info("codi.probe is not installed: skipping the latent probe")
+        return None
+    runner = getattr(probe, "run_probe", None) or getattr(probe, "probe", None)
+    if runner is None:
+        logger.info("codi.probe has no run_probe(): skipping")
+        return None
+    try:
+        return runner(model_dir, [r["question"] for r in records], out_dir=out_dir)
+    except Exception as error:  # the probe is an extra: the demo's table must survive its failure
+        logger.warning("latent probe failed: %s", error)
+        return {"error": str(error)}
+
+
+# --------------------------------------------------------------------------------------------------
+# Report
+
+
+def format_table(rows: list[Row]) -> str:
+    header = f"{'method':<26}{'accuracy':>9}{'tokens/ans':>12}{'positions/ans':>15}{'questions/s':>13}{'speedup':>9}"
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        lines.append(
+            f"{row.name:<26}{100 * row.accuracy:>8.1f}%{row.tokens_per_answer:>12.1f}"
+            f"{row.positions_per_answer:>15.1f}{row.questions_per_s:>13.1f}{row.speedup_vs_cot:>8.2f}x"
+        )
+    return "\n".join(lines)
+
+
+def claim_check(rows: dict[str, Row]) -> dict[str, bool]:
+    """The claim the demo must show (issue 8), evaluated on this run."""
+    latent, cot, no_cot = rows["codi_latent"], rows["codi_cot"], rows["no_cot"]
+    return {
+        "latent >= 0.85 x teacher CoT": latent.accuracy >= 0.85 * cot.accuracy,
+        "latent >= No-CoT + 15 points": latent.accuracy >= no_cot.accuracy + 0.15,
+        "latent decodes >= 2x fewer positions": 2 * latent.positions_per_answer <= cot.positions_per_answer,
+        "latent answers faster than CoT": latent.questions_per_s > cot.questions_per_s,
+    }
+
+
+def save_chart(rows: list[Row], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on a headless machine
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    names = [row.name for row in rows]
+    colours = ["#888888", "#1f77b4", "#ff7f0e", "#2ca02c"][: len(rows)]
+    metrics = (
+        ("accuracy (%)", [100 * r.accuracy for r in rows]),
+        ("positions decoded per answer", [r.positions_per_answer for r in rows]),
+        ("questions / s", [r.questions_per_s for r in rows]),
+    )
+    for axis, (title, values) in zip(axes, metrics):
+        axis.bar(range(len(rows)), values, color=colours)
+        axis.set_xticks(range(len(rows)), names, rotation=20, ha="right", fontsize=8)
+        axis.set_title(title)
+        for index, value in enumerate(values):
+            axis.text(index, value, f"{value:.1f}", ha="center", va="bottom", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def fresh_out_dir(requested: str | None, overwrite: bool) -> str:
+    """A new folder per run (runs/demo-YYYYmmdd-HHMMSS), or the requested one if empty / --overwrite."""
+    path = requested or time.strftime("runs/demo-%Y%m%d-%H%M%S")
+    if os.path.isdir(path) and os.listdir(path) and not overwrite:
+        raise FileExistsError(f"{path} exists and is not empty: pass --overwrite or another --out")
+    if os.path.isdir(path) and overwrite:
+        import shutil
+
+        shutil.rmtree(path)
+    os.makedirs(path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# The pipeline
+
+
+def run_demo(preset: Preset, seed: int, out_dir: str, probe: bool = True) -> dict:
+    """Data -> base model -> No-CoT-SFT and CODI -> evaluation -> table, JSON and chart."""
+    from tqdm.auto import tqdm
+
+    torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
+    wall = time.perf_counter()
+    stages = tqdm(total=5, desc="codi demo", unit="stage", position=0)
+    config = SynthConfig(
+        n_train=preset.n_train,
+        n_validation=preset.n_validation,
+        n_test=preset.n_test,
+        min_steps=preset.steps,
+        max_steps=preset.steps,
+        operators=preset.operators,
+        modulus=preset.modulus or None,
+        seed=seed,
+    )
+    splits = make_splits(config)
+    paths = write_splits(splits, os.path.join(out_dir, "data"), config)
+    base = build_base_model(
+        os.path.join(out_dir, "base"), [to_icot_line(r) for r in splits["train"]], preset, seed
+    )
+    stages.update()
+    timings = {}
+    start = time.perf_counter()
+    stages.set_postfix_str("training No-CoT-SFT")
+    no_cot = train_method(
+        "no_cot_sft", base, paths["train"], os.path.join(out_dir, "no_cot"), preset, seed, preset.steps_budget
+    )
+    timings["train_no_cot_s"] = time.perf_counter() - start
+    stages.update()
+    start = time.perf_counter()
+    codi_base = base
+    if preset.cot_warmup_steps:
+        # A short CoT-SFT warm-up: the teacher learns the task first, CODI then starts from it.
+        stages.set_postfix_str("CoT warm-up")
+        warm = os.path.join(out_dir, "cot_warmup")
+        train_method("cot_sft", base, paths["train"], warm, preset, seed, preset.cot_warmup_steps)
+        codi_base = warm
+    stages.set_postfix_str("training CODI")
+    codi_steps = preset.steps_budget - preset.cot_warmup_steps
+    codi = train_method(
+        "codi", codi_base, paths["train"], os.path.join(out_dir, "codi"), preset, seed, codi_steps
+    )
+    timings["train_codi_s"] = time.perf_counter() - start
+    stages.update()
+    stages.set_postfix_str("evaluating")
+    start = time.perf_counter()
+    test = splits["test"]
+    rows = {
+        "no_cot": score(no_cot, test, "cot", preset, "No-CoT-SFT"),
+        "codi_cot": score(codi, test, "cot", preset, "CODI teacher (CoT)"),
+        "codi_latent": score(codi, test, "latent", preset, "CODI latent"),
+    }
+    train_check = score(codi, splits["train"][: len(test)], "latent", preset, "CODI latent, train questions")
+    cot_speed = rows["codi_cot"].questions_per_s
+    for row in rows.values():
+        row.speedup_vs_cot = row.questions_per_s / cot_speed
+    timings["evaluate_s"] = time.perf_counter() - start
+    stages.update()
+    probe_summary = (
+        run_probe(os.path.join(out_dir, "codi"), test[:200], os.path.join(out_dir, "probe"))
+        if probe
+        else None
+    )
+    stages.update()
+    stages.close()
+    timings["total_s"] = time.perf_counter() - wall
+    table = format_table(list(rows.values()))
+    checks = claim_check(rows)
+    result = {
+        "preset": asdict(preset),
+        "seed": seed,
+        "rows": {key: asdict(row) for key, row in rows.items()},
+        "train_questions_latent_accuracy": train_check.accuracy,
+        "claim": checks,
+        "timings": timings,
+        "probe": probe_summary,
+        "table": table,
+    }
+    with open(os.path.join(out_dir, "results.json"), "w") as handle:
+        json.dump(result, handle, indent=2, default=str)
+    save_chart(list(rows.values()), os.path.join(out_dir, "results.png"))
+    print(f"\nCODI demo, seed {seed}, {len(test)} held-out test questions ({out_dir})\n")
+    print(table)
+    print(
+        f"\nCODI latent accuracy on {len(test)} training questions: {100 * train_check.accuracy:.1f}% (memorisation check)"
+    )
+    for claim, ok in checks.items():
+        print(f"  [{'x' if ok else ' '}] {claim}")
+    print(f"wall time {timings['total_s'] / 60:.1f} min; results.json and results.png in {out_dir}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="codi demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="output folder (default: a fresh runs/demo-<time>)")
+    parser.add_argument("--overwrite", action="store_true", help="reuse --out, deleting what is in it")
+    parser.add_argument("--no_probe", action="store_true", help="skip the latent probe")
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="override preset fields, e.g. num_latent=6"
+    )
+    args = parser.parse_args(argv)
+    preset = PRESETS[args.preset]
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key not in Preset.__dataclass_fields__:
+            raise ValueError(f"unknown preset field {key!r}; known: {sorted(Preset.__dataclass_fields__)}")
+        kind = type(getattr(preset, key))
+        overrides[key] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
+    preset = replace(preset, **overrides)
+    out_dir = fresh_out_dir(args.out, args.overwrite)
+    run_demo(preset, args.seed, out_dir, probe=not args.no_probe)
+    return 0

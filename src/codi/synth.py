@@ -1,0 +1,275 @@
+"""Synthetic GSM8k-Aug-style data: templated multi-step word problems with equation CoTs.
+
+Every record has a word-problem `question`, a CoT in exactly the GSM8k-Aug format (equation steps
+separated by one space, `<<(3+4)%10=7>> <<7*2%10=4>>`) and an answer `#### N`. The problem is a chain:
+a start value followed by `steps` operations (`+ k`, `- k`, `* k`, `/ k`), optionally reduced modulo
+`modulus` after every step. The default (mod 10, `+`/`*`, 3 steps) is the family that a tiny model
+learns to solve with its chain of thought in minutes but cannot solve well in one pass: the steps do
+not commute, so the answer needs the intermediate values.
+
+    codi data synth --out data/synth --n_train 20000 --seed 0
+    from codi.synth import SynthConfig, make_splits
+
+Splits are disjoint by the underlying problem (start value and operations), not only by wording, so
+test accuracy measures generalisation and not a memorised problem under another name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+OPERATORS = ("+", "-", "*", "/")
+SPLITS = ("train", "validation", "test")
+_STEP = re.compile(r"^<<(.+)=(-?\d+)>>$")
+
+# Wording per operator; the operand is the only number in each phrase.
+_PHRASES = {
+    "+": ("adds {k}", "adds {k} more", "puts in {k} more"),
+    "-": ("takes away {k}", "removes {k}", "gives away {k}"),
+    "*": ("multiplies it by {k}", "makes it {k} times as many", "multiplies the count by {k}"),
+    "/": ("splits it into {k} equal parts and keeps one", "divides it by {k}"),
+}
+_NAMES = ("Ann", "Ben", "Cara", "Dan", "Eve", "Finn", "Gina", "Hugo", "Iris", "Jack", "Kim", "Leo")
+_THINGS = ("apples", "coins", "marbles", "stamps", "shells", "cards", "beads", "books")
+
+
+@dataclass
+class SynthConfig:
+    """What to generate. `operand_max` bounds every operand; `value_max` bounds intermediate values
+    when there is no modulus (operands that would exceed it are re-drawn)."""
+
+    n_train: int = 20000
+    n_validation: int = 500
+    n_test: int = 1000
+    min_steps: int = 3
+    max_steps: int = 3
+    operators: str = "+*"
+    modulus: int | None = 10
+    start_max: int = 9
+    operand_max: int = 9
+    value_max: int = 999
+    seed: int = 0
+    splits: tuple[str, ...] = field(default=SPLITS, repr=False)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.operators) - set(OPERATORS)
+        if not self.operators or unknown:
+            raise ValueError(
+                f"operators must be a non-empty subset of {''.join(OPERATORS)}, got {self.operators!r}"
+            )
+        if not 1 <= self.min_steps <= self.max_steps:
+            raise ValueError(f"need 1 <= min_steps <= max_steps, got {self.min_steps}, {self.max_steps}")
+        if self.modulus is not None and self.modulus < 2:
+            raise ValueError(f"modulus must be >= 2 or None, got {self.modulus}")
+        if self.operand_max < 2 or self.start_max < 1:
+            raise ValueError("operand_max must be >= 2 and start_max >= 1")
+        if min(self.n_train, self.n_validation, self.n_test) < 0:
+            raise ValueError("split sizes must be >= 0")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A start value and its operations; `values[i]` is the value after step i (values[0] = start)."""
+
+    start: int
+    ops: tuple[tuple[str, int], ...]
+    values: tuple[int, ...]
+
+    @property
+    def answer(self) -> int:
+        return self.values[-1]
+
+
+def apply(value: int, op: str, operand: int, modulus: int | None) -> int:
+    """One step; division is exact by construction."""
+    if op == "+":
+        result = value + operand
+    elif op == "-":
+        result = value - operand
+    elif op == "*":
+        result = value * operand
+    else:
+        result = value // operand
+    return result % modulus if modulus else result
+
+
+def _draw_step(rng: random.Random, value: int, config: SynthConfig) -> tuple[str, int] | None:
+    """An operation valid from `value`, or None when the drawn operator has no valid operand."""
+    op = rng.choice(config.operators)
+    low = 2 if op in "*/" else 1  # times/divide by 1 would be a no-op step
+    candidates = list(range(low, config.operand_max + 1))
+    if config.modulus is None:
+        if op == "-":
+            candidates = [k for k in candidates if k <= value]  # keep values non-negative
+        elif op == "/":
+            candidates = [k for k in candidates if value % k == 0 and value > 0]
+        else:
+            candidates = [k for k in candidates if apply(value, op, k, None) <= config.value_max]
+    elif op == "/":
+        return None  # modular division is not an integer operation
+    return (op, rng.choice(candidates)) if candidates else None
+
+
+def draw_problem(rng: random.Random, config: SynthConfig) -> Problem:
+    steps = rng.randint(config.min_steps, config.max_steps)
+    while True:
+        start = rng.randint(0, config.start_max)
+        values, ops = [start], []
+        for _ in range(steps):
+            step = _draw_step(rng, values[-1], config)
+            if step is None:
+                break
+            ops.append(step)
+            values.append(apply(values[-1], *step, config.modulus))
+        if len(ops) == steps:
+            return Problem(start, tuple(ops), tuple(values))
+
+
+def equation(value: int, op: str, operand: int, result: int, modulus: int | None) -> str:
+    """One GSM8k-Aug step. Parentheses make `-`/`+` bind before `%` so the step evaluates to `result`."""
+    if modulus:
+        return f"<<({value}{op}{operand})%{modulus}={result}>>"
+    return f"<<{value}{op}{operand}={result}>>"
+
+
+def cot_of(problem: Problem, modulus: int | None) -> str:
+    return " ".join(
+        equation(value, op, operand, result, modulus)
+        for value, (op, operand), result in zip(problem.values, problem.ops, problem.values[1:])
+    )
+
+
+def question_of(problem: Problem, modulus: int | None, rng: random.Random) -> str:
+    name, things = rng.choice(_NAMES), rng.choice(_THINGS)
+    if modulus:
+        opening = (
+            f"{name} has a counter of {things} that keeps only the last digit. It shows {problem.start}."
+        )
+        closing = "What does the counter show now?"
+    else:
+        opening = f"{name} has {problem.start} {things}."
+        closing = f"How many {things} does {name} have now?"
+    parts = [opening]
+    for index, (op, operand) in enumerate(problem.ops):
+        phrase = rng.choice(_PHRASES[op]).format(k=operand)
+        parts.append(f"{'Then' if index else 'First'} {name} {phrase}.")
+    parts.append(closing)
+    return " ".join(parts)
+
+
+def make_record(problem: Problem, config: SynthConfig, rng: random.Random) -> dict[str, str]:
+    return {
+        "question": question_of(problem, config.modulus, rng),
+        "cot": cot_of(problem, config.modulus),
+        "answer": f"#### {problem.answer}",
+    }
+
+
+def make_splits(config: SynthConfig) -> dict[str, list[dict[str, str]]]:
+    """Records per split; no underlying problem (start value and operations) occurs in two splits."""
+    rng = random.Random(config.seed)
+    sizes = {"train": config.n_train, "validation": config.n_validation, "test": config.n_test}
+    total = sum(sizes[name] for name in config.splits)
+    seen: set[tuple] = set()
+    out: dict[str, list[dict[str, str]]] = {name: [] for name in config.splits}
+    # Held-out splits are drawn first so that a small problem space never starves the test set.
+    for name in reversed(config.splits):
+        attempts = 0
+        while len(out[name]) < sizes[name]:
+            attempts += 1
+            if attempts > 50 * total + 1000:
+                raise ValueError(
+                    f"cannot draw {total} distinct problems from this configuration (got {len(seen)}); "
+                    "allow more steps, operators or a larger operand range"
+                )
+            problem = draw_problem(rng, config)
+            key = (problem.start, problem.ops)
+            if key in seen:
+                continue
+            seen.add(key)
+            out[name].append(make_record(problem, config, rng))
+    return out
+
+
+def check_cot(cot: str) -> int:
+    """Evaluate a GSM8k-Aug CoT step by step; returns the last result. Raises ValueError when a step
+    is malformed, does not evaluate to its stated result, or does not start from the previous result."""
+    previous: int | None = None
+    for step in cot.split(" "):
+        match = _STEP.match(step)
+        if not match:
+            raise ValueError(f"malformed step {step!r}")
+        expression, stated = match.group(1), int(match.group(2))
+        if not re.fullmatch(r"[\d+\-*/%() ]+", expression):
+            raise ValueError(f"unexpected characters in {expression!r}")
+        value = eval(expression, {"__builtins__": {}}, {})  # digits and operators only (checked above)
+        if value != stated:
+            raise ValueError(f"{step!r} evaluates to {value}, not {stated}")
+        first = int(re.match(r"\(?(-?\d+)", expression).group(1))
+        if previous is not None and first != previous:
+            raise ValueError(f"{step!r} does not start from the previous result {previous}")
+        previous = stated
+    if previous is None:
+        raise ValueError("empty CoT")
+    return previous
+
+
+def to_icot_line(record: dict[str, str]) -> str:
+    return f"{record['question']}||{record['cot']} {record['answer']}"
+
+
+def write_splits(
+    splits: dict[str, list[dict[str, str]]], out_dir: str, config: SynthConfig
+) -> dict[str, str]:
+    """Write `<split>.txt` (ICoT format) and `<split>.jsonl`, plus `synth_config.json`; returns txt paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {}
+    for name, records in splits.items():
+        paths[name] = os.path.join(out_dir, f"{name}.txt")
+        with open(paths[name], "w", encoding="utf-8") as handle:
+            handle.writelines(to_icot_line(record) + "\n" for record in records)
+        with open(os.path.join(out_dir, f"{name}.jsonl"), "w", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(record) + "\n" for record in records)
+    with open(os.path.join(out_dir, "synth_config.json"), "w") as handle:
+        json.dump({**asdict(config), "sizes": {k: len(v) for k, v in splits.items()}}, handle, indent=2)
+    return paths
+
+
+def synthesize(out_dir: str, config: SynthConfig) -> dict[str, str]:
+    """Generate and write all splits; returns the `.txt` path of each split."""
+    return write_splits(make_splits(config), out_dir, config)
+
+
+def _parser() -> argparse.ArgumentParser:
+    defaults = SynthConfig()
+    parser = argparse.ArgumentParser(prog="codi data synth", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="output folder (train/validation/test .txt and .jsonl)")
+    for name in ("n_train", "n_validation", "n_test", "min_steps", "max_steps", "start_max", "operand_max"):
+        parser.add_argument(f"--{name}", type=int, default=getattr(defaults, name))
+    parser.add_argument("--value_max", type=int, default=defaults.value_max, help="bound without modulus")
+    parser.add_argument("--operators", default=defaults.operators, help="subset of '+-*/'")
+    parser.add_argument("--modulus", type=int, default=defaults.modulus, help="0 for plain arithmetic")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`codi data synth --out DIR [...]`."""
+    argv = list(argv or [])
+    if not argv or argv[0] != "synth":
+        print("usage: codi data synth --out DIR [--n_train N --seed S ...]  (codi data synth --help)")
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    args = vars(_parser().parse_args(argv[1:]))
+    out_dir = args.pop("out")
+    args["modulus"] = args["modulus"] or None
+    config = SynthConfig(**args)
+    paths = synthesize(out_dir, config)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
