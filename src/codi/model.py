@@ -263,6 +263,16 @@ class CODIModel(nn.Module):
         model.eval()
         return model
 
+    @classmethod
+    def from_reference_checkpoint(
+        cls, path_or_hub_id: str, base_model: str | None = None, **kwargs
+    ) -> CODIModel:
+        """Load an authors' released checkpoint (SPEC §7: `zen-E/CODI-gpt2`, a local `pytorch_model.bin`,
+        ...); see `codi.convert.load_reference_checkpoint` for the arguments and the mapping."""
+        from .convert import load_reference_checkpoint
+
+        return load_reference_checkpoint(path_or_hub_id, base_model, **kwargs)
+
     def load_weights(self, path: str) -> None:
         """Load the trained weights of a checkpoint into this (identically built) model; used to resume."""
         if self.is_lora:
