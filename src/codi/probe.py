@@ -1,0 +1,463 @@
+"""Probing the latent thoughts (SPEC §5, paper §5 and Table 3).
+
+For every question the latent loop is run once and, at each of the num_latent + 1 positions (after
+`<bot>` and after each latent thought), the LM head is applied to:
+
+    top        the last-layer hidden state BEFORE the projection (the reference's probe), (B, d)
+    projected  optionally, the projected latent that is fed next (prj(h), an input embedding), (B, d);
+               the LM head is applied to it as is (no final norm): for tied heads this ranks tokens by
+               their embedding's dot product with the latent
+    lens       optionally, a logit lens: every entry of `hidden_states` (embedding output and each
+               block's output) through the model's final norm and the LM head
+
+The Table-3 metric (`match_steps`, `summarize`) asks whether the decoded top-k tokens contain the
+intermediate results `c` of the reference CoT's steps `<<a op b=c>>` (all steps of the FULL CoT, the
+last included), bucketed by 1, 2 and 3+ steps. A top-k token matches a result when
+
+    whole        its stripped text, commas removed, is a number equal to the result (".5" == "0.5"), or
+    first token  its stripped text equals the first token of the result's own tokenisation (multi-token
+                 numbers, e.g. GPT-2's "18" of "1800"; Llama-3's 3-digit groups), only when that first
+                 token contains a digit (so "-" of "-5" never matches).
+
+"any order": every result matches at some position; "in order": the results match at strictly
+increasing positions, step 1 first (a subsequence of the positions). Both rules are reported: the
+default ("first token") and the stricter "whole number only".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+
+from .data import answer_value, encode_question, pad_sequences
+
+logger = logging.getLogger(__name__)
+
+STEP_PATTERN = re.compile(r"<<([^<>]*)>>")
+_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)$")
+BUCKETS = ("1", "2", "3+")
+RULES = ("first_token", "whole")
+
+
+# --------------------------------------------------------------------------------------------------
+# Records
+
+
+@dataclass
+class TopK:
+    """The k most probable tokens of one softmax, most probable first."""
+
+    tokens: list[str]
+    ids: list[int] = field(default_factory=list)
+    probs: list[float] = field(default_factory=list)
+
+
+@dataclass
+class PositionProbe:
+    """One probed position: 0 = after `<bot>`, i = after latent thought i.
+
+    top: LM head on the last-layer state before the projection. projected: on the latent fed next
+    (None at the last position, whose latent is never computed). lens: one TopK per `hidden_states`
+    entry (layer 0 = embeddings). hidden_norm / latent_norm: L2 norms of those vectors.
+    """
+
+    position: int
+    top: TopK
+    projected: TopK | None = None
+    lens: list[TopK] | None = None
+    hidden_norm: float | None = None
+    latent_norm: float | None = None
+
+    @property
+    def label(self) -> str:
+        return "<bot>" if self.position == 0 else f"latent {self.position}"
+
+
+@dataclass
+class StepRef:
+    """One reference CoT step `<<expression>>`: its result `c` and that result's first token(s)."""
+
+    expression: str
+    result: str
+    first_pieces: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ProbeRecord:
+    """Everything probed for one question (one JSONL line)."""
+
+    question: str
+    positions: list[PositionProbe]
+    steps: list[StepRef] = field(default_factory=list)
+    index: int = 0
+    cot: str = ""
+    gold: str | None = None
+    predicted_text: str | None = None
+    predicted: float | None = None
+    correct: bool | None = None
+    latent_cosine: list[list[float]] = field(default_factory=list)  # (num_latent, num_latent)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.steps)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ProbeRecord:
+        def topk(value):
+            return None if value is None else TopK(**value)
+
+        positions = [
+            PositionProbe(
+                position=p["position"],
+                top=TopK(**p["top"]),
+                projected=topk(p.get("projected")),
+                lens=None if p.get("lens") is None else [TopK(**t) for t in p["lens"]],
+                hidden_norm=p.get("hidden_norm"),
+                latent_norm=p.get("latent_norm"),
+            )
+            for p in data["positions"]
+        ]
+        values = {key: value for key, value in data.items() if key not in ("positions", "steps")}
+        return cls(positions=positions, steps=[StepRef(**s) for s in data.get("steps", [])], **values)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference steps and the number-matching rule
+
+
+def as_number(text: str) -> float | None:
+    """`text` as a number when it is one (commas and surrounding whitespace ignored), else None."""
+    text = text.strip().replace(",", "")
+    return float(text) if _NUMBER.match(text) else None
+
+
+def first_pieces(tokenizer, result: str) -> list[str]:
+    """The stripped first token of `result` tokenised bare and after a space, when it holds a digit."""
+    pieces = []
+    for variant in (result, " " + result):
+        ids = tokenizer(variant, add_special_tokens=False)["input_ids"]
+        texts = [tokenizer.decode([token]).strip() for token in ids]
+        first = next((text for text in texts if text), "")
+        if any(ch.isdigit() for ch in first) and first not in pieces:
+            pieces.append(first)
+    return pieces
+
+
+def reference_steps(cot: str, tokenizer=None) -> list[StepRef]:
+    """Steps `<<a op b=c>>` of a CoT with their results `c` (steps without '=' are skipped)."""
+    steps = []
+    for expression in STEP_PATTERN.findall(cot or ""):
+        if "=" not in expression:
+            continue
+        result = expression.rpartition("=")[2].strip().replace(",", "")
+        if result:
+            pieces = first_pieces(tokenizer, result) if tokenizer is not None else []
+            steps.append(StepRef(expression, result, pieces))
+    return steps
+
+
+def token_matches(token: str, step: StepRef, rule: str = "first_token") -> bool:
+    """Whether one decoded token stands for the step's result under `rule` (module docstring)."""
+    text = token.strip().replace(",", "")
+    if not text:
+        return False
+    value, target = as_number(text), as_number(step.result)
+    if value is not None and target is not None:
+        if abs(value - target) <= 1e-6 * max(1.0, abs(target)):
+            return True
+    elif text == step.result:
+        return True
+    return rule == "first_token" and text in step.first_pieces
+
+
+def _source(position: PositionProbe, source: str) -> TopK | None:
+    return position.top if source == "top" else position.projected
+
+
+def step_positions(record: ProbeRecord, rule: str = "first_token", source: str = "top") -> list[list[int]]:
+    """For each reference step, the positions whose top-k (of `source`) contain its result."""
+    found = []
+    for step in record.steps:
+        hits = []
+        for position in record.positions:
+            topk = _source(position, source)
+            if topk is not None and any(token_matches(token, step, rule) for token in topk.tokens):
+                hits.append(position.position)
+        found.append(hits)
+    return found
+
+
+def match_steps(record: ProbeRecord, rule: str = "first_token", source: str = "top") -> tuple[bool, bool]:
+    """(in_order, any_order) for one record; both False when it has no steps."""
+    found = step_positions(record, rule, source)
+    if not found:
+        return False, False
+    any_order = all(found)
+    last, in_order = -1, any_order
+    for hits in found:  # greedy earliest match decides whether an increasing choice exists
+        later = [position for position in hits if position > last]
+        if not later:
+            in_order = False
+            break
+        last = later[0]
+    return in_order, any_order
+
+
+def bucket(num_steps: int) -> str:
+    return "0" if num_steps == 0 else ("3+" if num_steps >= 3 else str(num_steps))
+
+
+# --------------------------------------------------------------------------------------------------
+# Probing
+
+
+def find_final_norm(hf_model: nn.Module) -> nn.Module | None:
+    """The body's final norm for the logit lens: its last direct child whose class name has "Norm".
+
+    Found generically (GPT-2 `ln_f`, LLaMA/Qwen/Mistral `norm`, Phi `final_layernorm`); transformers'
+    last `hidden_states` entry already has it applied, so the lens applies it to the others only.
+    """
+    body = getattr(hf_model, "base_model", hf_model)
+    norms = [module for module in body.children() if "norm" in type(module).__name__.lower()]
+    return norms[-1] if norms else None
+
+
+class _Decoder:
+    """Top-k of the LM head over (N, d) states, with a cache of decoded token strings."""
+
+    def __init__(self, model, top_k: int):
+        self.head = model.hf_model.get_output_embeddings()
+        self.tokenizer = model.tokenizer
+        self.top_k = top_k
+        self.texts: dict[int, str] = {}
+
+    def __call__(self, states: torch.Tensor) -> list[TopK]:
+        logits = self.head(states.to(self.head.weight.dtype)).float()  # (N, V)
+        probs, ids = logits.softmax(-1).topk(min(self.top_k, logits.shape[-1]), dim=-1)
+        result = []
+        for row_ids, row_probs in zip(ids.tolist(), probs.tolist()):
+            for token in row_ids:
+                if token not in self.texts:
+                    self.texts[token] = self.tokenizer.decode([token])
+            result.append(TopK([self.texts[t] for t in row_ids], row_ids, [round(p, 6) for p in row_probs]))
+        return result
+
+
+def _as_item(item) -> tuple[str, str, str | None]:
+    """(question, cot, gold value) of a question string, a RawRecord-like object or a dict."""
+    if isinstance(item, str):
+        return item, "", None
+    get = item.get if isinstance(item, dict) else (lambda key, default=None: getattr(item, key, default))
+    answer = get("answer", None)
+    return get("question"), get("cot", "") or "", answer_value(str(answer)) if answer is not None else None
+
+
+@torch.no_grad()
+def _probe_batch(model, decoder: _Decoder, questions, num_latent, after_projection, logit_lens, norm):
+    """Probe one batch; returns per question (positions, latent cosine matrix)."""
+    prompts = [encode_question(model.tokenizer, q) + [model.bot_id] for q in questions]
+    input_ids = pad_sequences(prompts, model.pad_id, "left").to(model.device)
+    mask = pad_sequences([[1] * len(p) for p in prompts], 0, "left").to(model.device)
+    prefix = model.encode_latents(
+        input_ids, mask, num_latent, keep_hidden=True, defer_last=False, keep_all_layers=logit_lens
+    )
+    batch, num_positions = len(questions), len(prefix.hidden)
+    hidden = torch.stack(prefix.hidden, 1).float()  # (B, P, d)
+    top = decoder(hidden.reshape(batch * num_positions, -1))
+    latents = torch.stack(prefix.latents, 1).float() if prefix.latents else hidden[:, :0]  # (B, N, d)
+    projected = decoder(latents.reshape(-1, latents.shape[-1])) if after_projection and num_latent else []
+    lens = []  # per position: per layer (B) TopK lists
+    for layers in prefix.all_hidden:
+        per_layer = []
+        for index, state in enumerate(layers):  # state (B, d)
+            if norm is not None and index < len(layers) - 1:
+                state = norm(state)
+            per_layer.append(decoder(state))
+        lens.append(per_layer)
+    unit = latents / latents.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    cosine = (unit @ unit.transpose(1, 2)).tolist()  # (B, N, N)
+    hidden_norms, latent_norms = hidden.norm(dim=-1).tolist(), latents.norm(dim=-1).tolist()
+    results = []
+    for row in range(batch):
+        positions = []
+        for p in range(num_positions):
+            positions.append(
+                PositionProbe(
+                    position=p,
+                    top=top[row * num_positions + p],
+                    projected=projected[row * num_latent + p] if projected and p < num_latent else None,
+                    lens=[layer[row] for layer in lens[p]] if logit_lens else None,
+                    hidden_norm=round(hidden_norms[row][p], 4),
+                    latent_norm=round(latent_norms[row][p], 4) if p < num_latent else None,
+                )
+            )
+        results.append((positions, [[round(c, 5) for c in line] for line in cosine[row]]))
+    return results
+
+
+def probe(
+    model,
+    records_or_questions: Sequence,
+    *,
+    top_k: int = 5,
+    batch_size: int = 16,
+    num_latent: int | None = None,
+    after_projection: bool = False,
+    logit_lens: bool = False,
+    predict: bool = True,
+    max_new_tokens: int = 256,
+    progress: bool = False,
+) -> list[ProbeRecord]:
+    """Probe the latent thoughts of a `CODIModel` for each question (see the module docstring).
+
+    `records_or_questions`: question strings, or records with `question` (and `cot`, `answer`: RawRecord
+    or dicts). `num_latent` defaults to `model.args.inf_latent_iterations`. With `predict` the answers
+    are generated greedily (`codi.generate`) and scored against the gold value. No weight is changed
+    and the model's train/eval mode is restored.
+    """
+    if top_k < 1 or batch_size < 1:
+        raise ValueError(f"top_k and batch_size must be >= 1, got {top_k}, {batch_size}")
+    num_latent = model.args.inf_latent_iterations if num_latent is None else num_latent
+    items = [_as_item(item) for item in records_or_questions]
+    decoder = _Decoder(model, top_k)
+    norm = find_final_norm(model.hf_model) if logit_lens else None
+    was_training = model.training
+    model.eval()
+    try:
+        from tqdm import tqdm
+
+        probed = []
+        starts = range(0, len(items), batch_size)
+        for start in tqdm(starts, desc="probe", unit="batch", disable=not progress):
+            chunk = [question for question, _, _ in items[start : start + batch_size]]
+            probed.extend(_probe_batch(model, decoder, chunk, num_latent, after_projection, logit_lens, norm))
+        outputs = [None] * len(items)
+        if predict and items:
+            from .generate import generate
+
+            questions = [question for question, _, _ in items]
+            outputs = generate(
+                model, questions, num_latent=num_latent, batch_size=batch_size, max_new_tokens=max_new_tokens
+            )
+    finally:
+        model.train(was_training)
+    return [
+        _make_record(index, item, positions, cosine, output, model.tokenizer)
+        for index, (item, (positions, cosine), output) in enumerate(zip(items, probed, outputs))
+    ]
+
+
+def _make_record(index, item, positions, cosine, output, tokenizer) -> ProbeRecord:
+    question, cot, gold = item
+    record = ProbeRecord(
+        question=question,
+        positions=positions,
+        steps=reference_steps(cot, tokenizer),
+        index=index,
+        cot=cot,
+        gold=gold,
+        latent_cosine=cosine,
+    )
+    if output is not None:
+        from .evaluate import extract_answer
+
+        record.predicted_text = output.text
+        record.predicted = extract_answer(output.text)
+        gold_value = as_number(gold) if gold else None
+        if gold_value is not None:
+            record.correct = record.predicted is not None and abs(record.predicted - gold_value) < 1e-6
+    return record
+
+
+# --------------------------------------------------------------------------------------------------
+# Summary and report (implemented in `codi.report`, which imports this module)
+
+
+def summarize(records: Sequence[ProbeRecord]) -> dict:
+    """Aggregate metrics (Table-3 match rates, accuracy, latent norms and cosines); see `codi.report`."""
+    from .report import summarize as _summarize
+
+    return _summarize(records)
+
+
+def format_summary(summary: dict) -> str:
+    """A few lines for the terminal: the Table-3 rates and the accuracy."""
+    from .report import format_summary as _format
+
+    return _format(summary)
+
+
+def read_jsonl(path: str) -> list[ProbeRecord]:
+    """Records written by `write_report` (probe_records.jsonl), e.g. for a notebook."""
+    with open(path, encoding="utf-8") as handle:
+        return [ProbeRecord.from_dict(json.loads(line)) for line in handle if line.strip()]
+
+
+def write_report(records: Sequence[ProbeRecord], summary: dict, output_dir: str, title: str = "") -> dict:
+    """JSONL records, JSON summary, PNG plots and one self-contained HTML page; returns their paths."""
+    from .report import write_report as _write
+
+    return _write(records, summary, output_dir, title=title)
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="codi probe", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="CODI checkpoint directory")
+    parser.add_argument("--data", required=True, help="ICoT .txt or GSM8k / {question,cot,answer} .jsonl")
+    parser.add_argument("--limit", type=int, default=None, help="probe the first N records")
+    parser.add_argument("--top_k", type=int, default=5)
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--after_projection", action="store_true", help="also decode the projected latents")
+    parser.add_argument("--logit_lens", action="store_true", help="also decode every layer (logit lens)")
+    parser.add_argument("--base_model", default=None, help="base model path for a LoRA checkpoint")
+    parser.add_argument("--num_latent", type=int, default=None, help="default: inf_latent_iterations")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--max_new_tokens", type=int, default=256, help="answer tokens to generate")
+    parser.add_argument("--no_predict", action="store_true", help="skip generating the answers")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .data import read_records
+    from .model import CODIModel
+
+    records = read_records(args.data)
+    if args.limit is not None:
+        records = records[: args.limit]
+    model = CODIModel.from_pretrained(args.model, base_model_name_or_path=args.base_model)
+    model.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    probed = probe(
+        model,
+        records,
+        top_k=args.top_k,
+        batch_size=args.batch_size,
+        num_latent=args.num_latent,
+        after_projection=args.after_projection,
+        logit_lens=args.logit_lens,
+        predict=not args.no_predict,
+        max_new_tokens=args.max_new_tokens,
+        progress=True,
+    )
+    summary = summarize(probed)
+    summary["model"], summary["data"] = args.model, args.data
+    paths = write_report(probed, summary, args.output_dir, title=f"CODI probe: {args.model}")
+    print(format_summary(summary))
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
