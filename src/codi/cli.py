@@ -19,7 +19,10 @@ commands:
 
 
 def _setup_logging() -> None:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    from .distributed import log_level
+
+    # Under torchrun / accelerate launch only rank 0 logs at INFO: N ranks would print N copies.
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=log_level())
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -30,7 +33,8 @@ def cmd_train(argv: list[str]) -> int:
 
     model_args, data_args, training_args = parse_args(argv)
     result = train(model_args, data_args, training_args)
-    print({key: value for key, value in result.metrics.items() if isinstance(value, (int, float))})
+    if result.trainer.is_world_process_zero():
+        print({key: value for key, value in result.metrics.items() if isinstance(value, (int, float))})
     return 0
 
 

@@ -54,10 +54,20 @@ class CODITrainer(Trainer):
 
     def _pop_means(self, phase: str, prefix: str = "") -> dict[str, float]:
         count = self._counts[phase]
-        means = {f"{prefix}{key}": value / count for key, value in self._sums[phase].items()} if count else {}
+        sums = dict(self._sums[phase])
         self._sums[phase].clear()
         self._counts[phase] = 0
-        return means
+        if self.args.world_size > 1 and torch.distributed.is_initialized():
+            # Each rank saw only its own micro-batches: sum over ranks so rank 0 logs the global mean.
+            # Safe as a collective: log() (with "loss") and evaluate() run on every rank together.
+            totals = torch.tensor(
+                [count] + [sums.get(key, 0.0) for key in COMPONENTS],
+                dtype=torch.float64,
+                device=self.args.device,
+            )
+            totals = self.accelerator.reduce(totals, reduction="sum").tolist()
+            count, sums = int(totals[0]), dict(zip(COMPONENTS, totals[1:]))
+        return {f"{prefix}{key}": value / count for key, value in sums.items()} if count else {}
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
@@ -75,17 +85,32 @@ class CODITrainer(Trainer):
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         output_dir = output_dir or self.args.output_dir
-        if not self.args.should_save:
+        if not self.args.should_save:  # rank 0 only (the Trainer gathered any sharded weights before)
             return
-        self.accelerator.unwrap_model(self.model).save_pretrained(output_dir)
+        if state_dict is not None and not state_dict:
+            # DeepSpeed ZeRO-3 without stage3_gather_16bit_weights_on_model_save: no full weights exist
+            # anywhere; the Trainer writes DeepSpeed's own shards instead (see docs/distributed.md).
+            logger.warning("%s: no gathered weights (ZeRO-3), CODI files not written", output_dir)
+            return
+        # FSDP (FULL_STATE_DICT) and ZeRO-3 shard the live parameters; they pass the gathered `state_dict`.
+        self.accelerator.unwrap_model(self.model).save_pretrained(output_dir, state_dict=state_dict)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            # Sharded engines resume from their own files (pytorch_model_fsdp*, global_step*), which the
+            # Trainer writes into every checkpoint; our files hold full tensors that cannot be loaded
+            # into sharded parameters.
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            return
         target = self.accelerator.unwrap_model(model if model is not None else self.model)
         logger.info("Loading weights from %s", resume_from_checkpoint)
         target.load_weights(resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            super()._load_best_model()
+            return
         self._load_from_checkpoint(self.state.best_model_checkpoint)
 
 
