@@ -188,27 +188,47 @@ class CODIModel(nn.Module):
     def is_lora(self) -> bool:
         return hasattr(self.lm, "peft_config")
 
-    def _extra_state(self) -> dict[str, torch.Tensor]:
+    def _extra_state(self, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Weights that neither the adapter nor the base checkpoint holds: projection, added token rows."""
-        state = {f"prj.{key}": value for key, value in self.prj.state_dict().items()}
+        names = {id(p): n for n, p in self.named_parameters(remove_duplicate=False)}
+
+        def full(param: torch.Tensor) -> torch.Tensor:
+            # The gathered copy when one is given: FSDP / ZeRO-3 leave only a shard in `param`.
+            if state_dict is None:
+                return param.detach()
+            if names.get(id(param)) not in state_dict:
+                raise KeyError(f"gathered state dict lacks {names.get(id(param))!r}")
+            return state_dict[names[id(param)]]
+
+        if state_dict is None:
+            state = {f"prj.{key}": value for key, value in self.prj.state_dict().items()}
+        else:
+            state = {key: value for key, value in state_dict.items() if key.startswith("prj.")}
         if self.special_token_embeddings is not None:
-            state["special_token_embeddings"] = self.special_token_embeddings.detach()
+            state["special_token_embeddings"] = full(self.special_token_embeddings)
         if self.is_lora:
             input_rows = self.hf_model.get_input_embeddings().weight
-            state["added_input_embeddings"] = input_rows[self.base_vocab_rows :].detach()
+            state["added_input_embeddings"] = full(input_rows)[self.base_vocab_rows :]
             output = self.hf_model.get_output_embeddings()
             if output is not None and output.weight.data_ptr() != input_rows.data_ptr():
-                state["added_output_embeddings"] = output.weight[self.base_vocab_rows :].detach()
+                state["added_output_embeddings"] = full(output.weight)[self.base_vocab_rows :]
         return {key: value.contiguous().cpu() for key, value in state.items()}
 
-    def save_pretrained(self, output_dir: str) -> None:
-        """HF-style folder: adapter (LoRA) or full weights, `codi_extra.safetensors`, config, tokenizer."""
+    def save_pretrained(self, output_dir: str, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """HF-style folder: adapter (LoRA) or full weights, `codi_extra.safetensors`, config, tokenizer.
+
+        `state_dict` (keys as in `self.state_dict()`): write these tensors instead of the live ones; the
+        HF Trainer passes the gathered full weights under FSDP and DeepSpeed ZeRO-3.
+        """
         os.makedirs(output_dir, exist_ok=True)
+        lm_state = None
+        if state_dict is not None:
+            lm_state = {key[3:]: value for key, value in state_dict.items() if key.startswith("lm.")}
         if self.is_lora:
-            self.lm.save_pretrained(output_dir, save_embedding_layers=False)
+            self.lm.save_pretrained(output_dir, save_embedding_layers=False, state_dict=lm_state)
         else:
-            self.hf_model.save_pretrained(output_dir)
-        save_file(self._extra_state(), os.path.join(output_dir, EXTRA_WEIGHTS_NAME))
+            self.hf_model.save_pretrained(output_dir, state_dict=lm_state)
+        save_file(self._extra_state(state_dict), os.path.join(output_dir, EXTRA_WEIGHTS_NAME))
         self.tokenizer.save_pretrained(output_dir)
         config = {
             "format": "codi",
