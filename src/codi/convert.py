@@ -139,26 +139,37 @@ def _index_shards(index_path: str) -> list[str]:
 
 
 def _download(repo_id: str, revision: str | None) -> list[str]:
-    """Fetch a reference checkpoint from the hub (uses the local HF cache when offline)."""
+    """Fetch a reference checkpoint from the hub (falls back to the local HF cache when offline)."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError
 
     errors = []
+    local_only = False  # once the hub is unreachable, only look in the cache (no retries per file)
     for name in WEIGHT_FILES + INDEX_FILES:
         try:
-            path = hf_hub_download(repo_id, name, revision=revision)
-        except EntryNotFoundError as error:  # the repo exists but holds another layout: try the next
-            errors.append(f"{name}: {type(error).__name__}")
+            path = hf_hub_download(repo_id, name, revision=revision, local_files_only=local_only)
+        except RemoteEntryNotFoundError:  # the repo exists but holds another layout: try the next
+            errors.append(f"{name}: not in the repo")
             continue
-        except Exception as error:  # offline, unknown repo, gated...: nothing further to try
+        except LocalEntryNotFoundError:  # offline / unreachable, and not in the local cache
+            errors.append(f"{name}: hub unreachable and not cached")
+            local_only = True
+            continue
+        except Exception as error:  # unknown repo, gated, bad revision: nothing further to try
             raise FileNotFoundError(
-                f"could not fetch {name} from the hub repo {repo_id!r} ({type(error).__name__}: {error}); "
-                "download it yourself and pass the local path"
+                f"could not fetch {name} from the hub repo {repo_id!r} ({type(error).__name__}: {error})"
             ) from error
         if name in INDEX_FILES:
-            return [hf_hub_download(repo_id, shard, revision=revision) for shard in _index_shards(path)]
+            shards = _index_shards(path)
+            return [
+                hf_hub_download(repo_id, shard, revision=revision, local_files_only=local_only)
+                for shard in shards
+            ]
         return [path]
-    raise FileNotFoundError(f"hub repo {repo_id!r} has no reference checkpoint ({'; '.join(errors)})")
+    raise FileNotFoundError(
+        f"could not fetch a checkpoint file from the hub repo {repo_id!r} ({'; '.join(errors)}); "
+        "when offline, download it elsewhere and pass the local file or folder"
+    )
 
 
 def read_state_dict(files: list[str]) -> dict[str, torch.Tensor]:
