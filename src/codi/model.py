@@ -305,7 +305,7 @@ class CODIModel(nn.Module):
             if unexpected:
                 raise ValueError(f"{path}: adapter keys not in this model: {unexpected[:5]}")
         else:
-            from transformers.modeling_utils import load_sharded_checkpoint
+            from transformers.trainer_utils import load_sharded_checkpoint  # moved here in transformers 5
 
             if os.path.isfile(os.path.join(path, "model.safetensors")):
                 state = load_file(os.path.join(path, "model.safetensors"))
