@@ -11,7 +11,7 @@ import tempfile
 
 import pytest
 import torch
-from conftest import RECORDS
+from conftest import RECORDS, shared_file
 
 from codi.cli import main as cli_main
 from codi.probe import (
@@ -115,6 +115,18 @@ def test_reference_steps_parse_results():
     assert [s.result for s in steps] == ["180", "60", "240"]
     assert [s.result for s in reference_steps("<<1,200/2=600>> <<no equals>> <<3-8=-5>>")] == ["600", "-5"]
     assert reference_steps("She has 3 apples. She eats 1.") == []
+
+
+@pytest.mark.shared_data
+def test_reference_steps_of_the_validation_set():
+    from codi.data import read_records
+    from codi.probe import as_number, bucket
+
+    records = read_records(str(shared_file("gsm8k_aug_valid.txt")))
+    steps = [reference_steps(record.cot) for record in records]
+    assert all(as_number(step.result) is not None for record_steps in steps for step in record_steps)
+    buckets = {bucket(len(record_steps)) for record_steps in steps}
+    assert {"1", "2", "3+"} <= buckets
 
 
 def test_first_pieces_of_multi_token_numbers():

@@ -390,13 +390,6 @@ def summarize(records: Sequence[ProbeRecord]) -> dict:
     return _summarize(records)
 
 
-def format_summary(summary: dict) -> str:
-    """A few lines for the terminal: the Table-3 rates and the accuracy."""
-    from .report import format_summary as _format
-
-    return _format(summary)
-
-
 def read_jsonl(path: str) -> list[ProbeRecord]:
     """Records written by `write_report` (probe_records.jsonl), e.g. for a notebook."""
     with open(path, encoding="utf-8") as handle:
@@ -432,19 +425,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_probe(model, records_or_questions: Sequence, out_dir: str, *, title: str = "", **kwargs) -> dict:
+    """Probe, summarise and write the report in one call; `model` is a `CODIModel` or a checkpoint
+    directory. Returns the summary with the written file paths under "paths"; kwargs go to `probe`."""
+    if isinstance(model, str):
+        from .model import CODIModel
+
+        title = title or f"CODI probe: {model}"
+        model = CODIModel.from_pretrained(model)
+    records = probe(model, records_or_questions, **kwargs)
+    summary = summarize(records)
+    summary["paths"] = write_report(records, summary, out_dir, title=title)
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .data import read_records
     from .model import CODIModel
+    from .report import format_summary
 
-    records = read_records(args.data)
-    if args.limit is not None:
-        records = records[: args.limit]
+    records = read_records(args.data)[: args.limit]
     model = CODIModel.from_pretrained(args.model, base_model_name_or_path=args.base_model)
     model.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    probed = probe(
+    summary = run_probe(
         model,
         records,
+        args.output_dir,
+        title=f"CODI probe: {args.model} on {args.data}",
         top_k=args.top_k,
         batch_size=args.batch_size,
         num_latent=args.num_latent,
@@ -454,10 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         max_new_tokens=args.max_new_tokens,
         progress=True,
     )
-    summary = summarize(probed)
-    summary["model"], summary["data"] = args.model, args.data
-    paths = write_report(probed, summary, args.output_dir, title=f"CODI probe: {args.model}")
     print(format_summary(summary))
-    for name, path in paths.items():
+    for name, path in summary["paths"].items():
         print(f"{name}: {path}")
     return 0

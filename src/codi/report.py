@@ -41,7 +41,7 @@ def plot_top1_heatmap(records: Sequence[ProbeRecord], path: str) -> str:
     grid = [
         [r.positions[p].top.probs[0] if p < len(r.positions) else 0.0 for p in range(width)] for r in rows
     ]
-    fig = _figure(1.3 + 0.9 * width, 1.2 + 0.32 * max(len(rows), 1))
+    fig = _figure(max(5.0, 1.3 + 0.9 * width), 1.2 + 0.32 * max(len(rows), 1))
     ax = fig.add_subplot()
     image = ax.imshow(grid or [[0.0]], vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
     for i, record in enumerate(rows):
@@ -52,7 +52,7 @@ def plot_top1_heatmap(records: Sequence[ProbeRecord], path: str) -> str:
     labels = rows[0].positions if rows else []
     ax.set_xticks(range(len(labels)), [position.label for position in labels], rotation=30, fontsize=8)
     ax.set_yticks(range(len(rows)), [f"q{r.index}" for r in rows], fontsize=8)
-    ax.set_title("top-1 token and probability per latent step (before projection)", fontsize=9)
+    ax.set_title("top-1 token and its probability per position", fontsize=9)
     fig.colorbar(image, ax=ax, label="top-1 probability")
     fig.savefig(path)
     return path
@@ -69,11 +69,11 @@ def plot_match_rates(summary: dict, path: str) -> str:
         bars = ax.bar([i + offset for i in range(len(names))], values, width=0.4, label=key.replace("_", " "))
         ax.bar_label(bars, fmt="%.0f", fontsize=7)
     ax.set_xticks(range(len(names)), [f"{name} (n={table[name]['n']})" for name in names])
-    ax.set_ylim(0, 110)
+    ax.set_ylim(0, 125)
     ax.set_xlabel("reference CoT steps")
     ax.set_ylabel("% problems matched")
     ax.set_title("top-k tokens contain the intermediate results", fontsize=9)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", ncols=2)
     fig.savefig(path)
     return path
 
@@ -200,7 +200,7 @@ th{background:#f2f2f2}
 .res{font-family:monospace;padding:0 3px;border-radius:3px;background:#f4d7d7}
 .res.hit{background:#8fd694}
 .ok{color:#1a7f37;font-weight:bold} .bad{color:#c62828;font-weight:bold}
-img{max-width:100%;border:1px solid #ddd;margin:4px}
+img{max-width:100%;border:1px solid #ddd;margin:4px;vertical-align:top}
 """
 
 
