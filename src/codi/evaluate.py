@@ -19,6 +19,7 @@ import statistics
 import time
 from collections.abc import Sequence
 
+from . import distributed
 from .eval_data import EVAL_SETS, EvalItem, eval_set_spec, load_eval_set
 from .generate import generate
 
@@ -141,8 +142,13 @@ def evaluate(
     accuracies, strict_accuracies, times, tokens, latent_positions, files = [], [], [], [], [], []
     for run in range(num_runs):
         start = time.perf_counter()
-        # generate() copies the ids to the host at the end of each batch, so the clock includes the GPU
-        outputs = generate(model, questions, **options, seed=seed + run, progress=progress)
+        # generate() copies the ids to the host at the end of each batch, so the clock includes the GPU.
+        # Under torchrun each rank answers its shard; all ranks get every output back in input order.
+        bar = progress and distributed.is_main_process()
+        outputs = distributed.map_sharded(
+            lambda shard, run=run, bar=bar: generate(model, shard, **options, seed=seed + run, progress=bar),
+            questions,
+        )
         times.append(time.perf_counter() - start)
         records, correct, strict_correct = [], 0, 0
         for index, (item, output) in enumerate(zip(items, outputs)):
@@ -169,7 +175,7 @@ def evaluate(
         strict_accuracies.append(100.0 * strict_correct / len(items))
         tokens.append(statistics.fmean(output.num_generated_tokens for output in outputs))
         latent_positions.append(statistics.fmean(output.num_latent_positions for output in outputs))
-        if output_dir:
+        if output_dir and distributed.is_main_process():
             os.makedirs(output_dir, exist_ok=True)
             suffix = f"_run{run}" if num_runs > 1 else ""
             path = os.path.join(output_dir, f"{name}_{mode}{suffix}.jsonl")
@@ -270,11 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """`codi eval`: load the checkpoint, evaluate every requested set, print and save the results."""
-    import torch
-
     from .model import CODIModel
 
     args = build_parser().parse_args(argv)
+    distributed.init()  # no-op unless launched by torchrun / accelerate with several processes
     names = [name.strip() for name in args.datasets.split(",") if name.strip()]
     if not names:
         raise ValueError("--datasets is empty")
@@ -290,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.reference_compat:
         overrides.update(reference_compat=True, fix_attn_mask=args.fix_attn_mask)
     model = CODIModel.from_pretrained(args.model, args.base_model, dtype=args.dtype, **overrides)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device or str(distributed.local_device())  # cuda:LOCAL_RANK when there is a GPU
     model.to(device)
     model.eval()
     modes = ["latent", "cot"] if args.compare_cot else [args.mode]
@@ -320,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
             speedups[spec.name] = by_mode["cot"]["wall_time_s"] / max(by_mode["latent"]["wall_time_s"], 1e-9)
             by_mode["latent"]["speedup_vs_cot"] = speedups[spec.name]
     table = format_table(results, speedups)
+    if not distributed.is_main_process():  # metrics and files once
+        distributed.finish()
+        return 0
     print(table)
     summary = {
         "model": args.model,
@@ -336,4 +344,5 @@ def main(argv: list[str] | None = None) -> int:
     with open(os.path.join(args.output_dir, "results_table.txt"), "w", encoding="utf-8") as handle:
         handle.write(table + "\n")
     logger.info("results written to %s", os.path.join(args.output_dir, "results.json"))
+    distributed.finish()
     return 0
