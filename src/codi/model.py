@@ -210,7 +210,8 @@ class CODIModel(nn.Module):
             input_rows = self.hf_model.get_input_embeddings().weight
             state["added_input_embeddings"] = full(input_rows)[self.base_vocab_rows :]
             output = self.hf_model.get_output_embeddings()
-            if output is not None and output.weight.data_ptr() != input_rows.data_ptr():
+            # `is`, not data_ptr(): sharded (DTensor) parameters all report data_ptr() == 0.
+            if output is not None and output.weight is not input_rows:
                 state["added_output_embeddings"] = full(output.weight)[self.base_vocab_rows :]
         return {key: value.contiguous().cpu() for key, value in state.items()}
 
