@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from codi import cli
 from codi.config import DEFAULT_LORA_TARGETS
@@ -53,6 +53,9 @@ def build_reference(
     hidden = lm.config.hidden_size
     with torch.no_grad():
         lm.get_input_embeddings().weight[vocab:] = torch.randn(3, hidden) * 0.5
+        head = lm.get_output_embeddings().weight
+        if head is not lm.get_input_embeddings().weight:  # untied: the LM head has its own new rows
+            head[vocab:] = torch.randn(3, hidden) * 0.5
     if use_lora:
         model_type = lm.config.model_type
         config = LoraConfig(
@@ -232,6 +235,33 @@ def test_special_rows_are_mapped_when_our_ids_differ(case, tmp_path):
         torch.testing.assert_close(logits[:, columns[0]], ref_logits[:, columns[1]], atol=1e-4, rtol=1e-5)
 
 
+def test_untied_lm_head_rows_are_mapped_and_saved(tmp_path):
+    """An untied LM head (Llama-3-8B style) gets its own V+3 rows mapped and saved with the adapter."""
+    tokenizer = make_tokenizer("llama3")
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        bos_token_id=0,
+        eos_token_id=0,
+        tie_word_embeddings=False,
+    )
+    base = str(tmp_path / "base")
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    reference = build_reference(base)
+    path = save_reference(reference, str(tmp_path / "ref"), "safetensors")
+    model = load_reference_checkpoint(path, base, lora_alpha=LORA_ALPHA)
+    assert model.hf_model.get_output_embeddings().weight is not model.hf_model.get_input_embeddings().weight
+    assert model.conversion_report.missing_keys == [] and model.conversion_report.unused_keys == []
+    assert_same_outputs(model, reference, base)
+    assert_same_outputs(_roundtrip(model, tmp_path / "ours"), reference, base)
+
+
 def _roundtrip(model: CODIModel, directory) -> CODIModel:
     model.save_pretrained(str(directory))
     return CODIModel.from_pretrained(str(directory))
@@ -322,6 +352,33 @@ def test_hub_id_without_network_gives_a_clear_error(monkeypatch, tiny_gpt2):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read when called, not the env
     with pytest.raises(FileNotFoundError, match="could not fetch .* from the hub repo 'zen-E/CODI-gpt2'"):
         load_reference_checkpoint("zen-E/CODI-gpt2", tiny_gpt2)
+
+
+def test_hub_id_resolves_from_the_local_hub_cache(monkeypatch, tiny_gpt2, tmp_path):
+    """Offline, a hub id resolves through huggingface_hub's cache (safetensors absent, .bin cached)."""
+    import huggingface_hub.constants
+
+    snapshot = tmp_path / "hub" / "models--zen-E--CODI-gpt2" / "snapshots" / ("0" * 40)
+    reference = build_reference(tiny_gpt2)
+    save_reference(reference, str(snapshot), "bin")
+    (tmp_path / "hub" / "models--zen-E--CODI-gpt2" / "refs").mkdir()
+    (tmp_path / "hub" / "models--zen-E--CODI-gpt2" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    model = CODIModel.from_reference_checkpoint("zen-E/CODI-gpt2", tiny_gpt2, lora_alpha=LORA_ALPHA)
+    assert model.conversion_report.source == [str(snapshot / "pytorch_model.bin")]
+
+
+def test_ddp_and_coconut_prefixes_are_normalised(tiny_gpt2, tmp_path):
+    reference = build_reference(tiny_gpt2)
+    state = {
+        "module." + key.replace("codi.", "coconut.", 1): value
+        for key, value in reference.state_dict().items()
+    }
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    model = load_reference_checkpoint(str(tmp_path), tiny_gpt2, lora_alpha=LORA_ALPHA)
+    assert len(model.conversion_report.notes) == 2 and model.conversion_report.unused_keys == []
+    assert_same_outputs(model, reference, tiny_gpt2)
 
 
 # --------------------------------------------------------------------------------------------------

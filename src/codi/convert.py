@@ -188,6 +188,24 @@ def read_state_dict(files: list[str]) -> dict[str, torch.Tensor]:
     return state
 
 
+def normalize_reference_keys(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Undo two harmless variants of the layout: a DDP `module.` prefix on every key, and the
+    `coconut.` prefix of the authors' earlier checkpoints (their test.py renames it to `codi.`)."""
+    notes = []
+    if state and all(key.startswith("module.") for key in state):
+        state = {key[len("module.") :]: value for key, value in state.items()}
+        notes.append("stripped the 'module.' prefix of every key (a DDP-wrapped save)")
+    if not any(key.startswith(LM_PREFIX) for key in state) and any(
+        key.startswith("coconut.") for key in state
+    ):
+        state = {
+            (LM_PREFIX + key[len("coconut.") :] if key.startswith("coconut.") else key): value
+            for key, value in state.items()
+        }
+        notes.append("renamed the 'coconut.' prefix to 'codi.' (the authors' earlier checkpoint naming)")
+    return state, notes
+
+
 def inspect_reference_state(state: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Settings readable from the weights alone: use_lora, lora_r, LoRA targets, projection shape."""
     lm_keys = [key for key in state if key.startswith(LM_PREFIX)]
@@ -286,7 +304,7 @@ def load_reference_checkpoint(
     """
     files = resolve_checkpoint_files(path_or_hub_id, revision)
     logger.info("reading reference checkpoint %s", ", ".join(files))
-    state = read_state_dict(files)
+    state, key_notes = normalize_reference_keys(read_state_dict(files))
     info = inspect_reference_state(state)
     explicit = {
         "prj_dim": prj_dim,
@@ -312,6 +330,7 @@ def load_reference_checkpoint(
         base_model=base_model,
         use_lora=args.use_lora,
         inferred={key: value for key, value in info.items() if key in _MODEL_FIELDS},
+        notes=key_notes,
     )
     _load_lm(model, state, report, tokenizer_had_pad)
     _load_projection(model, state, report)
