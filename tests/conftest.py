@@ -69,9 +69,7 @@ def make_model(tiny_dirs):
     """`make_model(arch="gpt2", method="codi", **model_arg_overrides)` -> a fresh CODIModel in eval mode."""
 
     def factory(arch: str = "gpt2", *, loss: dict | None = None, seed: int = 0, **overrides) -> CODIModel:
-        values = dict(
-            model_name_or_path=tiny_dirs[arch], lora_r=8, lora_alpha=16, prj_dim=16, num_latent=3
-        )
+        values = dict(model_name_or_path=tiny_dirs[arch], lora_r=8, lora_alpha=16, prj_dim=16, num_latent=3)
         values.update(overrides)
         torch.manual_seed(seed)
         model = CODIModel.from_base(CODIModelArguments(**values))
