@@ -234,7 +234,7 @@ def format_table(results: Sequence[dict], speedups: dict[str, float] | None = No
             f"{result['mean_generated_tokens']:>7.1f} {result['mean_latent_positions']:>8.1f}"
         )
     for dataset, speedup in (speedups or {}).items():
-        lines.append(f"{dataset}: CODI (latent) is {speedup:.2f}x faster than teacher-mode CoT (wall time)")
+        lines.append(f"{dataset}: speedup of CODI (latent) over teacher-mode CoT: {speedup:.2f}x (wall time)")
     return "\n".join(lines)
 
 
