@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from .data import encode_question, pad_sequences
+from .data import encode_answer, encode_question, pad_sequences
 
 
 @dataclass
@@ -127,8 +127,17 @@ def _generate_batch(
     max_new_tokens: int,
     sampling: dict,
     return_latents: bool,
+    min_new_tokens: int = 0,
+    feed_answer_prompt: bool = False,
 ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-    """Generated ids (B, steps) padded after EOS, and the latents [(B, d)] when asked for."""
+    """Generated ids (B, steps) padded after EOS, and the latents [(B, d)] when asked for.
+
+    min_new_tokens: EOS is suppressed before that many tokens (as in `transformers.generate`); with
+        min_new_tokens == max_new_tokens the loop has no host sync at all (benchmarks: fixed lengths).
+    feed_answer_prompt (latent mode): `<eot>` and the answer prompt's tokens in ONE forward; the prompt
+        tokens are returned as the first generated ones (the text is the same when the model would have
+        generated the prompt itself, which training teaches it to do).
+    """
     device = model.device
     input_ids = pad_sequences(prompts, model.pad_id, "left").to(device)
     attention_mask = (pad_sequences([[1] * len(p) for p in prompts], 0, "left")).to(device)
@@ -143,28 +152,43 @@ def _generate_batch(
         def step(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
             return model.decode_step(prefix, ids, mask, hidden_states=False).logits[:, -1]
 
-        logits = step(torch.full((batch, 1), model.eot_id, device=device), attention_mask.new_ones(batch, 1))
+        forced = answer_prompt_ids(model) if feed_answer_prompt else []
+        forced = forced[: max_new_tokens - 1]  # at least one free token after the prompt
+        first = torch.tensor([[model.eot_id] + forced], device=device).expand(batch, -1)
+        logits = step(first, attention_mask.new_ones(batch, first.shape[1]))
     else:
+        forced = []
         state = _CoTState(model, input_ids, attention_mask)
         step = state.step
         logits = state.first_logits
     generated = torch.full((batch, max_new_tokens), model.pad_id, dtype=torch.long, device=device)
+    if forced:
+        generated[:, : len(forced)] = torch.tensor(forced, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    steps = 0
-    for position in range(max_new_tokens):
-        logits = logits.index_fill(-1, suppress, float("-inf"))
+    suppress_eos = suppress if eos is None else torch.cat([suppress, suppress.new_tensor([eos])])
+    steps = len(forced)
+    for position in range(len(forced), max_new_tokens):
+        logits = logits.index_fill(-1, suppress_eos if position < min_new_tokens else suppress, float("-inf"))
         next_ids = sample_next(logits, **sampling)
         next_ids = next_ids.masked_fill(finished, model.pad_id)
         generated[:, position] = next_ids
         steps = position + 1
         if eos is not None:
             finished = finished | (next_ids == eos)
-        # The one host sync per token: stop as soon as every row has produced EOS.
-        if steps == max_new_tokens or bool(finished.all()):
+        # The one host sync per token (none before min_new_tokens, when no row can have finished):
+        # stop as soon as every row has produced EOS.
+        if steps == max_new_tokens or (steps >= min_new_tokens and bool(finished.all())):
             break
         # Finished rows keep feeding pad with mask 0: nothing attends to it and positions stay put.
         logits = step(next_ids.unsqueeze(1), (~finished).long().unsqueeze(1))
     return generated[:, :steps], latents
+
+
+def answer_prompt_ids(model) -> list[int]:
+    """The answer prompt's ids exactly as they start every training target (`"The answer is:"`, plus
+    the lone space token of tokenizers that split it from the number)."""
+    ids, value_index = encode_answer(model.tokenizer, "0", model.args.answer_prompt)
+    return ids[:value_index]
 
 
 def generate(
@@ -174,6 +198,8 @@ def generate(
     mode: str = "latent",
     num_latent: int | None = None,
     max_new_tokens: int = 256,
+    min_new_tokens: int = 0,
+    feed_answer_prompt: bool = False,
     batch_size: int = 32,
     do_sample: bool = False,
     temperature: float = 1.0,
@@ -189,11 +215,18 @@ def generate(
     then [eot] and greedy decoding (or sampling) until EOS or `max_new_tokens`.
     mode "cot": teacher-mode explicit chain-of-thought decoding from the question.
     `seed` seeds a private generator for sampling (results then depend on the batch composition).
+    `min_new_tokens`: no EOS before that many tokens (benchmarks force fixed lengths with it).
+    `feed_answer_prompt` (latent mode): feed `<eot>` + the answer prompt in one forward instead of
+    decoding the prompt token by token (fewer sequential steps; the prompt is in the returned tokens).
     """
     if mode not in ("latent", "cot"):
         raise ValueError(f"mode must be 'latent' or 'cot', got {mode!r}")
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size}, {max_new_tokens}")
+    if not 0 <= min_new_tokens <= max_new_tokens:
+        raise ValueError(f"min_new_tokens must be in [0, max_new_tokens], got {min_new_tokens}")
+    if feed_answer_prompt and mode != "latent":
+        raise ValueError("feed_answer_prompt applies to mode='latent' only")
     if isinstance(questions, str):
         raise TypeError("questions must be a list of strings, not one string")
     num_latent = model.args.inf_latent_iterations if num_latent is None else num_latent
@@ -230,6 +263,8 @@ def generate(
                     max_new_tokens,
                     sampling,
                     return_latents,
+                    min_new_tokens=min_new_tokens,
+                    feed_answer_prompt=feed_answer_prompt,
                 )
                 rows = ids.cpu().tolist()
                 stacked = torch.stack(latents, dim=1).float().cpu() if latents else None

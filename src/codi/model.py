@@ -40,6 +40,10 @@ class LossSettings:
     distill_loss_factor: float = 1.0
     distill_loss_div_std: bool = False
     ref_loss_factor: float = 1.0
+    # The question is the same prefix of the teacher and the student sequences: under causal attention
+    # its keys/values are the same, so the student reuses the teacher's instead of recomputing them
+    # (exact up to float rounding; tests/test_speed_equivalence.py). Ignored with reference_compat.
+    share_question: bool = True
 
 
 @dataclass
@@ -386,7 +390,6 @@ class CODIModel(nn.Module):
         `keep_all_layers` (with `keep_hidden`) also fills `prefix.all_hidden` (logit lens).
         """
         compat = self.args.reference_compat
-        defer = defer_last and not compat
         positions = None if compat else (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         out = self._lm_step(
             self.embed(input_ids), attention_mask, positions, DynamicCache(), all_logits=False
@@ -397,7 +400,50 @@ class CODIModel(nn.Module):
             next_position=attention_mask.long().sum(-1),
             pending=None,
         )
+        return self._feed_latents(prefix, out, num_latent, keep_hidden, defer_last, keep_all_layers)
+
+    def encode_latents_after_question(
+        self,
+        question_cache: DynamicCache,
+        question_mask: torch.Tensor,
+        bot_ids: torch.Tensor,
+        num_latent: int,
+        defer_last: bool = True,
+    ) -> LatentPrefix:
+        """Like `encode_latents`, but the question's keys/values come from `question_cache`.
+
+        question_cache: a cache whose first Lq columns hold the (RIGHT-padded) questions, e.g. the
+            teacher's cache, since every teacher sequence starts with its question; it is cropped to
+            Lq in place. question_mask: (B, Lq) 1 on question tokens. bot_ids: (B, 1) `<bot>` ids.
+        Under causal attention the keys/values of a question do not depend on what follows it, and the
+        positions (question 0..q-1, `<bot>` at q) and the attended set (masked pads) are those of the
+        left-padded `encode_latents`, so the result is the same up to float rounding, at the cost of
+        one position per row instead of Lq + 1. Default mode only (not `reference_compat`).
+        """
+        if self.args.reference_compat:
+            raise ValueError("encode_latents_after_question reproduces the default path only")
+        # `crop(-n)` drops the last n columns (transformers >= 5.24 semantics)
+        question_cache.crop(-(question_cache.get_seq_length() - question_mask.shape[1]))
+        lengths = question_mask.long().sum(-1)
+        mask = torch.cat([question_mask, question_mask.new_ones(question_mask.shape[0], 1)], dim=1)
+        out = self._lm_step(self.embed(bot_ids), mask, lengths.unsqueeze(1), question_cache, all_logits=False)
+        prefix = LatentPrefix(cache=out.cache, attention_mask=mask, next_position=lengths + 1, pending=None)
+        return self._feed_latents(prefix, out, num_latent, False, defer_last, False)
+
+    def _feed_latents(
+        self,
+        prefix: LatentPrefix,
+        out,
+        num_latent: int,
+        keep_hidden: bool,
+        defer_last: bool,
+        keep_all_layers: bool,
+    ) -> LatentPrefix:
+        """The latent loop after `<bot>` (`out` is the LM output whose last position is `<bot>`)."""
+        compat = self.args.reference_compat
+        defer = defer_last and not compat
         last_hidden = out.hidden_states[-1][:, -1]
+        attention_mask = prefix.attention_mask
         ones = attention_mask.new_ones(attention_mask.shape[0], 1)
         for step in range(num_latent):
             if keep_hidden:
@@ -463,12 +509,13 @@ class CODIModel(nn.Module):
     # ----------------------------------------------------------------------------------------------
     # Training forward
 
-    def teacher_forward(self, input_ids, attention_mask):
+    def teacher_forward(self, input_ids, attention_mask, use_cache: bool = False):
+        """Teacher (CoT) forward; `use_cache` also returns its keys/values (to share the question)."""
         return self.hf_model(
             inputs_embeds=self.embed(input_ids),
             attention_mask=attention_mask,
             output_hidden_states=True,
-            use_cache=False,
+            use_cache=use_cache,
         )
 
     def forward(
@@ -487,7 +534,8 @@ class CODIModel(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Loss of one batch (see `CODICollator` for the layout); returns total and components."""
         settings = self.loss_settings
-        teacher = self.teacher_forward(teacher_input_ids, teacher_attention_mask)
+        share = settings.share_question and settings.method == "codi" and not self.args.reference_compat
+        teacher = self.teacher_forward(teacher_input_ids, teacher_attention_mask, use_cache=share)
         teacher_ce = next_token_ce(teacher.logits, teacher_labels)
         if settings.method != "codi":
             zero = teacher_ce.new_zeros(())
@@ -503,7 +551,20 @@ class CODIModel(nn.Module):
                 target_states = self.teacher_forward(teacher_input_ids, teacher_attention_mask).hidden_states
         teacher_vectors = [gather_positions(h, teacher_distill_pos).detach() for h in target_states]
 
-        prefix = self.encode_latents(student_input_ids, student_attention_mask, self.args.num_latent)
+        if share:
+            # The student's `Q ++ [bot]` is left-padded to Lq + 1 columns; the teacher's cache holds the
+            # same questions right-padded in its first Lq columns (shapes only: no host sync).
+            question_columns = student_input_ids.shape[1] - 1
+            lengths = student_attention_mask.long().sum(-1, keepdim=True) - 1
+            columns = torch.arange(question_columns, device=lengths.device).unsqueeze(0)
+            prefix = self.encode_latents_after_question(
+                teacher.cache,
+                (columns < lengths).to(student_attention_mask.dtype),
+                student_input_ids[:, -1:],
+                self.args.num_latent,
+            )
+        else:
+            prefix = self.encode_latents(student_input_ids, student_attention_mask, self.args.num_latent)
         offset = 1 if prefix.pending is not None else 0
         student = self.decode_step(prefix, decoder_input_ids, decoder_attention_mask)
         student_ce = next_token_ce(student.logits[:, offset:], decoder_labels)

@@ -1,0 +1,204 @@
+"""Training-step benchmark: examples/s and peak memory of CODI steps, default path vs reference_compat.
+
+A step is forward + backward + gradient clipping (2.0) + AdamW, as the HF Trainer runs it. The
+variants share ONE model (the flags are switched between steps), the same batches and the same
+optimizer; they run interleaved (A, B, C, then C, B, A, ...) so that the load of a shared machine hits
+them alike, and the median over `--repeats` rounds is reported.
+
+variants:
+  reference_compat   the reference's computation: a second, no-grad teacher forward; every latent fed
+                     on its own; the question computed again for the student.
+  default_unshared   this project's default path without question sharing: one teacher forward,
+                     exactly num_latent latents, the last fed with the decoder tokens.
+  default            the default: as above, and the student reuses the teacher's question keys/values.
+
+It also counts the positions fed to the LM per step (a forward hook), which is what (a) saves.
+
+    python bench/train_step.py --model gpt2-124m [--batch_size 8 --steps 2 --repeats 3]
+    python bench/train_step.py --device cuda --dtype bf16 --batch_size 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+VARIANTS = {
+    "reference_compat": {"reference_compat": True, "share_question": False},
+    "default_unshared": {"reference_compat": False, "share_question": False},
+    "default": {"reference_compat": False, "share_question": True},
+}
+
+
+def set_variant(model, name: str) -> None:
+    flags = VARIANTS[name]
+    model.args.reference_compat = flags["reference_compat"]
+    model.loss_settings.share_question = flags["share_question"]
+
+
+def make_batches(model, data: str | None, batch_size: int, count: int, seed: int) -> list[dict]:
+    """`count` collated batches of GSM8k-Aug valid records (pre-tokenised once, shuffled by seed)."""
+    from codi.data import CODICollator, build_dataset, read_records
+
+    records = read_records(str(common.data_path(data)))
+    dataset, _ = build_dataset(records, model.tokenizer, bot_id=model.bot_id, eot_id=model.eot_id)
+    order = list(range(len(dataset)))
+    random.Random(seed).shuffle(order)
+    collate = CODICollator(model.pad_id)
+    batches = []
+    for index in range(count):
+        rows = [order[(index * batch_size + k) % len(order)] for k in range(batch_size)]
+        batches.append(collate([dataset[row] for row in rows]))
+    return batches
+
+
+class PositionCounter:
+    """Positions (rows x columns) fed to the LM, summed over its forward calls."""
+
+    def __init__(self, model):
+        self.positions = 0
+        self.calls = 0
+        self.handle = model.hf_model.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs) -> None:
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            embeds = kwargs.get("input_ids", args[0] if args else None)
+        self.positions += embeds.shape[0] * embeds.shape[1]
+        self.calls += 1
+
+    def reset(self) -> None:
+        self.positions = self.calls = 0
+
+
+def train_steps(model, optimizer, batches: list[dict], device: str, dtype: torch.dtype) -> None:
+    for batch in batches:
+        with common.autocast(device, dtype):
+            loss = model(**batch)["loss"]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    torch.manual_seed(args.seed)
+    dtype = common.DTYPES[args.dtype]
+    start = time.perf_counter()
+    model, weights = common.load_codi(args.model, args.device)  # fp32 master weights (Trainer-style)
+    model.train()
+    trainable = [param for param in model.parameters() if param.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-5, weight_decay=0.1)
+    batches = make_batches(model, args.data, args.batch_size, args.steps, args.seed)
+    batches = [{key: value.to(args.device) for key, value in batch.items()} for batch in batches]
+    setup_s = time.perf_counter() - start
+
+    counter = PositionCounter(model)
+    positions: dict[str, int] = {}
+    calls: dict[str, int] = {}
+    for name in args.variants:  # warm-up (allocator, kernels, AdamW state) and per-step counts
+        set_variant(model, name)
+        counter.reset()
+        train_steps(model, optimizer, batches[:1], args.device, dtype)
+        positions[name], calls[name] = counter.positions, counter.calls
+    counter.handle.remove()
+
+    seconds: dict[str, list[float]] = {name: [] for name in args.variants}
+    peak: dict[str, list[int]] = {name: [] for name in args.variants}
+    delta: dict[str, list[int]] = {name: [] for name in args.variants}
+    for round_index in range(args.repeats):
+        order = args.variants if round_index % 2 == 0 else args.variants[::-1]
+        for name in order:
+            set_variant(model, name)
+            with common.PeakMemory(args.device) as memory, common.timed(args.device) as timer:
+                train_steps(model, optimizer, batches, args.device, dtype)
+            seconds[name].append(timer["s"])
+            peak[name].append(memory.peak_bytes)
+            delta[name].append(memory.delta_bytes)
+
+    examples = args.batch_size * len(batches)
+    variants: dict[str, Any] = {}
+    for name in args.variants:
+        rates = [examples / s for s in seconds[name]]
+        variants[name] = {
+            "examples_per_s": round(common.median(rates), 3),
+            "examples_per_s_runs": [round(rate, 3) for rate in rates],
+            "s_per_step": round(common.median(seconds[name]) / len(batches), 4),
+            "peak_memory_mib": common.mib(common.median(peak[name])),
+            "peak_memory_rise_mib": common.mib(common.median(delta[name])),
+            "lm_positions_per_step": positions[name],
+            "lm_calls_per_step": calls[name],
+        }
+    base = variants.get("reference_compat")
+    result: dict[str, Any] = {
+        "bench": "train_step",
+        "model": args.model,
+        "weights": weights,
+        "dtype": args.dtype,
+        "batch_size": args.batch_size,
+        "steps_per_round": len(batches),
+        "repeats": args.repeats,
+        "mean_teacher_len": round(
+            sum(float(b["teacher_attention_mask"].sum()) for b in batches) / examples, 1
+        ),
+        "mean_question_len": round(
+            sum(float(b["student_attention_mask"].sum()) - len(b["student_input_ids"]) for b in batches)
+            / examples,
+            1,
+        ),
+        "variants": variants,
+        "memory_note": "GPU: max_memory_allocated; CPU: peak RSS sampled each ms after malloc_trim "
+        "(rise = peak minus the RSS at the window start)",
+        "setup_s": round(setup_s, 1),
+    }
+    if base:
+        result["speedup_vs_reference_compat"] = {
+            name: round(v["examples_per_s"] / base["examples_per_s"], 3) for name, v in variants.items()
+        }
+        result["lm_positions_saved_vs_reference_compat"] = {
+            name: base["lm_positions_per_step"] - v["lm_positions_per_step"] for name, v in variants.items()
+        }
+    if "default" in variants and "default_unshared" in variants:
+        result["question_sharing_positions_saved_per_step"] = (
+            variants["default_unshared"]["lm_positions_per_step"]
+            - variants["default"]["lm_positions_per_step"]
+        )
+    if args.paper_projection:
+        # The paper's GPT-2 preset: 40 epochs x 385,620 examples (effective batch 128).
+        total = 40 * 385_620
+        result["paper_gpt2_preset_projected_hours"] = {
+            name: round(total / v["examples_per_s"] / 3600, 1) for name, v in variants.items()
+        }
+    result["environment"] = common.environment(args.device)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    common.add_common_args(parser)
+    parser.add_argument("--batch_size", type=int, default=None, help="default 8 (CPU) / 64 (GPU)")
+    parser.add_argument("--steps", type=int, default=2, help="training steps per variant and round")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--paper_projection", action="store_true", help="project the paper's GPT-2 run time")
+    args = parser.parse_args(argv)
+    on_gpu = torch.device(args.device).type == "cuda"
+    if args.batch_size is None:
+        args.batch_size = 64 if on_gpu else 8
+    if args.quick:
+        args.batch_size, args.steps, args.repeats = min(args.batch_size, 4), 1, min(args.repeats, 3)
+        args.variants = [name for name in args.variants if name != "default_unshared"]
+    common.emit(run(args), args.output)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
