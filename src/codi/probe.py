@@ -328,6 +328,8 @@ def probe(
     if top_k < 1 or batch_size < 1:
         raise ValueError(f"top_k and batch_size must be >= 1, got {top_k}, {batch_size}")
     num_latent = model.args.inf_latent_iterations if num_latent is None else num_latent
+    if num_latent < 0:
+        raise ValueError(f"num_latent must be >= 0, got {num_latent}")
     items = [_as_item(item) for item in records_or_questions]
     decoder = _Decoder(model, top_k)
     norm = find_final_norm(model.hf_model) if logit_lens else None
@@ -425,16 +427,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_probe(model, records_or_questions: Sequence, out_dir: str, *, title: str = "", **kwargs) -> dict:
+def run_probe(
+    model,
+    records_or_questions: Sequence,
+    out_dir: str,
+    *,
+    title: str = "",
+    metadata: dict | None = None,
+    **kwargs,
+) -> dict:
     """Probe, summarise and write the report in one call; `model` is a `CODIModel` or a checkpoint
-    directory. Returns the summary with the written file paths under "paths"; kwargs go to `probe`."""
+    directory. `metadata` is merged into the summary (e.g. model and data paths); kwargs go to `probe`.
+    Returns the summary with the written file paths under "paths"."""
     if isinstance(model, str):
         from .model import CODIModel
 
+        metadata = {"model": model, **(metadata or {})}
         title = title or f"CODI probe: {model}"
         model = CODIModel.from_pretrained(model)
     records = probe(model, records_or_questions, **kwargs)
-    summary = summarize(records)
+    summary = {**(metadata or {}), **summarize(records)}
     summary["paths"] = write_report(records, summary, out_dir, title=title)
     return summary
 
@@ -453,6 +465,7 @@ def main(argv: list[str] | None = None) -> int:
         records,
         args.output_dir,
         title=f"CODI probe: {args.model} on {args.data}",
+        metadata={"model": args.model, "data": args.data},
         top_k=args.top_k,
         batch_size=args.batch_size,
         num_latent=args.num_latent,
