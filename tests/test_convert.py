@@ -363,6 +363,13 @@ def test_hub_id_without_network_gives_a_clear_error(monkeypatch, tiny_gpt2):
         load_reference_checkpoint("zen-E/CODI-gpt2", tiny_gpt2)
 
 
+def test_missing_local_path_is_not_sent_to_the_hub(tiny_gpt2, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file or folder, and not a hub id"):
+        load_reference_checkpoint(str(tmp_path / "absent"), tiny_gpt2)
+    with pytest.raises(FileNotFoundError, match="no reference checkpoint found"):
+        load_reference_checkpoint(str(tmp_path), tiny_gpt2)
+
+
 def test_hub_id_resolves_from_the_local_hub_cache(monkeypatch, tiny_gpt2, tmp_path):
     """Offline, a hub id resolves through huggingface_hub's cache (safetensors absent, .bin cached)."""
     import huggingface_hub.constants

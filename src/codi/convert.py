@@ -52,6 +52,7 @@ PRJ_PREFIX = "prj."
 NUM_ADDED_ROWS = 3  # pad, bot, eot
 # Non-persistent in current transformers but saved by some older versions; they carry no weights.
 HARMLESS_BUFFERS = re.compile(r"(\.attn\.bias|\.attn\.masked_bias|rotary_emb\.inv_freq)$")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])\.(?P<adapter>[^.]+)\.weight$")
 
 # The released checkpoints and the base model each was trained from (the LoRA scale alpha=32 and the
@@ -128,8 +129,8 @@ def resolve_checkpoint_files(path_or_hub_id: str, revision: str | None = None) -
         raise FileNotFoundError(
             f"{path_or_hub_id}: no reference checkpoint found (looked for {', '.join(WEIGHT_FILES + INDEX_FILES)})"
         )
-    if os.path.exists(path_or_hub_id) or path_or_hub_id.count("/") != 1:
-        raise FileNotFoundError(f"{path_or_hub_id}: neither a local checkpoint nor a hub id (owner/name)")
+    if os.path.exists(path_or_hub_id) or not _HUB_ID.match(path_or_hub_id):
+        raise FileNotFoundError(f"{path_or_hub_id}: no such file or folder, and not a hub id (owner/name)")
     return _download(path_or_hub_id, revision)
 
 
