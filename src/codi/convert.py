@@ -333,6 +333,11 @@ def load_reference_checkpoint(
         inferred={key: value for key, value in info.items() if key in _MODEL_FIELDS},
         notes=key_notes,
     )
+    if args.use_lora:  # the only setting the weights cannot tell
+        report.notes.append(
+            f"lora_alpha={args.lora_alpha} (LoRA scale {args.lora_alpha / args.lora_r:g}) is not stored in "
+            "the checkpoint: the authors' scripts use 32; pass lora_alpha if it was trained otherwise"
+        )
     _load_lm(model, state, report, tokenizer_had_pad)
     _load_projection(model, state, report)
     report.unused_keys = sorted(report.unused_keys)
