@@ -349,7 +349,12 @@ def probe(
 
             questions = [question for question, _, _ in items]
             outputs = generate(
-                model, questions, num_latent=num_latent, batch_size=batch_size, max_new_tokens=max_new_tokens
+                model,
+                questions,
+                num_latent=num_latent,
+                batch_size=batch_size,
+                max_new_tokens=max_new_tokens,
+                progress=progress,
             )
     finally:
         model.train(was_training)
