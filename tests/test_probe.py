@@ -20,15 +20,12 @@ from codi.probe import (
     StepRef,
     TopK,
     find_final_norm,
-    first_pieces,
-    match_steps,
     probe,
     read_jsonl,
-    reference_steps,
     summarize,
-    token_matches,
     write_report,
 )
+from codi.report import first_pieces, match_steps, reference_steps, token_matches
 from codi.testing import make_tokenizer
 
 # --------------------------------------------------------------------------------------------------
@@ -120,7 +117,7 @@ def test_reference_steps_parse_results():
 @pytest.mark.shared_data
 def test_reference_steps_of_the_validation_set():
     from codi.data import read_records
-    from codi.probe import as_number, bucket
+    from codi.report import as_number, bucket
 
     records = read_records(str(shared_file("gsm8k_aug_valid.txt")))
     steps = [reference_steps(record.cot) for record in records]

@@ -10,7 +10,7 @@ For every question the latent loop is run once and, at each of the num_latent + 
     lens       optionally, a logit lens: every entry of `hidden_states` (embedding output and each
                block's output) through the model's final norm and the LM head
 
-The Table-3 metric (`match_steps`, `summarize`) asks whether the decoded top-k tokens contain the
+The Table-3 metric (`codi.report.match_steps`, `summarize`) asks whether the decoded top-k tokens contain the
 intermediate results `c` of the reference CoT's steps `<<a op b=c>>` (all steps of the FULL CoT, the
 last included), bucketed by 1, 2 and 3+ steps. A top-k token matches a result when
 
@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -39,11 +38,6 @@ import torch.nn as nn
 from .data import answer_value, encode_question, pad_sequences
 
 logger = logging.getLogger(__name__)
-
-STEP_PATTERN = re.compile(r"<<([^<>]*)>>")
-_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)$")
-BUCKETS = ("1", "2", "3+")
-RULES = ("first_token", "whole")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -129,92 +123,6 @@ class ProbeRecord:
         ]
         values = {key: value for key, value in data.items() if key not in ("positions", "steps")}
         return cls(positions=positions, steps=[StepRef(**s) for s in data.get("steps", [])], **values)
-
-
-# --------------------------------------------------------------------------------------------------
-# Reference steps and the number-matching rule
-
-
-def as_number(text: str) -> float | None:
-    """`text` as a number when it is one (commas and surrounding whitespace ignored), else None."""
-    text = text.strip().replace(",", "")
-    return float(text) if _NUMBER.match(text) else None
-
-
-def first_pieces(tokenizer, result: str) -> list[str]:
-    """The stripped first token of `result` tokenised bare and after a space, when it holds a digit."""
-    pieces = []
-    for variant in (result, " " + result):
-        ids = tokenizer(variant, add_special_tokens=False)["input_ids"]
-        texts = [tokenizer.decode([token]).strip() for token in ids]
-        first = next((text for text in texts if text), "")
-        if any(ch.isdigit() for ch in first) and first not in pieces:
-            pieces.append(first)
-    return pieces
-
-
-def reference_steps(cot: str, tokenizer=None) -> list[StepRef]:
-    """Steps `<<a op b=c>>` of a CoT with their results `c` (steps without '=' are skipped)."""
-    steps = []
-    for expression in STEP_PATTERN.findall(cot or ""):
-        if "=" not in expression:
-            continue
-        result = expression.rpartition("=")[2].strip().replace(",", "")
-        if result:
-            pieces = first_pieces(tokenizer, result) if tokenizer is not None else []
-            steps.append(StepRef(expression, result, pieces))
-    return steps
-
-
-def token_matches(token: str, step: StepRef, rule: str = "first_token") -> bool:
-    """Whether one decoded token stands for the step's result under `rule` (module docstring)."""
-    text = token.strip().replace(",", "")
-    if not text:
-        return False
-    value, target = as_number(text), as_number(step.result)
-    if value is not None and target is not None:
-        if abs(value - target) <= 1e-6 * max(1.0, abs(target)):
-            return True
-    elif text == step.result:
-        return True
-    return rule == "first_token" and text in step.first_pieces
-
-
-def _source(position: PositionProbe, source: str) -> TopK | None:
-    return position.top if source == "top" else position.projected
-
-
-def step_positions(record: ProbeRecord, rule: str = "first_token", source: str = "top") -> list[list[int]]:
-    """For each reference step, the positions whose top-k (of `source`) contain its result."""
-    found = []
-    for step in record.steps:
-        hits = []
-        for position in record.positions:
-            topk = _source(position, source)
-            if topk is not None and any(token_matches(token, step, rule) for token in topk.tokens):
-                hits.append(position.position)
-        found.append(hits)
-    return found
-
-
-def match_steps(record: ProbeRecord, rule: str = "first_token", source: str = "top") -> tuple[bool, bool]:
-    """(in_order, any_order) for one record; both False when it has no steps."""
-    found = step_positions(record, rule, source)
-    if not found:
-        return False, False
-    any_order = all(found)
-    last, in_order = -1, any_order
-    for hits in found:  # greedy earliest match decides whether an increasing choice exists
-        later = [position for position in hits if position > last]
-        if not later:
-            in_order = False
-            break
-        last = later[0]
-    return in_order, any_order
-
-
-def bucket(num_steps: int) -> str:
-    return "0" if num_steps == 0 else ("3+" if num_steps >= 3 else str(num_steps))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -365,6 +273,8 @@ def probe(
 
 
 def _make_record(index, item, positions, cosine, output, tokenizer) -> ProbeRecord:
+    from .report import as_number, reference_steps  # report imports this module: import late
+
     question, cot, gold = item
     record = ProbeRecord(
         question=question,
@@ -387,7 +297,7 @@ def _make_record(index, item, positions, cosine, output, tokenizer) -> ProbeReco
 
 
 # --------------------------------------------------------------------------------------------------
-# Summary and report (implemented in `codi.report`, which imports this module)
+# Summary and report (implemented in `codi.report`, which imports this module's records)
 
 
 def summarize(records: Sequence[ProbeRecord]) -> dict:

@@ -1,4 +1,5 @@
-"""Probe results: summary metrics, PNG plots (matplotlib, Agg) and one self-contained HTML page.
+"""Probe results: the Table-3 matching rule, summary metrics, PNG plots (matplotlib, Agg) and one
+self-contained HTML page (the rule itself is described in `codi.probe`'s docstring).
 
 The HTML has no external assets (inline CSS, images as base64 data URIs) so it can be mailed or
 archived as one file. Each question is one `<tr class="question-row">`; its latent tokens are coloured
@@ -11,11 +12,16 @@ import base64
 import html
 import json
 import os
+import re
 from collections import Counter
 from collections.abc import Sequence
 
-from .probe import BUCKETS, RULES, ProbeRecord, TopK, bucket, match_steps, step_positions, token_matches
+from .probe import PositionProbe, ProbeRecord, StepRef, TopK
 
+STEP_PATTERN = re.compile(r"<<([^<>]*)>>")
+_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)$")
+BUCKETS = ("1", "2", "3+")
+RULES = ("first_token", "whole")
 SAMPLE_QUESTIONS = 20  # rows of the top-1 heatmap
 
 
@@ -98,6 +104,92 @@ def plot_latent_geometry(summary: dict, path: str) -> str:
     right.set_title("mean L2 norm of latents", fontsize=9)
     fig.savefig(path)
     return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference steps and the number-matching rule
+
+
+def as_number(text: str) -> float | None:
+    """`text` as a number when it is one (commas and surrounding whitespace ignored), else None."""
+    text = text.strip().replace(",", "")
+    return float(text) if _NUMBER.match(text) else None
+
+
+def first_pieces(tokenizer, result: str) -> list[str]:
+    """The stripped first token of `result` tokenised bare and after a space, when it holds a digit."""
+    pieces = []
+    for variant in (result, " " + result):
+        ids = tokenizer(variant, add_special_tokens=False)["input_ids"]
+        texts = [tokenizer.decode([token]).strip() for token in ids]
+        first = next((text for text in texts if text), "")
+        if any(ch.isdigit() for ch in first) and first not in pieces:
+            pieces.append(first)
+    return pieces
+
+
+def reference_steps(cot: str, tokenizer=None) -> list[StepRef]:
+    """Steps `<<a op b=c>>` of a CoT with their results `c` (steps without '=' are skipped)."""
+    steps = []
+    for expression in STEP_PATTERN.findall(cot or ""):
+        if "=" not in expression:
+            continue
+        result = expression.rpartition("=")[2].strip().replace(",", "")
+        if result:
+            pieces = first_pieces(tokenizer, result) if tokenizer is not None else []
+            steps.append(StepRef(expression, result, pieces))
+    return steps
+
+
+def token_matches(token: str, step: StepRef, rule: str = "first_token") -> bool:
+    """Whether one decoded token stands for the step's result under `rule` (module docstring)."""
+    text = token.strip().replace(",", "")
+    if not text:
+        return False
+    value, target = as_number(text), as_number(step.result)
+    if value is not None and target is not None:
+        if abs(value - target) <= 1e-6 * max(1.0, abs(target)):
+            return True
+    elif text == step.result:
+        return True
+    return rule == "first_token" and text in step.first_pieces
+
+
+def _source(position: PositionProbe, source: str) -> TopK | None:
+    return position.top if source == "top" else position.projected
+
+
+def step_positions(record: ProbeRecord, rule: str = "first_token", source: str = "top") -> list[list[int]]:
+    """For each reference step, the positions whose top-k (of `source`) contain its result."""
+    found = []
+    for step in record.steps:
+        hits = []
+        for position in record.positions:
+            topk = _source(position, source)
+            if topk is not None and any(token_matches(token, step, rule) for token in topk.tokens):
+                hits.append(position.position)
+        found.append(hits)
+    return found
+
+
+def match_steps(record: ProbeRecord, rule: str = "first_token", source: str = "top") -> tuple[bool, bool]:
+    """(in_order, any_order) for one record; both False when it has no steps."""
+    found = step_positions(record, rule, source)
+    if not found:
+        return False, False
+    any_order = all(found)
+    last, in_order = -1, any_order
+    for hits in found:  # greedy earliest match decides whether an increasing choice exists
+        later = [position for position in hits if position > last]
+        if not later:
+            in_order = False
+            break
+        last = later[0]
+    return in_order, any_order
+
+
+def bucket(num_steps: int) -> str:
+    return "0" if num_steps == 0 else ("3+" if num_steps >= 3 else str(num_steps))
 
 
 # --------------------------------------------------------------------------------------------------
