@@ -88,6 +88,10 @@ def batch_for(model: CODIModel, records=RECORDS, method: str = "codi") -> dict[s
     return CODICollator(model.pad_id)([dataset[i] for i in range(len(dataset))])
 
 
+# The tensors here are tiny: with several threads, OpenMP synchronisation dominates, and on a shared
+# machine spinning threads made training steps 5-30x slower. One thread unless asked otherwise.
+torch.set_num_threads(int(os.environ.get("CODI_TEST_THREADS", "1")))
+
 # Tests never need the hub: fail fast instead of waiting on the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
