@@ -171,7 +171,9 @@ class CODIDataArguments:
     cot_style: str = field(
         default="auto",
         metadata={
-            "help": "equation | nl | auto: how a CoT is split into steps (auto: equation if '<<' present)."
+            "help": "equation | nl | commonsense | auto: how a CoT is split into steps (auto: equation "
+            "if '<<' present, else nl; commonsense for a data_name containing 'commonsense'). commonsense "
+            "is the reference's CommonsenseQA formatting: the whole CoT, question and CoT each + newline."
         },
     )
     include_last_cot: bool = field(
@@ -196,9 +198,11 @@ class CODIDataArguments:
 
     def __post_init__(self) -> None:
         _check(
-            self.cot_style in ("auto", "equation", "nl"),
-            f"cot_style must be auto|equation|nl, got {self.cot_style!r}",
+            self.cot_style in ("auto", "equation", "nl", "commonsense"),
+            f"cot_style must be auto|equation|nl|commonsense, got {self.cot_style!r}",
         )
+        if self.cot_style == "auto" and "commonsense" in (self.data_name or "").lower():
+            self.cot_style = "commonsense"  # the reference formats this dataset on its own branch
         _check(self.max_token_num > 0, f"max_token_num must be positive, got {self.max_token_num}")
         for name in ("max_train_samples", "max_eval_samples"):
             value = getattr(self, name)
@@ -266,6 +270,11 @@ class CODITrainingArguments(TrainingArguments):
         if self.expt_name and not self.run_name:
             self.run_name = self.expt_name
         self.remove_unused_columns = False
+        if self.bf16 and not self.use_cpu and not _has_accelerator() and not _has_mps():
+            # The presets ask for bf16 (the reference's setting). Without a GPU the Trainer refuses it
+            # unless told to use the CPU, where bf16 autocast works: do that rather than fail.
+            logger.warning("bf16 requested but no GPU found: training on the CPU with bf16 autocast")
+            self.use_cpu = True
         if self.dataloader_pin_memory and not _has_accelerator():
             self.dataloader_pin_memory = False  # avoids torch's warning on CPU-only machines
         if self.logging_dir and self.report_to in ("tensorboard", ["tensorboard"]):
@@ -277,6 +286,12 @@ def _has_accelerator() -> bool:
     import torch
 
     return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+
+
+def _has_mps() -> bool:
+    import torch
+
+    return hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
 
 
 ARGUMENT_CLASSES = (CODIModelArguments, CODIDataArguments, CODITrainingArguments)

@@ -346,10 +346,15 @@ def build_dataset(
         if skip_negative_answers and not value[0].isdigit():
             stats.dropped["answer_not_starting_with_digit"] += 1
             continue
-        cot = process_cot(record.cot, cot_style, include_last_cot)
+        question = record.question
+        if cot_style == "commonsense":
+            # The reference's CommonsenseQA branch: whole CoT (no step dropped), newline-terminated parts.
+            question, cot = question.strip() + "\n", record.cot.strip() + "\n"
+        else:
+            cot = process_cot(record.cot, cot_style, include_last_cot)
         example = build_example(
             tokenizer,
-            record.question,
+            question,
             cot,
             value,
             bot_id=bot_id,

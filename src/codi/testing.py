@@ -56,15 +56,26 @@ def make_tokenizer(
     )
 
 
-def make_model(arch: str, vocab_size: int, hidden: int = 32, layers: int = 2, heads: int = 2, seed: int = 0):
-    """A randomly initialised tiny GPT-2 or Llama (dropout off so tests are deterministic)."""
+def make_model(
+    arch: str,
+    vocab_size: int,
+    hidden: int = 32,
+    layers: int = 2,
+    heads: int = 2,
+    seed: int = 0,
+    max_positions: int = 512,
+):
+    """A randomly initialised tiny GPT-2 or Llama (dropout off so tests are deterministic).
+
+    `max_positions` 1024 (GPT-2's own) lets a preset's max_token_num 1000 run on the tiny tokenizer.
+    """
     import torch
 
     torch.manual_seed(seed)
     if arch == "gpt2":
         config = GPT2Config(
             vocab_size=vocab_size,
-            n_positions=512,
+            n_positions=max_positions,
             n_embd=hidden,
             n_layer=layers,
             n_head=heads,
@@ -83,7 +94,7 @@ def make_model(arch: str, vocab_size: int, hidden: int = 32, layers: int = 2, he
             num_hidden_layers=layers,
             num_attention_heads=heads,
             num_key_value_heads=max(1, heads // 2),
-            max_position_embeddings=512,
+            max_position_embeddings=max_positions,
             bos_token_id=0,
             eos_token_id=0,
             tie_word_embeddings=True,
