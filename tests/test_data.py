@@ -159,14 +159,17 @@ def test_negative_answers_kept_by_default_and_skipped_on_request(tokenizers):
 
 
 def test_max_token_num_drops_are_counted(tokenizers, caplog):
-    sizes = []
-    for ex in _build(tokenizers, "gpt2", RECORDS)[0].examples:
-        sizes.append(len(ex.question_ids) + len(ex.cot_ids) + len(ex.answer_ids))
+    # The reference measures the raw fields: question + whole CoT + answer as read, special tokens in.
+    tokenizer = tokenizers["gpt2"][0]
+    sizes = [len(tokenizer(r.question + r.cot + r.answer)["input_ids"]) for r in RECORDS]
     limit = sorted(sizes)[1]  # keeps exactly the two shortest
     with caplog.at_level("INFO", logger="codi.data"):
         _, stats = _build(tokenizers, "gpt2", RECORDS, max_token_num=limit, name="tiny")
     assert stats.kept == 2 and dict(stats.dropped) == {"longer_than_max_token_num": 2}
     assert "tiny: read 4 records, kept 2, dropped longer_than_max_token_num: 2" in caplog.text
+    # The same records survive whatever the method, so baselines train on the same data.
+    _, no_cot = _build(tokenizers, "gpt2", RECORDS, max_token_num=limit, method="no_cot_sft")
+    assert no_cot.kept == 2
 
 
 def test_empty_answers_are_counted_and_all_dropped_is_an_error(tokenizers):

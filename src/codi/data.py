@@ -350,8 +350,16 @@ def build_dataset(
         if cot_style == "commonsense":
             # The reference's CommonsenseQA branch: whole CoT (no step dropped), newline-terminated parts.
             question, cot = question.strip() + "\n", record.cot.strip() + "\n"
+            raw = f"{question} {cot} {answer_text(value, answer_prompt)}"
         else:
             cot = process_cot(record.cot, cot_style, include_last_cot)
+            raw = record.question + record.cot + record.answer
+        # The reference's length filter runs on the RAW fields (whole CoT, special tokens included): it
+        # decides which records exist, so it is reproduced as is, and is the same for every method.
+        if len(tokenizer(raw)["input_ids"]) > max_token_num:
+            stats.dropped["longer_than_max_token_num"] += 1
+            logger.debug("%s: dropped, longer than max_token_num=%d", record.where, max_token_num)
+            continue
         example = build_example(
             tokenizer,
             question,
@@ -362,10 +370,6 @@ def build_dataset(
             method=method,
             answer_prompt=answer_prompt,
         )
-        if len(example.question_ids) + len(example.cot_ids) + len(example.answer_ids) > max_token_num:
-            stats.dropped["longer_than_max_token_num"] += 1
-            logger.debug("%s: dropped, longer than max_token_num=%d", record.where, max_token_num)
-            continue
         examples.append(example)
         stats.kept += 1
     stats.log(name)
