@@ -105,9 +105,11 @@ def test_preset_trains_on_a_tiny_model(preset, tiny_llama, gpt2_1024, tmp_path):
 
 
 def test_cli_console_script_runs_a_preset(tiny_llama, tmp_path):
-    """The documented command, in a fresh process (module entry point = the `codi` console script)."""
+    """The documented command, in a fresh process, through the installed `codi` console script."""
     data = shared_file("gsm8k_aug_valid.txt")
-    command = [sys.executable, "-m", "codi.cli", "train", "--config", "configs/llama1b_gsm8k-aug.yaml"]
+    script = Path(sys.executable).parent / "codi"
+    entry = [str(script)] if script.is_file() else [sys.executable, "-m", "codi.cli"]
+    command = [*entry, "train", "--config", "configs/llama1b_gsm8k-aug.yaml"]
     command += ["--model_name_or_path", tiny_llama, "--train_file", str(data), "--max_steps", "3"]
     command += ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1"]
     command += ["--output_dir", str(tmp_path), "--disable_tqdm", "True"]
