@@ -101,10 +101,13 @@ def test_jsonl_loader_reads_both_schemas(tmp_path):
         {"question": "A?", "cot": "<<1+1=2>> <<2+1=3>>", "answer": "#### 3"},
         {"question": "B?", "answer": "She has <<2*3=6>>6.\n#### 6"},  # original GSM8k
     ]
+    rows.append({"question": "C?", "steps": ["<<2*3=6>>", "<<6+1=7>>"], "answer": "7"})  # whynlp/gsm8k-aug
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
-    first, second = read_records(str(path))
+    first, second, third = read_records(str(path))
     assert (first.cot, first.answer, first.where) == ("<<1+1=2>> <<2+1=3>>", "#### 3", f"{path}:1")
     assert (second.cot, second.answer) == ("<<2*3=6>>", "6")
+    assert (third.cot, third.answer) == ("<<2*3=6>> <<6+1=7>>", "7")
+    assert process_cot(third.cot) == "<<2*3=6>>"
 
 
 @pytest.mark.parametrize(

@@ -132,6 +132,10 @@ def gsm8k_to_record(question: str, solution: str, where: str) -> RawRecord:
 
 
 def _json_record(record: dict, where: str) -> RawRecord:
+    if isinstance(record, dict) and "cot" not in record and isinstance(record.get("steps"), list):
+        # whynlp/gsm8k-aug: the CoT is a list of steps ("<<600*30/100=180>>", ...), the answer bare.
+        question, answer = _require(record, ("question", "answer"), where)
+        return RawRecord(question, " ".join(str(step) for step in record["steps"]), answer, where)
     if isinstance(record, dict) and "cot" not in record and "question" in record and "answer" in record:
         question, solution = _require(record, ("question", "answer"), where)
         return gsm8k_to_record(question, solution, where)
