@@ -181,6 +181,18 @@ def test_empty_answers_are_counted_and_all_dropped_is_an_error(tokenizers):
         _build(tokenizers, "gpt2", records)
 
 
+def test_null_answers_are_dropped_and_counted(tmp_path, tokenizers):
+    """GSM8k-Aug-NL has records whose answer is null; the reference skips them."""
+    path = tmp_path / "nl.jsonl"
+    rows = [
+        {"question": "A?", "cot": "One. Two. Three.", "answer": None},
+        {"question": "B?", "cot": "He has 2. He buys 1. So 3.", "answer": "3"},
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    _, stats = _build(tokenizers, "gpt2", read_records(str(path)))
+    assert stats.kept == 1 and dict(stats.dropped) == {"empty_answer": 1}
+
+
 def test_max_samples_stops_after_that_many_kept(tokenizers):
     _, stats = _build(tokenizers, "gpt2", RECORDS, max_samples=2)
     assert stats.kept == 2 and stats.read == 2
