@@ -290,6 +290,20 @@ def test_reference_compat_results_depend_on_the_batch(make_model, arch):
     assert not torch.allclose(ce_alone, ce_mixed, atol=1e-3)
 
 
+def test_fix_attn_mask_masks_the_decoder_step_of_padded_rows(make_model):
+    """Under reference_compat, fix_attn_mask changes exactly the rows that have padding."""
+    unmasked = make_model("gpt2", reference_compat=True)
+    perturb_(unmasked)
+    masked = make_model("gpt2", reference_compat=True, fix_attn_mask=True)
+    masked.load_state_dict(unmasked.state_dict())
+    batch = batch_for(unmasked, [RECORDS[3], RECORDS[0]])  # row 0 longest (no padding), row 1 padded
+    for row, same in ((0, True), (1, False)):
+        latents_a, ce_a = _student_view(unmasked, batch, row)
+        latents_b, ce_b = _student_view(masked, batch, row)
+        assert torch.equal(latents_a, latents_b)  # latent steps stay unmasked either way
+        assert torch.allclose(ce_a, ce_b, atol=1e-6) == same
+
+
 def test_latent_loop_feeds_exactly_num_latent(make_model):
     model = make_model("gpt2", num_latent=4)
     batch = batch_for(model, RECORDS[:2])

@@ -86,13 +86,13 @@ def logged(trainer, key: str = "loss") -> dict[int, float]:
 
 
 @pytest.mark.parametrize("preset", PRESETS)
-def test_preset_trains_on_a_tiny_model(preset, tiny_llama, gpt2_1024, tmp_path):
+def test_preset_trains_on_a_tiny_model(preset, tiny_llama, gpt2_1024, train_file, tmp_path):
     """`codi train --config <preset>` with a tiny base: the preset's values (bf16 included) are kept;
-    only the per-device batch is made small so that the suite stays fast on 2 CPU cores."""
+    only the per-device batch is made small so that the suite stays fast on 2 CPU cores. Local data,
+    so that this runs even without ../shared/data (the tests below use the shared file)."""
     model_dir = tiny_llama if preset.startswith("llama") else gpt2_1024
-    data = shared_file("gsm8k_aug_valid.txt")
     config = REPO_ROOT / "configs" / f"{preset}.yaml"
-    argv = ["--config", str(config), "--model_name_or_path", model_dir, "--train_file", str(data)]
+    argv = ["--config", str(config), "--model_name_or_path", model_dir, "--train_file", train_file]
     argv += ["--max_steps", "2", "--per_device_train_batch_size", "2", "--output_dir", str(tmp_path)]
     argv += ["--max_train_samples", "8", "--disable_tqdm", "True"]
     model_args, data_args, training_args = parse_args(argv)
