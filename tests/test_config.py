@@ -155,6 +155,14 @@ def test_unknown_flag_on_the_command_line_lists_close_names():
     assert "Did you mean" not in str(error.value)
 
 
+def test_help_lists_the_flags(capsys):
+    with pytest.raises(SystemExit) as done:
+        parse_args(["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "--distill_loss_factor" in out and "--num_latent" in out and "--learning_rate" in out
+
+
 def test_unknown_key_in_a_dict(tmp_path):
     with pytest.raises(ValueError, match="in CODIModelArguments. Did you mean: prj_dim"):
         args_from_dict({"prj_dimm": 4}, CODIModelArguments)

@@ -345,7 +345,7 @@ def _normalise_argv(argv: list[str], classes: Sequence[type]) -> list[str]:
     valid = set(_valid_names(classes))
     out = []
     for token in argv:
-        if token.startswith("--"):
+        if token.startswith("--") and token != "--help":  # --help goes to argparse, which prints the flags
             name, sep, rest = token[2:].partition("=")
             if name not in valid:
                 raise _unknown_key_error(name, "the command line", classes)
