@@ -395,6 +395,14 @@ def test_load_weights_into_a_fresh_model_resumes_exactly(make_model, tmp_path):
     _assert_identical(trained, fresh, batch)
 
 
+@pytest.mark.parametrize("use_lora", [True, False])
+def test_load_weights_refuses_another_models_weights(make_model, tmp_path, use_lora):
+    make_model("llama", use_lora=use_lora).save_pretrained(str(tmp_path))
+    other = make_model("gpt2", use_lora=use_lora)
+    with pytest.raises(ValueError, match="not in this model|do not match this model"):
+        other.load_weights(str(tmp_path))
+
+
 def test_from_pretrained_rejects_a_folder_without_codi_config(tmp_path):
     with pytest.raises(FileNotFoundError, match="codi_config.json"):
         CODIModel.from_pretrained(str(tmp_path))

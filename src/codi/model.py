@@ -314,7 +314,16 @@ class CODIModel(nn.Module):
 
             if os.path.isfile(os.path.join(path, "model.safetensors")):
                 state = load_file(os.path.join(path, "model.safetensors"))
-                self.hf_model.load_state_dict(state, strict=False)
+                result = self.hf_model.load_state_dict(state, strict=False)
+                # strict=False only for tied weights (the LM head is not saved); anything else missing
+                # or unexpected means another model, which must not resume silently half-loaded.
+                tied = getattr(self.hf_model, "_tied_weights_keys", None) or {}
+                missing = [key for key in result.missing_keys if key not in tied]
+                if missing or result.unexpected_keys:
+                    raise ValueError(
+                        f"{path}: weights do not match this model: missing {missing[:5]}, "
+                        f"unexpected {result.unexpected_keys[:5]}"
+                    )
                 if self.hf_model.config.tie_word_embeddings:
                     self.hf_model.tie_weights()
             else:
