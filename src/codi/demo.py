@@ -41,6 +41,8 @@ class Preset:
     steps: int = 3
     operators: str = "+*"
     modulus: int = 10
+    wording: str = "varied"
+    train_min_steps: int = 0  # 0: train on `steps`-step chains only
     n_train: int = 20000
     n_test: int = 500
     n_validation: int = 200
@@ -59,6 +61,7 @@ class Preset:
     distill_div_std: bool = True
     ref_loss_factor: float = 1.0
     eval_batch_size: int = 250
+    skip_no_cot: bool = False  # exploration only: the demo's table needs the No-CoT baseline
 
 
 PRESETS = {
@@ -121,9 +124,16 @@ def build_base_model(directory: str, texts: list[str], preset: Preset, seed: int
 
 
 def train_method(
-    method: str, base: str, train_file: str, out_dir: str, preset: Preset, seed: int, max_steps: int
+    method: str,
+    base: str,
+    train_file: str,
+    out_dir: str,
+    preset: Preset,
+    seed: int,
+    max_steps: int,
+    device: str = "cpu",
 ):
-    """Train one method from `base` for `max_steps` steps; returns the trained `CODIModel`."""
+    """Train one method from `base` for `max_steps` steps; returns the `TrainResult`."""
     from .config import CODIDataArguments, CODIModelArguments, CODITrainingArguments
     from .train import train
 
@@ -152,12 +162,12 @@ def train_method(
         logging_steps=max(1, max_steps // 10),
         save_strategy="no",
         report_to="none",
-        use_cpu=True,
+        use_cpu=device == "cpu",
         seed=seed,
         dataloader_num_workers=0,
         disable_tqdm=False,
     )
-    return train(model_args, data_args, training_args).model
+    return train(model_args, data_args, training_args)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -246,7 +256,8 @@ def format_table(rows: list[Row]) -> str:
 
 def claim_check(rows: dict[str, Row]) -> dict[str, bool]:
     """The claim the demo must show (issue 8), evaluated on this run."""
-    latent, cot, no_cot = rows["codi_latent"], rows["codi_cot"], rows["no_cot"]
+    latent, cot = rows["codi_latent"], rows["codi_cot"]
+    no_cot = rows.get("no_cot", Row("none", "cot", 1.0, 0, 0, 0, 0))
     return {
         "latent >= 0.85 x teacher CoT": latent.accuracy >= 0.85 * cot.accuracy,
         "latent >= No-CoT + 15 points": latent.accuracy >= no_cot.accuracy + 0.15,
@@ -297,7 +308,7 @@ def fresh_out_dir(requested: str | None, overwrite: bool) -> str:
 # The pipeline
 
 
-def run_demo(preset: Preset, seed: int, out_dir: str, probe: bool = True) -> dict:
+def run_demo(preset: Preset, seed: int, out_dir: str, probe: bool = True, device: str = "cpu") -> dict:
     """Data -> base model -> No-CoT-SFT and CODI -> evaluation -> table, JSON and chart."""
     from tqdm.auto import tqdm
 
@@ -312,6 +323,8 @@ def run_demo(preset: Preset, seed: int, out_dir: str, probe: bool = True) -> dic
         max_steps=preset.steps,
         operators=preset.operators,
         modulus=preset.modulus or None,
+        wording=preset.wording,
+        train_min_steps=preset.train_min_steps or None,
         seed=seed,
     )
     splits = make_splits(config)
@@ -323,8 +336,19 @@ def run_demo(preset: Preset, seed: int, out_dir: str, probe: bool = True) -> dic
     timings = {}
     start = time.perf_counter()
     stages.set_postfix_str("training No-CoT-SFT")
-    no_cot = train_method(
-        "no_cot_sft", base, paths["train"], os.path.join(out_dir, "no_cot"), preset, seed, preset.steps_budget
+    no_cot_run = (
+        None
+        if preset.skip_no_cot
+        else train_method(
+            "no_cot_sft",
+            base,
+            paths["train"],
+            os.path.join(out_dir, "no_cot"),
+            preset,
+            seed,
+            preset.steps_budget,
+            device,
+        )
     )
     timings["train_no_cot_s"] = time.perf_counter() - start
     stages.update()
@@ -334,20 +358,23 @@ def run_demo(preset: Preset, seed: int, out_dir: str, probe: bool = True) -> dic
         # A short CoT-SFT warm-up: the teacher learns the task first, CODI then starts from it.
         stages.set_postfix_str("CoT warm-up")
         warm = os.path.join(out_dir, "cot_warmup")
-        train_method("cot_sft", base, paths["train"], warm, preset, seed, preset.cot_warmup_steps)
+        train_method("cot_sft", base, paths["train"], warm, preset, seed, preset.cot_warmup_steps, device)
         codi_base = warm
     stages.set_postfix_str("training CODI")
     codi_steps = preset.steps_budget - preset.cot_warmup_steps
-    codi = train_method(
-        "codi", codi_base, paths["train"], os.path.join(out_dir, "codi"), preset, seed, codi_steps
+    codi_run = train_method(
+        "codi", codi_base, paths["train"], os.path.join(out_dir, "codi"), preset, seed, codi_steps, device
     )
+    codi = codi_run.model
     timings["train_codi_s"] = time.perf_counter() - start
     stages.update()
     stages.set_postfix_str("evaluating")
     start = time.perf_counter()
     test = splits["test"]
-    rows = {
-        "no_cot": score(no_cot, test, "cot", preset, "No-CoT-SFT"),
+    rows = (
+        {} if no_cot_run is None else {"no_cot": score(no_cot_run.model, test, "cot", preset, "No-CoT-SFT")}
+    )
+    rows |= {
         "codi_cot": score(codi, test, "cot", preset, "CODI teacher (CoT)"),
         "codi_latent": score(codi, test, "latent", preset, "CODI latent"),
     }
@@ -374,6 +401,12 @@ def run_demo(preset: Preset, seed: int, out_dir: str, probe: bool = True) -> dic
         "train_questions_latent_accuracy": train_check.accuracy,
         "claim": checks,
         "timings": timings,
+        "final_logs": {
+            "no_cot": [e for e in no_cot_run.trainer.state.log_history if "loss" in e][-1:]
+            if no_cot_run
+            else [],
+            "codi": [e for e in codi_run.trainer.state.log_history if "loss" in e][-2:],
+        },
         "probe": probe_summary,
         "table": table,
     }
@@ -398,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="output folder (default: a fresh runs/demo-<time>)")
     parser.add_argument("--overwrite", action="store_true", help="reuse --out, deleting what is in it")
     parser.add_argument("--no_probe", action="store_true", help="skip the latent probe")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to train")
     parser.add_argument(
         "--set", nargs="*", default=[], metavar="KEY=VALUE", help="override preset fields, e.g. num_latent=6"
     )
@@ -412,5 +446,5 @@ def main(argv: list[str] | None = None) -> int:
         overrides[key] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
     preset = replace(preset, **overrides)
     out_dir = fresh_out_dir(args.out, args.overwrite)
-    run_demo(preset, args.seed, out_dir, probe=not args.no_probe)
+    run_demo(preset, args.seed, out_dir, probe=not args.no_probe, device=args.device)
     return 0

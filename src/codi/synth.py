@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 
 OPERATORS = ("+", "-", "*", "/")
 SPLITS = ("train", "validation", "test")
-_STEP = re.compile(r"^<<(.+)=(-?\d+)>>$")
+_STEP = re.compile(r"^<<([^<>=]+)=(-?\d+)>>$")
 
 # Wording per operator; the operand is the only number in each phrase.
 _PHRASES = {
@@ -35,7 +35,9 @@ _PHRASES = {
     "*": ("multiplies it by {k}", "makes it {k} times as many", "multiplies the count by {k}"),
     "/": ("splits it into {k} equal parts and keeps one", "divides it by {k}"),
 }
+_SHORT = {"+": "add {k}", "-": "subtract {k}", "*": "multiply by {k}", "/": "divide by {k}"}
 _NAMES = ("Ann", "Ben", "Cara", "Dan", "Eve", "Finn", "Gina", "Hugo", "Iris", "Jack", "Kim", "Leo")
+_ORDINALS = ("First", "Second", "Third", "Fourth", "Fifth", "Sixth", "Seventh", "Eighth")
 _THINGS = ("apples", "coins", "marbles", "stamps", "shells", "cards", "beads", "books")
 
 
@@ -54,6 +56,8 @@ class SynthConfig:
     start_max: int = 9
     operand_max: int = 9
     value_max: int = 999
+    wording: str = "varied"
+    train_min_steps: int | None = None
     seed: int = 0
     splits: tuple[str, ...] = field(default=SPLITS, repr=False)
 
@@ -69,6 +73,12 @@ class SynthConfig:
             raise ValueError(f"modulus must be >= 2 or None, got {self.modulus}")
         if self.operand_max < 2 or self.start_max < 1:
             raise ValueError("operand_max must be >= 2 and start_max >= 1")
+        if self.train_min_steps is not None and not 1 <= self.train_min_steps <= self.max_steps:
+            raise ValueError(f"need 1 <= train_min_steps <= max_steps, got {self.train_min_steps}")
+        if self.wording not in ("varied", "fixed"):
+            raise ValueError(f"wording must be varied | fixed, got {self.wording!r}")
+        if self.max_steps > len(_ORDINALS):
+            raise ValueError(f"at most {len(_ORDINALS)} steps are supported, got {self.max_steps}")
         if min(self.n_train, self.n_validation, self.n_test) < 0:
             raise ValueError("split sizes must be >= 0")
 
@@ -116,8 +126,8 @@ def _draw_step(rng: random.Random, value: int, config: SynthConfig) -> tuple[str
     return (op, rng.choice(candidates)) if candidates else None
 
 
-def draw_problem(rng: random.Random, config: SynthConfig) -> Problem:
-    steps = rng.randint(config.min_steps, config.max_steps)
+def draw_problem(rng: random.Random, config: SynthConfig, min_steps: int | None = None) -> Problem:
+    steps = rng.randint(config.min_steps if min_steps is None else min_steps, config.max_steps)
     while True:
         start = rng.randint(0, config.start_max)
         values, ops = [start], []
@@ -145,7 +155,17 @@ def cot_of(problem: Problem, modulus: int | None) -> str:
     )
 
 
-def question_of(problem: Problem, modulus: int | None, rng: random.Random) -> str:
+def question_of(problem: Problem, modulus: int | None, rng: random.Random, wording: str = "varied") -> str:
+    """The word problem. "fixed" wording is short and uses one phrase per operator, so every question
+    with the same number of steps has the same length and layout (cheaper and easier to learn from
+    scratch); "varied" draws names, objects and phrasings."""
+    if wording == "fixed":
+        opening = "A counter keeps only the last digit." if modulus else "A box holds coins."
+        parts = [f"{opening} It starts at {problem.start}."]
+        for index, (op, operand) in enumerate(problem.ops):
+            parts.append(f"{_ORDINALS[index]}, {_SHORT[op].format(k=operand)}.")
+        parts.append("What is it now?")
+        return " ".join(parts)
     name, things = rng.choice(_NAMES), rng.choice(_THINGS)
     if modulus:
         opening = (
@@ -157,22 +177,24 @@ def question_of(problem: Problem, modulus: int | None, rng: random.Random) -> st
         closing = f"How many {things} does {name} have now?"
     parts = [opening]
     for index, (op, operand) in enumerate(problem.ops):
-        phrase = rng.choice(_PHRASES[op]).format(k=operand)
-        parts.append(f"{'Then' if index else 'First'} {name} {phrase}.")
+        parts.append(f"{_ORDINALS[index]}, {name} {rng.choice(_PHRASES[op]).format(k=operand)}.")
     parts.append(closing)
     return " ".join(parts)
 
 
 def make_record(problem: Problem, config: SynthConfig, rng: random.Random) -> dict[str, str]:
     return {
-        "question": question_of(problem, config.modulus, rng),
+        "question": question_of(problem, config.modulus, rng, config.wording),
         "cot": cot_of(problem, config.modulus),
         "answer": f"#### {problem.answer}",
     }
 
 
 def make_splits(config: SynthConfig) -> dict[str, list[dict[str, str]]]:
-    """Records per split; no underlying problem (start value and operations) occurs in two splits."""
+    """Records per split; no underlying problem (start value and operations) occurs in two splits.
+
+    With `train_min_steps`, the training split also holds shorter chains (an easy-to-hard mix);
+    validation and test keep `min_steps`..`max_steps`."""
     rng = random.Random(config.seed)
     sizes = {"train": config.n_train, "validation": config.n_validation, "test": config.n_test}
     total = sum(sizes[name] for name in config.splits)
@@ -188,7 +210,7 @@ def make_splits(config: SynthConfig) -> dict[str, list[dict[str, str]]]:
                     f"cannot draw {total} distinct problems from this configuration (got {len(seen)}); "
                     "allow more steps, operators or a larger operand range"
                 )
-            problem = draw_problem(rng, config)
+            problem = draw_problem(rng, config, config.train_min_steps if name == "train" else None)
             key = (problem.start, problem.ops)
             if key in seen:
                 continue
@@ -255,6 +277,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--value_max", type=int, default=defaults.value_max, help="bound without modulus")
     parser.add_argument("--operators", default=defaults.operators, help="subset of '+-*/'")
     parser.add_argument("--modulus", type=int, default=defaults.modulus, help="0 for plain arithmetic")
+    parser.add_argument("--train_min_steps", type=int, default=None, help="shorter chains in train too")
+    parser.add_argument("--wording", choices=("varied", "fixed"), default=defaults.wording)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     return parser
 

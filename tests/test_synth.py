@@ -1,0 +1,95 @@
+"""Synthetic GSM8k-Aug-style data: format, split disjointness, every CoT evaluates to its answer."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from codi.data import read_records
+from codi.synth import SynthConfig, check_cot, main, make_splits
+
+STEP = re.compile(r"^<<[\d+\-*/%()]+=\d+>>$")
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        SynthConfig(n_train=300, n_validation=50, n_test=100, seed=1),
+        SynthConfig(n_train=300, n_validation=50, n_test=100, wording="fixed", train_min_steps=1, seed=2),
+        SynthConfig(
+            n_train=300, n_validation=50, n_test=100, modulus=None, operators="+-*/", min_steps=2, max_steps=4
+        ),
+    ],
+    ids=["mod10", "fixed-mixed", "plain-arithmetic"],
+)
+def test_format_answers_and_disjoint_splits(config):
+    splits = make_splits(config)
+    assert {name: len(records) for name, records in splits.items()} == {
+        "train": 300,
+        "validation": 50,
+        "test": 100,
+    }
+    for name, records in splits.items():
+        for record in records:
+            steps = record["cot"].split(" ")
+            assert all(STEP.match(step) for step in steps), record["cot"]
+            low = config.min_steps if name != "train" else (config.train_min_steps or config.min_steps)
+            assert low <= len(steps) <= config.max_steps
+            assert re.fullmatch(r"#### -?\d+", record["answer"])
+            # every CoT evaluates, step by step and as a chain, to the stated answer
+            assert check_cot(record["cot"]) == int(record["answer"][5:])
+            assert "||" not in record["question"] and "####" not in record["question"]
+    questions = {name: {r["question"] for r in records} for name, records in splits.items()}
+    assert not questions["train"] & questions["test"]
+    assert not questions["train"] & questions["validation"]
+    assert not questions["validation"] & questions["test"]
+
+
+def test_disjoint_by_underlying_problem_not_only_wording():
+    splits = make_splits(SynthConfig(n_train=500, n_validation=100, n_test=200, seed=3))
+
+    # the full CoT determines the start value and the operations, whatever the names and phrasing
+    keys = {name: {r["cot"] for r in records} for name, records in splits.items()}
+    assert not keys["train"] & keys["test"] and not keys["validation"] & keys["test"]
+
+
+def test_seeded_and_seed_sensitive():
+    config = SynthConfig(n_train=50, n_validation=10, n_test=10, seed=7)
+    assert make_splits(config) == make_splits(config)
+    assert make_splits(config) != make_splits(SynthConfig(n_train=50, n_validation=10, n_test=10, seed=8))
+
+
+def test_check_cot_rejects_wrong_steps():
+    assert check_cot("<<(3+4)%10=7>> <<(7*2)%10=4>>") == 4
+    with pytest.raises(ValueError, match="evaluates to"):
+        check_cot("<<(3+4)%10=8>>")
+    with pytest.raises(ValueError, match="previous result"):
+        check_cot("<<(3+4)%10=7>> <<(6*2)%10=2>>")
+    with pytest.raises(ValueError, match="malformed"):
+        check_cot("<<3+4=7>><<7*2=14>>")
+
+
+def test_too_small_problem_space_is_an_error():
+    with pytest.raises(ValueError, match="distinct problems"):
+        make_splits(SynthConfig(n_train=5000, n_validation=10, n_test=10, min_steps=1, max_steps=1))
+
+
+def test_invalid_config():
+    with pytest.raises(ValueError, match="operators"):
+        SynthConfig(operators="+^")
+    with pytest.raises(ValueError, match="min_steps"):
+        SynthConfig(min_steps=3, max_steps=2)
+
+
+def test_cli_writes_files_the_trainer_reads(tmp_path):
+    out = tmp_path / "synth"
+    rc = main(["synth", "--out", str(out), "--n_train", "40", "--n_validation", "5", "--n_test", "8"])
+    assert rc == 0
+    records = read_records(str(out / "train.txt"))
+    assert len(records) == 40 and all(r.cot.startswith("<<") for r in records)
+    jsonl = [json.loads(line) for line in (out / "test.jsonl").read_text().splitlines()]
+    assert len(jsonl) == 8 and set(jsonl[0]) == {"question", "cot", "answer"}
+    assert json.loads((out / "synth_config.json").read_text())["sizes"]["validation"] == 5
+    assert main([]) == 2
