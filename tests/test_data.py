@@ -137,6 +137,32 @@ def test_missing_file_is_a_clear_error(tmp_path):
         load_records(str(tmp_path / "nope.txt"))
 
 
+def test_hub_datasets_and_reference_aliases(monkeypatch):
+    """The hub path, offline: `datasets.load_dataset` is replaced by an in-memory table."""
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(name, split):
+        calls.append((name, split))
+        rows = [
+            {"question": "Q1", "cot": "<<1+1=2>> <<2+2=4>>", "answer": "4"},
+            {"question": "Q2", "steps": ["<<3*3=9>>"], "answer": "9"},
+        ]
+        return datasets.Dataset.from_list([rows[0]] if name == "zen-E/GSM8k-Aug" else [rows[1]])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    (record,) = load_records("icot")
+    assert (record.question, record.cot, record.where) == (
+        "Q1",
+        "<<1+1=2>> <<2+2=4>>",
+        "zen-E/GSM8k-Aug[train][0]",
+    )
+    (record,) = load_records("whynlp/gsm8k-aug", split="validation")
+    assert (record.cot, record.answer) == ("<<3*3=9>>", "9")
+    assert calls == [("zen-E/GSM8k-Aug", "train"), ("whynlp/gsm8k-aug", "validation")]
+
+
 def test_shared_icot_and_gsm8k_files_load():
     records = read_records(str(shared_file("gsm8k_aug_valid.txt")))
     assert len(records) == 500 and all(r.question and r.answer for r in records)

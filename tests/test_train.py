@@ -194,6 +194,28 @@ def test_validation_loss_and_components_are_logged(tiny_gpt2, train_file, tmp_pa
     assert all({"student_ce", "teacher_ce", "distill_loss"} <= set(e) for e in train_logs)
 
 
+def test_hub_data_with_a_validation_split(tiny_gpt2, tmp_path, monkeypatch):
+    """`--data_name` + `--validation_split` (whynlp/gsm8k-aug has one), offline via a fake loader."""
+    import datasets
+
+    splits = []
+
+    def fake_load_dataset(name, split):
+        splits.append((name, split))
+        rows = [{"question": r.question, "cot": r.cot, "answer": r.answer} for r in RECORDS]
+        return datasets.Dataset.from_list(rows * 2 if split == "train" else rows[:2])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    argv = ["--model_name_or_path", tiny_gpt2, "--data_name", "whynlp/gsm8k-aug", "--validation_split"]
+    argv += ["validation", "--eval_strategy", "steps", "--eval_steps", "1", "--max_steps", "1"]
+    argv += ["--output_dir", str(tmp_path), "--lora_r", "4", "--prj_dim", "8", "--num_latent", "1"]
+    argv += ["--per_device_train_batch_size", "2", "--report_to", "none", "--disable_tqdm", "True"]
+    result = train(*parse_args(argv))
+    assert splits == [("whynlp/gsm8k-aug", "train"), ("whynlp/gsm8k-aug", "validation")]
+    assert (result.train_stats.kept, result.eval_stats.kept) == (8, 2)
+    assert "eval_loss" in result.metrics
+
+
 def test_eval_strategy_without_validation_data_is_rejected(tiny_gpt2, train_file, tmp_path):
     args = quick_args(tiny_gpt2, train_file, tmp_path, "--max_steps", "1", "--eval_strategy", "steps")
     with pytest.raises(ValueError, match="no validation data"):
