@@ -155,6 +155,14 @@ def test_unknown_flag_on_the_command_line_lists_close_names():
     assert "Did you mean" not in str(error.value)
 
 
+def test_warmup_steps_on_the_command_line_beats_the_presets_ratio(tmp_path):
+    preset = str(REPO_ROOT / "configs" / "gpt2_gsm8k-aug.yaml")
+    _, _, training = parse_args(["--config", preset, "--warmup_steps", "100", "--output_dir", str(tmp_path)])
+    assert training.warmup_steps == 100 and training.get_warmup_steps(10_000) == 100
+    _, _, training = parse_args(["--config", preset, "--output_dir", str(tmp_path)])
+    assert training.get_warmup_steps(10_000) == 300  # 3 % of the steps
+
+
 def test_help_lists_the_flags(capsys):
     with pytest.raises(SystemExit) as done:
         parse_args(["--help"])

@@ -230,7 +230,9 @@ class CODITrainingArguments(TrainingArguments):
     ref_loss_factor: float = field(default=1.0, metadata={"help": "gamma: weight of the teacher CE loss."})
     warmup_ratio: float | None = field(
         default=None,
-        metadata={"help": "Reference flag: warmup as a share of total steps (sets warmup_steps)."},
+        metadata={
+            "help": "Reference flag: warmup as a share of total steps (an explicit warmup_steps wins)."
+        },
     )
     model_max_length: int = field(
         default=512,
@@ -266,7 +268,10 @@ class CODITrainingArguments(TrainingArguments):
         _check(self.ref_loss_factor >= 0, f"ref_loss_factor must be >= 0, got {self.ref_loss_factor}")
         if self.warmup_ratio is not None:
             _check(0.0 <= self.warmup_ratio < 1.0, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-            self.warmup_steps = self.warmup_ratio
+            # As in transformers 4 (the reference's): an explicit warmup_steps overrides warmup_ratio,
+            # so `--warmup_steps 100` after a preset that sets warmup_ratio takes effect.
+            if not self.warmup_steps:
+                self.warmup_steps = self.warmup_ratio
         if self.expt_name and not self.run_name:
             self.run_name = self.expt_name
         self.remove_unused_columns = False
