@@ -45,7 +45,9 @@ MODELS = ("gpt2-124m", "smollm2", "tiny")
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", choices=MODELS, default="gpt2-124m")
+    parser.add_argument(
+        "--model", choices=MODELS, default=None, help="default gpt2-124m; tiny with --quick (a smoke run)"
+    )
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds per variant (median reported)")
@@ -53,6 +55,20 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=None, help="GSM8k-Aug .txt file (default: shared valid split)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=None, help="also write the JSON object to this file")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: on a CPU shared with other jobs, 2 threads ran 3-4x SLOWER, "
+        "each parallel region waiting for a descheduled thread); ignored on GPU",
+    )
+
+
+def setup(args: argparse.Namespace) -> None:
+    """Model default (--quick: tiny) and CPU threads."""
+    resolve_model(args)
+    if torch.device(args.device).type == "cpu":
+        torch.set_num_threads(args.threads)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -283,15 +299,24 @@ class PeakMemory:
         return self.peak_bytes - self.start_bytes
 
 
+def resolve_model(args: argparse.Namespace) -> None:
+    """--quick without --model is a smoke run on the tiny model (the 124M model takes minutes here)."""
+    if args.model is None:
+        args.model = "tiny" if args.quick else "gpt2-124m"
+
+
 @contextmanager
 def timed(device: str) -> Iterator[dict[str, float]]:
-    """`with timed(dev) as t: ...` then t["s"] is the wall time, GPU work included."""
+    """`with timed(dev) as t: ...`: t["s"] is the wall time (GPU work included), t["cpu_s"] the
+    process CPU time (all threads): on a CPU shared with other jobs the wall time also counts the
+    time spent waiting for a core, the CPU time does not."""
     result: dict[str, float] = {}
     synchronize(device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     yield result
     synchronize(device)
     result["s"] = time.perf_counter() - start
+    result["cpu_s"] = time.process_time() - cpu_start
 
 
 def median(values: list[float]) -> float:

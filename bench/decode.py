@@ -36,17 +36,39 @@ from train_step import PositionCounter  # noqa: E402
 MODES = ("latent", "latent_prompt", "cot", "hf_generate_cot")
 
 
-def forced_lengths(model, data: str | None) -> dict[str, float]:
-    """Mean token counts of the generated parts on GSM8k-Aug valid (the model's tokenizer)."""
+def _count(tokenizer, ids: list[int], digits_per_token: int) -> int:
+    """Token count of `ids`, with each run of single-digit tokens regrouped `digits_per_token` a token."""
+    count, run = 0, 0
+    for token in tokenizer.convert_ids_to_tokens(ids) + [""]:
+        if token.isdigit() and len(token) == 1:
+            run += 1
+            continue
+        count += -(-run // digits_per_token) + (1 if token else 0)
+        run = 0
+    return count
+
+
+def forced_lengths(model, data: str | None, digits_per_token: int) -> dict[str, float]:
+    """Mean token counts of the generated parts on GSM8k-Aug valid.
+
+    SmolLM2's tokenizer splits numbers into single digits; GPT-2's holds most numbers up to 3 digits
+    as one token. For the GPT-2-shaped model (`digits_per_token=3`) digit runs are regrouped by 3,
+    an estimate of GPT-2's lengths that keeps the CoT/latent ratio conservative.
+    """
     from codi.data import build_dataset, read_records
 
     records = read_records(str(common.data_path(data)))
-    dataset, _ = build_dataset(records, model.tokenizer, bot_id=model.bot_id, eot_id=model.eot_id)
+    tokenizer = model.tokenizer
+    dataset, _ = build_dataset(records, tokenizer, bot_id=model.bot_id, eot_id=model.eot_id)
     examples = dataset.examples
     return {
         "question": statistics.mean(len(e.question_ids) for e in examples),
-        "cot_plus_answer_eos": statistics.mean(len(e.cot_ids) + len(e.answer_ids) + 1 for e in examples),
-        "answer_eos": statistics.mean(len(e.answer_ids) + 1 for e in examples),
+        "cot_plus_answer_eos": statistics.mean(
+            _count(tokenizer, e.cot_ids + e.answer_ids, digits_per_token) + 1 for e in examples
+        ),
+        "answer_eos": statistics.mean(
+            _count(tokenizer, e.answer_ids, digits_per_token) + 1 for e in examples
+        ),
     }
 
 
@@ -115,21 +137,26 @@ class Runner:
 
 def measure(
     runner: Runner, questions: list[str], batch_size: int, repeats: int, device: str
-) -> dict[str, list[float]]:
-    """Seconds per round and mode: all questions in batches of `batch_size`, modes interleaved."""
+) -> dict[str, dict[str, list[float]]]:
+    """Seconds (wall and process CPU) per round and mode: all questions in batches of `batch_size`, modes interleaved."""
     seconds: dict[str, list[float]] = {mode: [] for mode in MODES}
+    cpu_seconds: dict[str, list[float]] = {mode: [] for mode in MODES}
     groups = [questions[i : i + batch_size] for i in range(0, len(questions), batch_size)]
     for round_index in range(repeats):
         totals = dict.fromkeys(MODES, 0.0)
+        cpu_totals = dict.fromkeys(MODES, 0.0)
         for group_index, group in enumerate(groups):
             shift = (round_index + group_index) % len(MODES)
             for mode in MODES[shift:] + MODES[:shift]:
                 with common.timed(device) as timer:
                     runner(mode, group)
                 totals[mode] += timer["s"]
+                cpu_totals[mode] += timer["cpu_s"]
         for mode in MODES:
             seconds[mode].append(totals[mode])
-    return seconds
+            cpu_seconds[mode].append(cpu_totals[mode])
+        print(f"batch {batch_size} round {round_index}: {totals}", file=sys.stderr, flush=True)
+    return {"wall": seconds, "cpu": cpu_seconds}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -139,7 +166,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     dtype = common.DTYPES[args.dtype]
     model, weights = common.load_codi(args.model, args.device, weights_dtype=dtype)
     model.eval()
-    lengths = forced_lengths(model, args.data)
+    digits = args.digits_per_token or (3 if args.model == "gpt2-124m" else 1)
+    lengths = forced_lengths(model, args.data, digits)
     cot_tokens = round(lengths["cot_plus_answer_eos"])
     answer_tokens = round(lengths["answer_eos"])
     runner = Runner(model, cot_tokens, answer_tokens)
@@ -165,13 +193,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     n_single, n_batch = len(latency_questions), len(batch_questions)
     modes: dict[str, Any] = {}
     for mode in MODES:
-        ms = [1000 * s / n_single for s in single[mode]]
-        qps = [n_batch / s for s in batched[mode]]
+        ms = [1000 * s / n_single for s in single["wall"][mode]]
+        qps = [n_batch / s for s in batched["wall"][mode]]
+        cpu_ms = [1000 * s / n_single for s in single["cpu"][mode]]
+        cpu_qps = [n_batch / s for s in batched["cpu"][mode]]
         modes[mode] = {
             "batch1_ms_per_question": round(common.median(ms), 1),
             "batch1_ms_per_question_runs": [round(v, 1) for v in ms],
             f"batch{n_batch}_questions_per_s": round(common.median(qps), 2),
             f"batch{n_batch}_questions_per_s_runs": [round(v, 2) for v in qps],
+            "batch1_cpu_ms_per_question": round(common.median(cpu_ms), 1),
+            f"batch{n_batch}_questions_per_cpu_s": round(common.median(cpu_qps), 2),
             "generated_tokens": len(tokens[mode][0]),
             **counts[mode],
         }
@@ -188,6 +220,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "dtype": args.dtype,
         "num_latent": model.args.inf_latent_iterations,
         "mean_lengths_gsm8k_aug_valid": {key: round(value, 1) for key, value in lengths.items()},
+        "digits_per_token": digits,
         "forced_new_tokens": {"cot": cot_tokens, "latent_answer": answer_tokens},
         "latency_questions": n_single,
         "throughput_batch_size": n_batch,
@@ -197,6 +230,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "latent_vs_cot": ratio("latent", "cot", "batch1_ms_per_question", inverse=True),
             "latent_prompt_vs_cot": ratio("latent_prompt", "cot", "batch1_ms_per_question", inverse=True),
             "cot_vs_hf_generate": ratio("cot", "hf_generate_cot", "batch1_ms_per_question", inverse=True),
+        },
+        "speedup_batch1_cpu_time": {
+            "latent_vs_cot": ratio("latent", "cot", "batch1_cpu_ms_per_question", inverse=True),
+            "latent_prompt_vs_cot": ratio("latent_prompt", "cot", "batch1_cpu_ms_per_question", inverse=True),
+            "cot_vs_hf_generate": ratio("cot", "hf_generate_cot", "batch1_cpu_ms_per_question", inverse=True),
+        },
+        f"speedup_batch{n_batch}_cpu_time": {
+            "latent_vs_cot": ratio("latent", "cot", f"batch{n_batch}_questions_per_cpu_s"),
+            "latent_prompt_vs_cot": ratio("latent_prompt", "cot", f"batch{n_batch}_questions_per_cpu_s"),
+            "cot_vs_hf_generate": ratio("cot", "hf_generate_cot", f"batch{n_batch}_questions_per_cpu_s"),
         },
         f"speedup_batch{n_batch}": {
             "latent_vs_cot": ratio("latent", "cot", key_batch),
@@ -215,7 +258,14 @@ def main(argv: list[str] | None = None) -> int:
     common.add_common_args(parser)
     parser.add_argument("--batch_size", type=int, default=64, help="throughput batch")
     parser.add_argument("--latency_questions", type=int, default=8, help="questions timed at batch 1")
+    parser.add_argument(
+        "--digits_per_token",
+        type=int,
+        default=0,
+        help="regroup digit runs when counting lengths (default: 3 for gpt2-124m, GPT-2-like; else 1)",
+    )
     args = parser.parse_args(argv)
+    common.setup(args)
     if args.quick:
         args.batch_size, args.latency_questions, args.repeats = 8, 2, 1
     common.emit(run(args), args.output)

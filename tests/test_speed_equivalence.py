@@ -195,3 +195,24 @@ def test_feed_answer_prompt_through_generate(make_model):
         model.generate(QUESTIONS, mode="cot", feed_answer_prompt=True)
     with pytest.raises(ValueError, match="min_new_tokens"):
         model.generate(QUESTIONS, max_new_tokens=4, min_new_tokens=5)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_last_logits_only_equals_the_last_of_all_logits(make_model, arch):
+    """Greedy decoding computes the LM head on the last position only: the same logits there."""
+    from codi.data import encode_question, pad_sequences
+    from codi.generate import answer_prompt_ids
+
+    model = make_model(arch)
+    prompts = [encode_question(model.tokenizer, q) + [model.bot_id] for q in QUESTIONS]
+    input_ids = pad_sequences(prompts, model.pad_id, "left")
+    mask = pad_sequences([[1] * len(p) for p in prompts], 0, "left")
+    decoder = torch.tensor([[model.eot_id] + answer_prompt_ids(model)] * len(prompts))
+    ones = torch.ones_like(decoder)
+    with torch.inference_mode():
+        full = model.decode_step(model.encode_latents(input_ids, mask, 3), decoder, ones).logits
+        last = model.decode_step(
+            model.encode_latents(input_ids, mask, 3), decoder, ones, last_logits_only=True
+        ).logits
+    assert last.shape[1] == 1
+    torch.testing.assert_close(last[:, -1], full[:, -1], atol=ATOL, rtol=1e-5)

@@ -150,7 +150,8 @@ def _generate_batch(
         latents = prefix.latents if return_latents else None
 
         def step(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-            return model.decode_step(prefix, ids, mask, hidden_states=False).logits[:, -1]
+            out = model.decode_step(prefix, ids, mask, hidden_states=False, last_logits_only=True)
+            return out.logits[:, -1]
 
         forced = answer_prompt_ids(model) if feed_answer_prompt else []
         forced = forced[: max_new_tokens - 1]  # at least one free token after the prompt

@@ -369,8 +369,26 @@ class CODIModel(nn.Module):
         """False only when reproducing the reference's unmasked latent steps."""
         return not self.args.reference_compat
 
-    def _lm_step(self, embeds, mask, positions, cache, *, all_logits: bool, hidden_states: bool = True):
-        """One forward of the LM over `embeds` (B, T, d) continuing `cache`."""
+    def _lm_step(
+        self,
+        embeds,
+        mask,
+        positions,
+        cache,
+        *,
+        all_logits: bool,
+        hidden_states: bool = True,
+        last_logits_only: bool = False,
+    ):
+        """One forward of the LM over `embeds` (B, T, d) continuing `cache`.
+
+        Logits: all positions, the last only (`last_logits_only`: the LM head is a large share of a
+        decoding step), or none.
+        """
+        if last_logits_only:
+            keep = 1
+        else:
+            keep = 0 if all_logits else torch.empty(0, dtype=torch.long, device=embeds.device)
         return self.hf_model(
             inputs_embeds=embeds,
             attention_mask=mask,
@@ -378,7 +396,7 @@ class CODIModel(nn.Module):
             cache=cache,
             use_cache=True,
             output_hidden_states=hidden_states,
-            logits_to_keep=0 if all_logits else torch.empty(0, dtype=torch.long, device=embeds.device),
+            logits_to_keep=keep,
         )
 
     def encode_latents(
@@ -488,11 +506,13 @@ class CODIModel(nn.Module):
         input_ids: torch.Tensor,
         input_mask: torch.Tensor,
         hidden_states: bool = True,
+        last_logits_only: bool = False,
     ):
         """Feed decoder tokens (B, T) after the prefix (and its pending latent); returns the LM output.
 
         When a latent was pending its output comes first, so decoder token t is at output index t+1
-        (see `pending_offset`). The prefix is advanced in place.
+        (see `pending_offset`). The prefix is advanced in place. `last_logits_only`: logits of the last
+        position only (greedy decoding needs no more).
         """
         embeds = self.embed(input_ids)
         mask = input_mask
@@ -508,7 +528,13 @@ class CODIModel(nn.Module):
             positions = prefix.next_position.unsqueeze(1) + (mask.long().cumsum(-1) - 1).clamp(min=0)
             step_mask = full_mask
         out = self._lm_step(
-            embeds, step_mask, positions, prefix.cache, all_logits=True, hidden_states=hidden_states
+            embeds,
+            step_mask,
+            positions,
+            prefix.cache,
+            all_logits=True,
+            hidden_states=hidden_states,
+            last_logits_only=last_logits_only,
         )
         prefix.cache, prefix.attention_mask = out.cache, full_mask
         prefix.next_position = prefix.next_position + mask.long().sum(-1)
