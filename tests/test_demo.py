@@ -35,7 +35,7 @@ def test_fresh_out_dir_never_reuses_silently(tmp_path):
 
 def test_smoke_run_writes_table_json_and_chart(tmp_path, capsys):
     out = fresh_out_dir(str(tmp_path / "demo"), overwrite=False)
-    result = run_demo(PRESETS["smoke"], seed=0, out_dir=out, probe=False)
+    result = run_demo(PRESETS["smoke"], seed=0, out_dir=out, probe=True)
     assert set(result["rows"]) == {"no_cot", "codi_cot", "codi_latent"}
     for row in result["rows"].values():
         assert 0.0 <= row["accuracy"] <= 1.0 and row["n"] == PRESETS["smoke"].n_test

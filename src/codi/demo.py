@@ -46,7 +46,8 @@ class Preset:
     n_train: int = 20000
     n_test: int = 500
     n_validation: int = 200
-    # model: a GPT-2 trained from scratch
+    # model trained from scratch: "gpt2" (learned absolute positions) or "llama" (rotary positions)
+    arch: str = "gpt2"
     n_layer: int = 4
     n_embd: int = 128
     n_head: int = 4
@@ -106,23 +107,39 @@ def build_tokenizer(texts: list[str]):
 
 def build_base_model(directory: str, texts: list[str], preset: Preset, seed: int) -> str:
     """A randomly initialised GPT-2 (dropout off: the runs are short) and its tokenizer, HF-style."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     tokenizer = build_tokenizer(texts)
     torch.manual_seed(seed)
-    config = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_positions=256,
-        n_embd=preset.n_embd,
-        n_layer=preset.n_layer,
-        n_head=preset.n_head,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    model = GPT2LMHeadModel(config)
+    eos = tokenizer.eos_token_id
+    if preset.arch == "llama":
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=preset.n_embd,
+            intermediate_size=4 * preset.n_embd,
+            num_hidden_layers=preset.n_layer,
+            num_attention_heads=preset.n_head,
+            num_key_value_heads=preset.n_head,
+            max_position_embeddings=256,
+            tie_word_embeddings=True,
+            bos_token_id=eos,
+            eos_token_id=eos,
+        )
+        model = LlamaForCausalLM(config)
+    else:
+        config = GPT2Config(
+            vocab_size=len(tokenizer),
+            n_positions=256,
+            n_embd=preset.n_embd,
+            n_layer=preset.n_layer,
+            n_head=preset.n_head,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=eos,
+            eos_token_id=eos,
+        )
+        model = GPT2LMHeadModel(config)
     os.makedirs(directory, exist_ok=True)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
@@ -277,22 +294,27 @@ def score(model, records: list[dict], mode: str, preset: Preset, name: str) -> R
     return Row(name, mode, correct / n, tokens, positions, n / seconds, n)
 
 
-def run_probe(model_dir: str, records: list[dict], out_dir: str) -> dict | None:
-    """The latent probe (paper §5) when `codi.probe` exists; its summary, or None."""
+def run_probe(model, records: list[dict], out_dir: str) -> dict | None:
+    """The latent probe (paper §5, Table 3) when `codi.probe` is installed; its summary, or None."""
     try:
-        from . import probe
+        from .probe import run_probe as probe_and_report
     except ImportError:
         logger.info("codi.probe is not installed: skipping the latent probe")
         return None
-    runner = getattr(probe, "run_probe", None) or getattr(probe, "probe", None)
-    if runner is None:
-        logger.info("codi.probe has no run_probe(): skipping")
-        return None
     try:
-        return runner(model_dir, [r["question"] for r in records], out_dir=out_dir)
+        summary = probe_and_report(
+            model, records, out_dir, title="codi demo: latent probe", batch_size=100, max_new_tokens=64
+        )
     except Exception as error:  # the probe is an extra: the demo's table must survive its failure
         logger.warning("latent probe failed: %s", error)
-        return {"error": str(error)}
+        return {"error": repr(error)}
+    rates = (summary.get("table3") or {}).get("first_token", {}).get("all", {})
+    print(
+        f"latent probe, {len(records)} test questions: top-5 decoded latents contain every intermediate "
+        f"result in order {rates.get('in_order')}, in any order {rates.get('any_order')}; "
+        f"report {(summary.get('paths') or {}).get('html')}"
+    )
+    return summary
 
 
 # --------------------------------------------------------------------------------------------------
@@ -449,11 +471,7 @@ def run_demo(preset: Preset, seed: int, out_dir: str, probe: bool = True, device
         row.speedup_vs_cot = row.questions_per_s / cot_speed
     timings["evaluate_s"] = time.perf_counter() - start
     stages.update()
-    probe_summary = (
-        run_probe(os.path.join(out_dir, "codi"), test[:200], os.path.join(out_dir, "probe"))
-        if probe
-        else None
-    )
+    probe_summary = run_probe(codi, test[:200], os.path.join(out_dir, "probe")) if probe else None
     stages.update()
     stages.close()
     timings["total_s"] = time.perf_counter() - wall
