@@ -187,3 +187,17 @@ def test_sample_next_filters():
     # top_p 0.5: token 3 alone holds 0.64 of the mass, so it is always drawn
     draws = {int(sample_next(logits, do_sample=True, top_p=0.5, generator=generator)) for _ in range(20)}
     assert draws == {3}
+
+
+def test_generation_stops_at_the_position_limit(tmp_path):
+    """A model with few positions gets a shorter answer budget, not an IndexError deep in torch."""
+    directory = save_tiny_model(str(tmp_path / "short"), "gpt2", max_positions=40)
+    model = CODIModel.from_base(CODIModelArguments(model_name_or_path=directory, lora_r=4, prj_dim=16))
+    question = "How many apples does Tom have now?"
+    used = (
+        len(generation.encode_question(model.tokenizer, question)) + 1 + model.args.inf_latent_iterations + 1
+    )
+    out = generate(model, [question], max_new_tokens=256)
+    assert out[0].num_generated_tokens <= 40 - used
+    with pytest.raises(ValueError, match="does not fit"):
+        generate(model, ["word " * 60], max_new_tokens=4)

@@ -11,6 +11,7 @@ ids skip the pads, so the greedy output of an example does not depend on which b
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,6 +19,8 @@ import torch
 from transformers import DynamicCache
 
 from .data import encode_answer, encode_question, pad_sequences
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -139,6 +142,10 @@ def _generate_batch(
         generated the prompt itself, which training teaches it to do).
     """
     device = model.device
+    max_new_tokens = _fit_position_limit(
+        model, max(len(p) for p in prompts), mode, num_latent, max_new_tokens
+    )
+    min_new_tokens = min(min_new_tokens, max_new_tokens)
     input_ids = pad_sequences(prompts, model.pad_id, "left").to(device)
     attention_mask = (pad_sequences([[1] * len(p) for p in prompts], 0, "left")).to(device)
     batch = input_ids.shape[0]
@@ -183,6 +190,35 @@ def _generate_batch(
         # Finished rows keep feeding pad with mask 0: nothing attends to it and positions stay put.
         logits = step(next_ids.unsqueeze(1), (~finished).long().unsqueeze(1))
     return generated[:, :steps], latents
+
+
+def max_positions(model) -> int | None:
+    """The model's position limit (learned position tables crash past it), if its config states one."""
+    config = model.hf_model.config
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _fit_position_limit(model, prompt_length: int, mode: str, num_latent: int, max_new_tokens: int) -> int:
+    """Shorten `max_new_tokens` so that prompt + latents + `<eot>` + answer fit the position limit."""
+    limit = max_positions(model)
+    if limit is None:
+        return max_new_tokens
+    used = prompt_length + (num_latent + 1 if mode == "latent" else 0)
+    if used >= limit:
+        raise ValueError(
+            f"a prompt of {prompt_length} tokens (+{used - prompt_length} latent/<eot> positions) does not fit "
+            f"the model's {limit} positions; shorten the question or use fewer latents"
+        )
+    if used + max_new_tokens > limit:
+        logger.warning(
+            "max_new_tokens=%d cut to %d: the model has %d positions", max_new_tokens, limit - used, limit
+        )
+        return limit - used
+    return max_new_tokens
 
 
 def answer_prompt_ids(model) -> list[int]:
