@@ -8,7 +8,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
+# Tests never need the hub: fail fast instead of waiting on the network. Set before anything imports
+# huggingface_hub, which reads these variables once at import.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
 import torch
 
 from codi.config import CODIModelArguments
@@ -92,6 +97,3 @@ def batch_for(model: CODIModel, records=RECORDS, method: str = "codi") -> dict[s
 # machine spinning threads made training steps 5-30x slower. One thread unless asked otherwise.
 torch.set_num_threads(int(os.environ.get("CODI_TEST_THREADS", "1")))
 
-# Tests never need the hub: fail fast instead of waiting on the network.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
