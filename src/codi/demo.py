@@ -41,7 +41,7 @@ class Preset:
     steps: int = 3
     operators: str = "+*"
     modulus: int = 10
-    wording: str = "varied"
+    wording: str = "fixed"
     train_min_steps: int = 0  # 0: train on `steps`-step chains only
     n_train: int = 20000
     n_test: int = 500
@@ -49,12 +49,12 @@ class Preset:
     # model trained from scratch: "gpt2" (learned absolute positions) or "llama" (rotary positions)
     arch: str = "gpt2"
     n_layer: int = 4
-    n_embd: int = 128
+    n_embd: int = 64
     n_head: int = 4
     # training; both methods get `steps_budget` optimiser steps (CODI's include its CoT warm-up)
     steps_budget: int = 1500
-    cot_warmup_steps: int = 0
-    batch_size: int = 64
+    cot_warmup_steps: int = 400
+    batch_size: int = 32
     learning_rate: float = 3e-3
     num_latent: int = 4
     distill_factor: float = 1.0
@@ -67,8 +67,10 @@ class Preset:
 
 
 PRESETS = {
+    # Sized to finish in <= 15 min on the shared 2-core machine (see docs/demo.md for the measurements).
     "default": Preset(),
-    "long": Preset(steps_budget=6000),
+    # The same model and data, four times the steps (~30 min on the shared 2-core machine).
+    "long": Preset(steps_budget=6000, cot_warmup_steps=1000),
     "smoke": Preset(
         n_train=400,
         n_test=40,
