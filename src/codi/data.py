@@ -147,39 +147,44 @@ def _json_record(record: dict, where: str) -> RawRecord:
     return RawRecord(question, cot, answer, where)
 
 
-def read_records(path: str) -> list[RawRecord]:
-    """Read a local file: ICoT `.txt`, `.jsonl` ({question, cot, answer} or GSM8k), or a `.json` array."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"data file not found: {path}")
-    records = []
-    if path.endswith(".txt"):
-        with open(path, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if line.strip():
-                    records.append(parse_icot_line(line.rstrip("\n"), f"{path}:{number}"))
-    elif path.endswith(".jsonl"):
+def read_json_rows(path: str) -> list[tuple[object, str]]:
+    """Items of a `.jsonl` file or a `.json` array, each with where it stands (`file:line` / `file[i]`)."""
+    if path.endswith(".jsonl"):
+        rows = []
         with open(path, encoding="utf-8") as handle:
             for number, line in enumerate(handle, start=1):
                 if not line.strip():
                     continue
                 where = f"{path}:{number}"
                 try:
-                    item = json.loads(line)
+                    rows.append((json.loads(line), where))
                 except json.JSONDecodeError as error:
                     raise DataError(f"{where}: invalid JSON: {error.msg}") from error
-                records.append(_json_record(item, where))
-    elif path.endswith(".json"):
+        return rows
+    with open(path, encoding="utf-8") as handle:
+        try:
+            items = json.load(handle)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}: invalid JSON at line {error.lineno}: {error.msg}") from error
+    if not isinstance(items, list):
+        raise DataError(f"{path}: expected a JSON array of records")
+    return [(item, f"{path}[{index}]") for index, item in enumerate(items)]
+
+
+def read_records(path: str) -> list[RawRecord]:
+    """Read a local file: ICoT `.txt`, `.jsonl` ({question, cot, answer} or GSM8k), or a `.json` array."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"data file not found: {path}")
+    if path.endswith(".txt"):
         with open(path, encoding="utf-8") as handle:
-            try:
-                items = json.load(handle)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path}: invalid JSON at line {error.lineno}: {error.msg}") from error
-        if not isinstance(items, list):
-            raise DataError(f"{path}: expected a JSON array of records")
-        records = [_json_record(item, f"{path}[{index}]") for index, item in enumerate(items)]
-    else:
-        raise DataError(f"{path}: unknown data format (expected .txt, .jsonl or .json)")
-    return records
+            return [
+                parse_icot_line(line.rstrip("\n"), f"{path}:{number}")
+                for number, line in enumerate(handle, start=1)
+                if line.strip()
+            ]
+    if path.endswith((".jsonl", ".json")):
+        return [_json_record(item, where) for item, where in read_json_rows(path)]
+    raise DataError(f"{path}: unknown data format (expected .txt, .jsonl or .json)")
 
 
 def load_hub_records(name: str, split: str = "train") -> list[RawRecord]:

@@ -8,13 +8,12 @@ upper-case letter for CommonsenseQA.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .data import DataError, parse_icot_line
+from .data import DataError, parse_icot_line, read_json_rows
 
 logger = logging.getLogger(__name__)
 
@@ -213,24 +212,8 @@ def _read_rows(path: str) -> list[tuple[dict, str]]:
                     where = f"{path}:{number}"
                     record = parse_icot_line(line.rstrip("\n"), where)
                     rows.append(({"question": record.question, "answer": record.answer}, where))
-    elif path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if line.strip():
-                    where = f"{path}:{number}"
-                    try:
-                        rows.append((json.loads(line), where))
-                    except json.JSONDecodeError as error:
-                        raise DataError(f"{where}: invalid JSON: {error.msg}") from error
-    elif path.endswith(".json"):
-        with open(path, encoding="utf-8") as handle:
-            try:
-                items = json.load(handle)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path}: invalid JSON at line {error.lineno}: {error.msg}") from error
-        if not isinstance(items, list):
-            raise DataError(f"{path}: expected a JSON array")
-        rows = [(item, f"{path}[{index}]") for index, item in enumerate(items)]
+    elif path.endswith((".jsonl", ".json")):
+        rows = read_json_rows(path)
     else:
         raise DataError(f"{path}: unknown format (expected .jsonl, .json or .txt)")
     return rows
