@@ -153,15 +153,6 @@ def assert_same_outputs(model: CODIModel, reference: ReferenceCODI, base_dir: st
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: threads only add contention on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # llama + safetensors is covered by test_codi_convert_then_from_pretrained.
 @pytest.mark.parametrize(("arch", "fmt"), [("gpt2", "bin"), ("gpt2", "safetensors"), ("llama", "bin")])
 def test_lora_checkpoint_matches_the_reference_forward(arch, fmt, tiny_dirs, tmp_path):

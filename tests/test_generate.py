@@ -35,15 +35,6 @@ def _tiny_codi(directory, arch: str) -> CODIModel:
     return model.eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matmuls are slower with several threads on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
 def model(request, tmp_path_factory) -> CODIModel:
     model = _tiny_codi(tmp_path_factory.mktemp("generate"), request.param)
