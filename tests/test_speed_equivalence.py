@@ -216,3 +216,36 @@ def test_last_logits_only_equals_the_last_of_all_logits(make_model, arch):
         ).logits
     assert last.shape[1] == 1
     torch.testing.assert_close(last[:, -1], full[:, -1], atol=ATOL, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# Length-grouped batches
+
+
+def test_group_by_length_sampler_uses_teacher_lengths(make_model, tmp_path):
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from codi.config import CODITrainingArguments
+    from codi.data import CODICollator, build_dataset
+    from codi.train import CODITrainer
+
+    model = make_model("gpt2")
+    records = RECORDS * 3
+    dataset, _ = build_dataset(records, model.tokenizer, bot_id=model.bot_id, eot_id=model.eot_id)
+    args = CODITrainingArguments(
+        output_dir=str(tmp_path),
+        train_sampling_strategy="group_by_length",
+        per_device_train_batch_size=3,
+        report_to="none",
+        use_cpu=True,
+    )
+    trainer = CODITrainer(
+        model=model, args=args, train_dataset=dataset, data_collator=CODICollator(model.pad_id)
+    )
+    sampler = trainer._get_train_sampler()
+    assert isinstance(sampler, LengthGroupedSampler)
+    lengths = [len(example.teacher_input_ids) for example in dataset.examples]
+    assert sampler.lengths == lengths
+    order = list(sampler)
+    assert sorted(order) == list(range(len(dataset)))
+    assert lengths[order[0]] == max(lengths)  # HF puts the longest batch first (memory errors early)

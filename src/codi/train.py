@@ -36,6 +36,22 @@ class CODITrainer(Trainer):
         self._sums = {"train": defaultdict(float), "eval": defaultdict(float)}
         self._counts = {"train": 0, "eval": 0}
 
+    def _get_train_sampler(self, train_dataset=None):
+        """`train_sampling_strategy="group_by_length"`: batches of similar teacher length (less padding).
+
+        HF infers lengths from an `input_ids` key, which CODI features do not have: pass the lengths of
+        the pre-tokenised teacher sequences (each example's longest view) instead.
+        """
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy == "group_by_length" and isinstance(dataset, CODIDataset):
+            from transformers.trainer_pt_utils import LengthGroupedSampler
+
+            return LengthGroupedSampler(
+                self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                lengths=[len(example.teacher_input_ids) for example in dataset.examples],
+            )
+        return super()._get_train_sampler(train_dataset)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)
         loss = outputs["loss"]
