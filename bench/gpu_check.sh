@@ -49,7 +49,7 @@ run() {  # run NAME TIMEOUT CMD...: a failing or slow bench does not stop the ot
 # Training: the paper's GPT-2 preset batch (64 per device) and its projected 40-epoch wall time.
 run train_gpt2 120 $PY bench/train_step.py --model gpt2-124m --batch_size 64 --steps 3 --repeats 3 --paper_projection
 run train_smollm2 100 $PY bench/train_step.py --model smollm2 --batch_size 32 --steps 3 --repeats 3
-# Decoding: batch-1 latency (16 questions) and batch-64 throughput.
-run decode_gpt2 120 $PY bench/decode.py --model gpt2-124m --latency_questions 16 --batch_size 64 --repeats 3
-run decode_smollm2 100 $PY bench/decode.py --model smollm2 --latency_questions 8 --batch_size 64 --repeats 3
+# Decoding: batch-1 latency (8 or 4 questions) and batch-64 throughput.
+run decode_gpt2 120 $PY bench/decode.py --model gpt2-124m --latency_questions 8 --batch_size 64 --repeats 3
+run decode_smollm2 100 $PY bench/decode.py --model smollm2 --latency_questions 4 --batch_size 64 --repeats 3
 ls -la "$OUT"
