@@ -66,3 +66,10 @@ def test_claim_check_uses_the_issue_thresholds():
 def test_cli_rejects_unknown_preset_field(tmp_path):
     with pytest.raises(ValueError, match="unknown preset field"):
         main(["--preset", "smoke", "--out", str(tmp_path / "x"), "--set", "nope=1"])
+
+
+def test_warmup_must_leave_codi_steps(tmp_path):
+    from dataclasses import replace
+
+    with pytest.raises(ValueError, match="cot_warmup_steps"):
+        run_demo(replace(PRESETS["smoke"], cot_warmup_steps=4), seed=0, out_dir=str(tmp_path), probe=False)

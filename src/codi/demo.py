@@ -79,6 +79,7 @@ PRESETS = {
         n_embd=32,
         n_head=2,
         steps_budget=4,
+        cot_warmup_steps=2,
         parallel=False,
     ),
 }
@@ -400,6 +401,10 @@ def run_demo(preset: Preset, seed: int, out_dir: str, probe: bool = True, device
     """Data -> base model -> No-CoT-SFT and CODI -> evaluation -> table, JSON and chart."""
     from tqdm.auto import tqdm
 
+    if not 0 <= preset.cot_warmup_steps < preset.steps_budget:
+        raise ValueError(
+            f"cot_warmup_steps ({preset.cot_warmup_steps}) must be >= 0 and < steps_budget ({preset.steps_budget})"
+        )
     # One thread: these models are tiny, and on a shared 2-core machine two threads per process
     # measured ~7x slower per step than one (synchronisation under contention).
     torch.set_num_threads(1)
