@@ -1,11 +1,11 @@
 """Synthetic GSM8k-Aug-style data: templated multi-step word problems with equation CoTs.
 
 Every record has a word-problem `question`, a CoT in exactly the GSM8k-Aug format (equation steps
-separated by one space, `<<(3+4)%10=7>> <<7*2%10=4>>`) and an answer `#### N`. The problem is a chain:
+separated by one space, `<<(3+4)%10=7>> <<(7*2)%10=4>>`) and an answer `#### N`. The problem is a chain:
 a start value followed by `steps` operations (`+ k`, `- k`, `* k`, `/ k`), optionally reduced modulo
-`modulus` after every step. The default (mod 10, `+`/`*`, 3 steps) is the family that a tiny model
-learns to solve with its chain of thought in minutes but cannot solve well in one pass: the steps do
-not commute, so the answer needs the intermediate values.
+`modulus` after every step (`modulus=None`: plain GSM-style arithmetic, multi-digit values). The
+default (mod 10, `+`/`*`, 3 steps) is a family whose steps do not commute, so the answer needs the
+intermediate values: a tiny model trained without a CoT stays near 20-30% (docs/demo.md).
 
     codi data synth --out data/synth --n_train 20000 --seed 0
     from codi.synth import SynthConfig, make_splits
