@@ -9,7 +9,8 @@
 # 2. On the device, from the repository root, carrying .whl and .bench_assets:
 #      bash bench/gpu_check.sh
 #    Installs nothing from the network; the GPT-2-small model and the SmolLM2-shaped model get random
-#    weights there (the GGUF does not travel; speed does not depend on the values). ~3-5 min.
+#    weights there (the GGUF does not travel; speed does not depend on the values). ~3-5 min
+#    (each bench capped by `timeout`: 350 s at most in all, plus the wheel install).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -47,9 +48,9 @@ run() {  # run NAME TIMEOUT CMD...: a failing or slow bench does not stop the ot
   echo "rc=$? $(grep -E 'speedup|examples_per_s"|ms_per_question"|questions_per_s"|Error' "$OUT/$name.log" | head -20 | tr -s ' ')"
 }
 # Training: the paper's GPT-2 preset batch (64 per device) and its projected 40-epoch wall time.
-run train_gpt2 120 $PY bench/train_step.py --model gpt2-124m --batch_size 64 --steps 3 --repeats 3 --paper_projection
-run train_smollm2 100 $PY bench/train_step.py --model smollm2 --batch_size 32 --steps 3 --repeats 3
+run train_gpt2 90 $PY bench/train_step.py --model gpt2-124m --batch_size 64 --steps 3 --repeats 3 --paper_projection
+run train_smollm2 80 $PY bench/train_step.py --model smollm2 --batch_size 32 --steps 3 --repeats 3
 # Decoding: batch-1 latency (8 or 4 questions) and batch-64 throughput.
-run decode_gpt2 120 $PY bench/decode.py --model gpt2-124m --latency_questions 8 --batch_size 64 --repeats 3
-run decode_smollm2 100 $PY bench/decode.py --model smollm2 --latency_questions 4 --batch_size 64 --repeats 3
+run decode_gpt2 100 $PY bench/decode.py --model gpt2-124m --latency_questions 8 --batch_size 64 --repeats 3
+run decode_smollm2 80 $PY bench/decode.py --model smollm2 --latency_questions 4 --batch_size 64 --repeats 3
 ls -la "$OUT"
