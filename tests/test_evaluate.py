@@ -258,3 +258,24 @@ def test_codi_eval_errors(checkpoint, tmp_path, capsys):
         == 2
     )
     assert not os.path.exists(tmp_path / "o" / "results.json")
+
+
+def test_evaluate_feed_answer_prompt(checkpoint, tmp_path):
+    """The answer prompt fed in one forward comes back as the start of every generated text."""
+    model = CODIModel.from_pretrained(checkpoint)
+    items = [EvalItem("Tom has 12 apples.", 12.0), EvalItem("A shop sells 7 pens.", 7.0)]
+    evaluate(
+        model,
+        items,
+        "latent",
+        2,
+        name="fed",
+        max_new_tokens=8,
+        feed_answer_prompt=True,
+        output_dir=str(tmp_path),
+    )
+    texts = [
+        json.loads(line)["generated_text"]
+        for line in (tmp_path / "fed_latent.jsonl").read_text().splitlines()
+    ]
+    assert all(text.startswith(model.args.answer_prompt) for text in texts)

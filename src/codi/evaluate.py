@@ -107,6 +107,7 @@ def evaluate(
     top_k: int = 0,
     top_p: float = 1.0,
     seed: int = 0,
+    feed_answer_prompt: bool = False,
     output_dir: str | None = None,
     progress: bool = False,
     warmup: bool = True,
@@ -137,6 +138,8 @@ def evaluate(
         top_k=top_k,
         top_p=top_p,
     )
+    if feed_answer_prompt and mode == "latent":
+        options["feed_answer_prompt"] = True
     if warmup:
         generate(model, questions[:1], **{**options, "max_new_tokens": 2})
     accuracies, strict_accuracies, times, tokens, latent_positions, files = [], [], [], [], [], []
@@ -266,6 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top_p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--inf_latent_iterations", type=int, default=None)
+    parser.add_argument(
+        "--feed_answer_prompt",
+        action="store_true",
+        help="Latent mode: feed <eot> + the answer prompt in one forward (faster; same answers when the "
+        "model has learned the prompt).",
+    )
     parser.add_argument("--reference_compat", action="store_true", help="Reference's unmasked decoding.")
     parser.add_argument("--fix_attn_mask", action="store_true", help="With --reference_compat.")
     parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16", "auto"))
@@ -317,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
                 top_k=args.top_k,
                 top_p=args.top_p,
                 seed=args.seed,
+                feed_answer_prompt=args.feed_answer_prompt,
                 output_dir=args.output_dir,
                 progress=not args.no_progress,
             )
