@@ -11,7 +11,7 @@ import pytest
 from codi import cli
 from codi.config import CODIModelArguments
 from codi.data import DataError
-from codi.eval_data import EVAL_SETS, eval_set_spec, load_eval_set, parse_gold
+from codi.eval_data import EVAL_SETS, EvalItem, eval_set_spec, load_eval_set, parse_gold
 from codi.evaluate import (
     evaluate,
     extract_answer,
@@ -191,7 +191,6 @@ def checkpoint(tmp_path_factory) -> str:
 
 
 def test_evaluate_function(checkpoint, tmp_path):
-    from codi.eval_data import EvalItem
 
     model = CODIModel.from_pretrained(checkpoint)
     items = [
