@@ -96,4 +96,3 @@ def batch_for(model: CODIModel, records=RECORDS, method: str = "codi") -> dict[s
 # The tensors here are tiny: with several threads, OpenMP synchronisation dominates, and on a shared
 # machine spinning threads made training steps 5-30x slower. One thread unless asked otherwise.
 torch.set_num_threads(int(os.environ.get("CODI_TEST_THREADS", "1")))
-
