@@ -420,3 +420,14 @@ def test_question_keeps_bos_and_the_other_parts_do_not(make_model):
     assert bos not in example.cot_ids and bos not in example.answer_ids
     assert example.teacher_input_ids.count(bos) == 2  # the BOS, and the EOS (same id) at the end
     assert example.student_input_ids[0] == bos
+
+
+def test_missing_model_path_is_one_clear_error(tmp_path, capsys):
+    from codi import cli
+    from codi.model import ModelLoadError
+
+    missing = str(tmp_path / "no_such_model")
+    with pytest.raises(ModelLoadError, match="no_such_model"):
+        CODIModel.from_base(CODIModelArguments(model_name_or_path=missing))
+    assert cli.main(["train", "--model_name_or_path", missing, "--train_file", str(tmp_path / "t.txt")]) == 2
+    assert "cannot load the tokenizer from" in capsys.readouterr().err

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     try:
         return COMMANDS[command](rest) or 0
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:  # bad input, wrong path, unreachable hub: one clear line
         print(f"codi {command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -117,7 +117,7 @@ def load_tokenizer(args: CODIModelArguments, path: str | None = None):
     kwargs = {"trust_remote_code": args.trust_remote_code}
     if args.gguf_file and path is None and not args.tokenizer_name_or_path:
         kwargs["gguf_file"] = args.gguf_file
-    return AutoTokenizer.from_pretrained(source, **kwargs)
+    return _load_or_explain(AutoTokenizer.from_pretrained, "tokenizer", source, kwargs)
 
 
 def load_base_model(args: CODIModelArguments, path: str | None = None):
@@ -127,7 +127,23 @@ def load_base_model(args: CODIModelArguments, path: str | None = None):
         kwargs["attn_implementation"] = args.attn_implementation
     if args.gguf_file and path is None:
         kwargs["gguf_file"] = args.gguf_file
-    return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    return _load_or_explain(AutoModelForCausalLM.from_pretrained, "model", source, kwargs)
+
+
+def _load_or_explain(loader, what: str, source: str, kwargs: dict):
+    """Call an HF `from_pretrained`, turning 'not found / hub unreachable' into one clear error."""
+    try:
+        return loader(source, **kwargs)
+    except OSError as error:
+        where = "local directory" if os.path.isdir(source) else "hub id (or missing local path)"
+        raise ModelLoadError(
+            f"cannot load the {what} from {source!r} ({where}): {str(error).splitlines()[0]} "
+            "Pass an existing local directory, or a hub id with network access or a filled HF cache."
+        ) from error
+
+
+class ModelLoadError(OSError):
+    """A model, tokenizer or checkpoint could not be loaded; the message names the source."""
 
 
 def add_special_tokens(tokenizer) -> tuple[int, int, int]:
