@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from codi import cli
 from codi.config import DEFAULT_LORA_TARGETS
@@ -238,20 +238,8 @@ def test_special_rows_are_mapped_when_our_ids_differ(case, tmp_path):
 def test_untied_lm_head_rows_are_mapped_and_saved(tmp_path):
     """An untied LM head (Llama-3-8B style) gets its own V+3 rows mapped and saved with the adapter."""
     tokenizer = make_tokenizer("llama3")
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        bos_token_id=0,
-        eos_token_id=0,
-        tie_word_embeddings=False,
-    )
     base = str(tmp_path / "base")
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(base)
+    make_model("llama", len(tokenizer), tie_word_embeddings=False).save_pretrained(base)
     tokenizer.save_pretrained(base)
     reference = build_reference(base)
     path = save_reference(reference, str(tmp_path / "ref"), "safetensors")

@@ -7,12 +7,11 @@ import torch
 import torch.nn.functional as F
 from conftest import RECORDS, batch_for
 from tokenizers import processors
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from codi.config import CODIModelArguments
 from codi.data import IGNORE_INDEX, build_dataset
 from codi.model import CODIModel, LossSettings
-from codi.testing import make_tokenizer
+from codi.testing import make_model, make_tokenizer
 
 # --------------------------------------------------------------------------------------------------
 # An independent reference: one example at a time, no padding, no KV cache, no deferred latent; the
@@ -359,20 +358,7 @@ def test_save_load_gives_identical_logits(make_model, tmp_path, arch, use_lora):
 def test_save_load_untied_llama_keeps_added_output_rows(tmp_path, tiny_llama):
     base = tmp_path / "untied"
     tokenizer = make_tokenizer("llama3")
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(base)
+    make_model("llama", len(tokenizer), tie_word_embeddings=False).save_pretrained(base)
     tokenizer.save_pretrained(base)
     model = CODIModel.from_base(CODIModelArguments(model_name_or_path=str(base), lora_r=4, prj_dim=8))
     model.loss_settings = LossSettings()

@@ -64,8 +64,11 @@ def make_model(
     heads: int = 2,
     seed: int = 0,
     max_positions: int = 512,
+    tie_word_embeddings: bool = True,
 ):
     """A randomly initialised tiny GPT-2 or Llama (dropout off so tests are deterministic).
+
+    `tie_word_embeddings=False` (Llama only) gives an untied LM head, as in Llama-3-8B.
 
     `max_positions` 1024 (GPT-2's own) lets a preset's max_token_num 1000 run on the tiny tokenizer.
     """
@@ -97,7 +100,7 @@ def make_model(
             max_position_embeddings=max_positions,
             bos_token_id=0,
             eos_token_id=0,
-            tie_word_embeddings=True,
+            tie_word_embeddings=tie_word_embeddings,
         )
         return LlamaForCausalLM(config)
     raise ValueError(f"unknown arch {arch!r}")
