@@ -7,7 +7,6 @@ train(model_args, data_args, training_args)       # or: codi train --config conf
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections import defaultdict
 from dataclasses import dataclass
@@ -240,8 +239,5 @@ def train(
             },
         )
         trainer.save_state()
-    steps_per_epoch = math.ceil(len(train_set) / max(1, training_args.per_device_train_batch_size))
-    logger.info(
-        "trained %d steps (%d batches per epoch per device)", trainer.state.global_step, steps_per_epoch
-    )
+    logger.info("trained %d optimiser steps", trainer.state.global_step)
     return TrainResult(model, trainer, train_stats, eval_stats, metrics)
