@@ -123,8 +123,8 @@ def close_process_group() -> None:
     an active exception"), which fails the launch although training finished.
     """
     if is_initialized():
-        # No barrier: every collective of the run has completed by now, and a barrier here hung a
-        # resumed 2-process run once.
+        if world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 
