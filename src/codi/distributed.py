@@ -116,18 +116,6 @@ def finish() -> None:
     _created_group = False
 
 
-def close_process_group() -> None:
-    """Destroy whatever process group is open (the Trainer's, made by accelerate), after a barrier.
-
-    Leaving gloo's group to interpreter teardown aborts a rank now and then ("terminate called without
-    an active exception"), which fails the launch although training finished.
-    """
-    if is_initialized():
-        if world_size() > 1:
-            dist.barrier()
-        dist.destroy_process_group()
-
-
 def barrier() -> None:
     """Wait for every rank (no-op when not distributed)."""
     if is_initialized() and world_size() > 1:
