@@ -29,12 +29,14 @@ def _setup_logging() -> None:
 
 def cmd_train(argv: list[str]) -> int:
     from .config import parse_args
+    from .distributed import close_process_group
     from .train import train
 
     model_args, data_args, training_args = parse_args(argv)
     result = train(model_args, data_args, training_args)
     if result.trainer.is_world_process_zero():
         print({key: value for key, value in result.metrics.items() if isinstance(value, (int, float))})
+    close_process_group()
     return 0
 
 

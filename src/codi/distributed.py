@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -107,13 +108,38 @@ def init(backend: str | None = None, use_cpu: bool = False) -> bool:
     return world_size() > 1
 
 
+# gloo's worker threads free each finished work themselves, after the caller has moved on; when the
+# work holds tensors Python knew (an all_gather's inputs and outputs), freeing them needs the GIL.
+# Destroying the group joins those threads while holding the GIL, so a worker still waiting for it
+# deadlocks the rank (seen with py-spy: main thread in ~ProcessGroupGloo -> thread::join, worker in
+# ~AsyncAllgatherWork -> gil_scoped_acquire); left to interpreter teardown instead, the rank aborts
+# ("terminate called without an active exception"). A barrier (every rank is done) and a short
+# GIL-free pause let the workers finish first.
+_WORKER_DRAIN_S = 0.5
+
+
+def _drain_and_destroy() -> None:
+    if world_size() > 1:
+        dist.barrier()
+    time.sleep(_WORKER_DRAIN_S)
+    dist.destroy_process_group()
+
+
 def finish() -> None:
     """Destroy the process group if `init()` created it (torch warns at exit about one left open)."""
     global _created_group
     if _created_group and is_initialized():
-        dist.barrier()  # no rank may leave while another still gathers
-        dist.destroy_process_group()
+        _drain_and_destroy()
     _created_group = False
+
+
+def close_process_group() -> None:
+    """Destroy whatever process group is open (the Trainer's, made by accelerate) after a successful run.
+
+    Call it on success only: a failed rank must not leave the others waiting in the barrier.
+    """
+    if is_initialized():
+        _drain_and_destroy()
 
 
 def barrier() -> None:
