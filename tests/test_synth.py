@@ -76,6 +76,20 @@ def test_too_small_problem_space_is_an_error():
         make_splits(SynthConfig(n_train=5000, n_validation=10, n_test=10, min_steps=1, max_steps=1))
 
 
+def test_invertible_draws_only_multipliers_coprime_with_the_modulus():
+    config = SynthConfig(n_train=500, n_validation=0, n_test=0, wording="fixed", invertible=True, seed=3)
+    multipliers = [
+        int(k)
+        for record in make_splits(config)["train"]
+        for k in re.findall(r"multiply by (\d+)", record["question"])
+    ]
+    assert multipliers and set(multipliers) == {3, 7, 9}
+    for record in make_splits(config)["train"]:
+        assert f"#### {check_cot(record['cot'])}" == record["answer"]
+    with pytest.raises(ValueError, match="invertible needs a modulus"):
+        SynthConfig(modulus=None, invertible=True)
+
+
 def test_invalid_config():
     with pytest.raises(ValueError, match="operators"):
         SynthConfig(operators="+^")

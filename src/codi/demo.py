@@ -42,6 +42,7 @@ class Preset:
     operators: str = "+*"
     modulus: int = 10
     wording: str = "fixed"
+    invertible: bool = False  # multipliers coprime with the modulus only (see SynthConfig)
     train_min_steps: int = 0  # 0: train on `steps`-step chains only
     n_train: int = 20000
     n_test: int = 500
@@ -419,6 +420,7 @@ def run_demo(preset: Preset, seed: int, out_dir: str, probe: bool = True, device
         operators=preset.operators,
         modulus=preset.modulus or None,
         wording=preset.wording,
+        invertible=preset.invertible,
         train_min_steps=preset.train_min_steps or None,
         seed=seed,
     )

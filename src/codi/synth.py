@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import re
@@ -44,7 +45,10 @@ _THINGS = ("apples", "coins", "marbles", "stamps", "shells", "cards", "beads", "
 @dataclass
 class SynthConfig:
     """What to generate. `operand_max` bounds every operand; `value_max` bounds intermediate values
-    when there is no modulus (operands that would exceed it are re-drawn)."""
+    when there is no modulus (operands that would exceed it are re-drawn). `invertible` (with a
+    modulus) draws only multipliers coprime with it (3, 7, 9 mod 10), so every step is a bijection:
+    no step loses information, and the answer cannot be guessed from part of the chain (with `* 2`
+    or `* 5` mod 10 many chains collapse to a few values)."""
 
     n_train: int = 20000
     n_validation: int = 500
@@ -57,6 +61,7 @@ class SynthConfig:
     operand_max: int = 9
     value_max: int = 999
     wording: str = "varied"
+    invertible: bool = False
     train_min_steps: int | None = None
     seed: int = 0
     splits: tuple[str, ...] = field(default=SPLITS, repr=False)
@@ -75,6 +80,8 @@ class SynthConfig:
             raise ValueError("operand_max must be >= 2 and start_max >= 1")
         if self.train_min_steps is not None and not 1 <= self.train_min_steps <= self.max_steps:
             raise ValueError(f"need 1 <= train_min_steps <= max_steps, got {self.train_min_steps}")
+        if self.invertible and self.modulus is None:
+            raise ValueError("invertible needs a modulus (it keeps the multipliers coprime with it)")
         if self.wording not in ("varied", "fixed"):
             raise ValueError(f"wording must be varied | fixed, got {self.wording!r}")
         if self.max_steps > len(_ORDINALS):
@@ -123,6 +130,8 @@ def _draw_step(rng: random.Random, value: int, config: SynthConfig) -> tuple[str
             candidates = [k for k in candidates if apply(value, op, k, None) <= config.value_max]
     elif op == "/":
         return None  # modular division is not an integer operation
+    elif op == "*" and config.invertible:
+        candidates = [k for k in candidates if math.gcd(k, config.modulus) == 1]
     return (op, rng.choice(candidates)) if candidates else None
 
 
@@ -279,6 +288,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--modulus", type=int, default=defaults.modulus, help="0 for plain arithmetic")
     parser.add_argument("--train_min_steps", type=int, default=None, help="shorter chains in train too")
     parser.add_argument("--wording", choices=("varied", "fixed"), default=defaults.wording)
+    parser.add_argument(
+        "--invertible", action="store_true", help="multipliers coprime with the modulus only (bijective steps)"
+    )
     parser.add_argument("--seed", type=int, default=defaults.seed)
     return parser
 
