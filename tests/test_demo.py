@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from codi.demo import PRESETS, build_tokenizer, claim_check, fresh_out_dir, main, run_demo
+from codi.demo import PRESETS, claim_check, fresh_out_dir, main, run_demo
+from codi.offline_models import build_tokenizer
 from codi.synth import SynthConfig, make_splits, to_icot_line
 
 

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from codi.config import parse_args
-from codi.demo import smollm2_gguf
+from codi.offline_models import smollm2_gguf
 from codi.synth import SynthConfig, synthesize
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

