@@ -289,7 +289,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--train_min_steps", type=int, default=None, help="shorter chains in train too")
     parser.add_argument("--wording", choices=("varied", "fixed"), default=defaults.wording)
     parser.add_argument(
-        "--invertible", action="store_true", help="multipliers coprime with the modulus only (bijective steps)"
+        "--invertible",
+        action="store_true",
+        help="multipliers coprime with the modulus only (bijective steps)",
     )
     parser.add_argument("--seed", type=int, default=defaults.seed)
     return parser
