@@ -69,6 +69,21 @@ def test_cli_rejects_unknown_preset_field(tmp_path):
         main(["--preset", "smoke", "--out", str(tmp_path / "x"), "--set", "nope=1"])
 
 
+@pytest.mark.parametrize(
+    "item, message",
+    [
+        ("parallel=maybe", "parallel takes true or false"),
+        ("steps_budget=lots", "steps_budget takes an int"),
+        ("num_latent", "unknown preset field"),
+        ("arch=rnn", "arch must be one of"),
+    ],
+)
+def test_cli_bad_override_values_name_the_field(tmp_path, item, message):
+    with pytest.raises(ValueError, match=message):
+        main(["--preset", "smoke", "--out", str(tmp_path / "x"), "--set", item])
+    assert not (tmp_path / "x").exists()  # rejected before any work
+
+
 def test_warmup_must_leave_codi_steps(tmp_path):
     from dataclasses import replace
 

@@ -88,6 +88,11 @@ def test_invertible_draws_only_multipliers_coprime_with_the_modulus():
         assert f"#### {check_cot(record['cot'])}" == record["answer"]
     with pytest.raises(ValueError, match="invertible needs a modulus"):
         SynthConfig(modulus=None, invertible=True)
+    # No operator can be drawn: an error, not an endless retry loop.
+    with pytest.raises(ValueError, match="no valid operand"):
+        SynthConfig(operators="*", operand_max=2, invertible=True)
+    with pytest.raises(ValueError, match="no valid operand"):
+        SynthConfig(operators="/")
 
 
 def test_invalid_config():

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from .offline_models import build_base_model, export_smollm2
+from .offline_models import ARCHS, build_base_model, export_smollm2
 from .synth import SynthConfig, make_splits, to_icot_line, write_splits
 
 logger = logging.getLogger(__name__)
@@ -63,6 +63,10 @@ class Preset:
     eval_batch_size: int = 250
     parallel: bool = True  # train No-CoT-SFT in a second process while CODI trains
     skip_no_cot: bool = False  # exploration only: the demo's table needs the No-CoT baseline
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"preset field arch must be one of {ARCHS}, got {self.arch!r}")
 
 
 PRESETS = {
@@ -278,6 +282,30 @@ def save_chart(rows: list[Row], path: str) -> None:
     plt.close(fig)
 
 
+def parse_overrides(items: list[str], preset: Preset) -> dict:
+    """`--set KEY=VALUE ...` as typed preset fields; a bad key or value names itself."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if key not in Preset.__dataclass_fields__ or not sep:
+            raise ValueError(
+                f"--set {item!r}: unknown preset field (expected KEY=VALUE, KEY one of "
+                f"{sorted(Preset.__dataclass_fields__)})"
+            )
+        kind = type(getattr(preset, key))
+        if kind is bool:
+            if value.lower() not in ("1", "true", "yes", "0", "false", "no"):
+                raise ValueError(f"--set {item!r}: {key} takes true or false")
+            overrides[key] = value.lower() in ("1", "true", "yes")
+            continue
+        try:
+            overrides[key] = kind(value)
+        except ValueError:
+            article = "an" if kind is int else "a"
+            raise ValueError(f"--set {item!r}: {key} takes {article} {kind.__name__}") from None
+    return overrides
+
+
 def fresh_out_dir(requested: str | None, overwrite: bool) -> str:
     """A new folder per run (runs/demo-YYYYmmdd-HHMMSS), or the requested one if empty / --overwrite."""
     path = requested or time.strftime("runs/demo-%Y%m%d-%H%M%S")
@@ -446,14 +474,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"SmolLM2-135M-Instruct written to {export_smollm2(args.export_smollm2)}")
         return 0
     preset = PRESETS[args.preset]
-    overrides = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        if key not in Preset.__dataclass_fields__:
-            raise ValueError(f"unknown preset field {key!r}; known: {sorted(Preset.__dataclass_fields__)}")
-        kind = type(getattr(preset, key))
-        overrides[key] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
-    preset = replace(preset, **overrides)
+    preset = replace(preset, **parse_overrides(args.set, preset))
     out_dir = fresh_out_dir(args.out, args.overwrite)
     run_demo(preset, args.seed, out_dir, probe=not args.no_probe, device=args.device)
     return 0

@@ -13,6 +13,7 @@ import os
 
 import torch
 
+ARCHS = ("gpt2", "llama")
 EOS = "<|endoftext|>"
 UNK = "<unk>"
 # Every symbol a CoT or answer can contain, so the vocabulary never depends on the sample drawn.
@@ -45,6 +46,8 @@ def build_base_model(
     tokenizer, saved HF-style in `directory`; dropout off (the runs are short)."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
     tokenizer = build_tokenizer(texts)
     torch.manual_seed(seed)
     eos = tokenizer.eos_token_id

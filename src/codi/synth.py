@@ -86,8 +86,24 @@ class SynthConfig:
             raise ValueError(f"wording must be varied | fixed, got {self.wording!r}")
         if self.max_steps > len(_ORDINALS):
             raise ValueError(f"at most {len(_ORDINALS)} steps are supported, got {self.max_steps}")
+        if self.modulus is not None and not any(self._has_modular_operand(op) for op in self.operators):
+            # `_draw_step` would return None for every operator and `draw_problem` would retry forever.
+            raise ValueError(
+                f"operators {self.operators!r} have no valid operand with modulus {self.modulus}"
+                + (" and invertible multipliers" if self.invertible else "")
+                + " (modular division is not drawn); add + or -"
+            )
         if min(self.n_train, self.n_validation, self.n_test) < 0:
             raise ValueError("split sizes must be >= 0")
+
+    def _has_modular_operand(self, op: str) -> bool:
+        if op in "+-":
+            return True
+        if op == "*":
+            return not self.invertible or any(
+                math.gcd(k, self.modulus) == 1 for k in range(2, self.operand_max + 1)
+            )
+        return False
 
 
 @dataclass(frozen=True)
