@@ -22,6 +22,7 @@ from codi.data import (
     parse_icot_line,
     process_cot,
     read_records,
+    step_value_token_ids,
 )
 from codi.model import add_special_tokens
 from codi.testing import make_tokenizer
@@ -318,3 +319,39 @@ def test_collator_pads_students_left_and_the_rest_right(tokenizers):
     assert batch["decoder_labels"][0, : len(short.decoder_input_ids)].tolist() == short.decoder_input_ids
     assert batch["teacher_distill_pos"].tolist() == [short.teacher_distill_pos, longer.teacher_distill_pos]
     assert batch["decoder_distill_pos"].dtype == torch.long
+
+
+# --------------------------------------------------------------------------------------------------
+# Optional latent step supervision targets
+
+
+@pytest.mark.parametrize("style", ["gpt2", "llama3"])
+def test_step_values_are_the_first_token_of_every_step_result_in_context(tokenizers, style):
+    tokenizer, _, _ = tokenizers[style]
+    cot = "<<600*30/100=180>> <<600*10/100=60>> <<180+60=240>> <<3-8=-5>>"
+    ids = step_value_token_ids(tokenizer, cot)
+    assert len(ids) == 4  # the last step too: the student must reach it although the teacher drops it
+    for token_id, value in zip(ids, ["180", "60", "240", "-5"]):
+        piece = tokenizer.decode([token_id]).strip()
+        assert piece and value.startswith(piece), (piece, value)
+    assert step_value_token_ids(tokenizer, "Half of 10 is 5. So 5 are left.") == []
+
+
+def test_step_targets_only_when_asked_and_collated_with_ignore_padding(tokenizers):
+    records = [
+        RawRecord("Q one?", "<<1+1=2>> <<2+3=5>> <<5*2=10>>", "#### 10", "a"),
+        RawRecord("Q two?", "<<4+4=8>>", "#### 8", "b"),
+    ]
+    plain, _ = _build(tokenizers, "gpt2", records)
+    assert "step_value_ids" not in plain[0] and plain.examples[0].step_value_ids is None
+    assert "latent_step_labels" not in CODICollator(0)([plain[0], plain[1]])
+    dataset, _ = _build(tokenizers, "gpt2", records, step_targets=True)
+    first, second = dataset.examples
+    assert len(first.step_value_ids) == 3 and len(second.step_value_ids) == 1
+    batch = CODICollator(0)([dataset[0], dataset[1]])
+    assert batch["latent_step_labels"].tolist() == [
+        first.step_value_ids,
+        second.step_value_ids + [IGNORE_INDEX, IGNORE_INDEX],
+    ]
+    sft, _ = _build(tokenizers, "gpt2", records, step_targets=True, method="cot_sft")
+    assert "step_value_ids" not in sft[0]  # baselines have no latents to supervise

@@ -12,6 +12,7 @@ from codi.losses import (
     combine_losses,
     distillation_loss,
     gather_positions,
+    latent_step_ce,
     next_token_ce,
     pointwise_distance,
 )
@@ -118,3 +119,29 @@ def test_combine_losses_total_with_factors():
     assert out.components() == {"student_ce": 1.5, "teacher_ce": 0.25, "distill_loss": 0.125}
     default = combine_losses(s, t, d)
     assert default.total.item() == pytest.approx(1.5 + 0.125 + 0.25)
+    with_step = combine_losses(s, t, d, latent_step=torch.tensor(2.0), latent_step_loss_factor=0.5)
+    assert with_step.total.item() == pytest.approx(1.5 + 0.125 + 0.25 + 0.5 * 2.0)
+    assert with_step.components()["latent_step_ce"] == 2.0
+
+
+def test_latent_step_ce_pairs_state_k_with_step_k_by_hand():
+    # 2 rows, 3 latent states over a vocabulary of 2; row 0 has 2 steps, row 1 has 4 (the 4th has no
+    # state to pair with and is not counted), row 1's 2nd step is padding.
+    logits = torch.tensor(
+        [
+            [[0.0, 0.0], [math.log(3.0), 0.0], [5.0, 5.0]],
+            [[0.0, math.log(3.0)], [9.0, 9.0], [0.0, 0.0]],
+        ]
+    )
+    labels = torch.tensor([[0, 0, IGNORE_INDEX, IGNORE_INDEX], [1, IGNORE_INDEX, 0, 1]])
+    # counted pairs: (0,0)->label 0: -log(1/2); (0,1)->0: -log(3/4); (1,0)->1: -log(3/4); (1,2)->0: -log(1/2)
+    expected = (2 * math.log(2.0) + 2 * -math.log(0.75)) / 4
+    assert latent_step_ce(logits, labels).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_latent_step_ce_without_any_counted_step_is_zero_and_keeps_the_graph():
+    logits = torch.randn(2, 3, 4, requires_grad=True)
+    loss = latent_step_ce(logits, torch.full((2, 1), IGNORE_INDEX))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert logits.grad is not None and not logits.grad.any()

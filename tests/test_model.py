@@ -9,7 +9,7 @@ from conftest import RECORDS, batch_for
 from tokenizers import processors
 
 from codi.config import CODIModelArguments
-from codi.data import IGNORE_INDEX, build_dataset
+from codi.data import IGNORE_INDEX, CODICollator, build_dataset
 from codi.model import CODIModel, LossSettings
 from codi.testing import make_model, make_tokenizer
 
@@ -417,3 +417,59 @@ def test_missing_model_path_is_one_clear_error(tmp_path, capsys):
         CODIModel.from_base(CODIModelArguments(model_name_or_path=missing))
     assert cli.main(["train", "--model_name_or_path", missing, "--train_file", str(tmp_path / "t.txt")]) == 2
     assert "cannot load the tokenizer from" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------
+# Optional latent step supervision (not part of CODI)
+
+
+def _reference_latent_step_ce(model: CODIModel, examples) -> torch.Tensor:
+    """State at <bot> and after each latent, re-run from scratch per example, read by the LM head."""
+    lm = model.hf_model
+    total, count = 0.0, 0
+    for ex in examples:
+        seq = lm.get_input_embeddings()(torch.tensor([ex.student_input_ids]))
+        states = []
+        for _ in range(model.args.num_latent):
+            last = lm(inputs_embeds=seq, output_hidden_states=True).hidden_states[-1][:, -1:]
+            states.append(last[0, 0])
+            seq = torch.cat([seq, model.prj(last)], dim=1)
+        states.append(lm(inputs_embeds=seq, output_hidden_states=True).hidden_states[-1][0, -1])
+        for state, target in zip(states, ex.step_value_ids):
+            total = total - torch.log_softmax(lm.get_output_embeddings()(state).float(), -1)[target]
+            count += 1
+    return total / count
+
+
+@pytest.mark.parametrize(("arch", "share_question"), [("gpt2", True), ("llama", True), ("gpt2", False)])
+def test_latent_step_loss_matches_cache_free_reference(make_model, arch, share_question):
+    loss = dict(latent_step_loss_factor=0.5, share_question=share_question)
+    model = make_model(arch, loss=loss, num_latent=2)  # 3 states for records of 2 steps: all counted
+    perturb_(model)
+    dataset, _ = build_dataset(
+        RECORDS, model.tokenizer, bot_id=model.bot_id, eot_id=model.eot_id, step_targets=True
+    )
+    batch = CODICollator(model.pad_id)([dataset[i] for i in range(len(dataset))])
+    with torch.no_grad():
+        ours = model(**batch)
+        expected = _reference_latent_step_ce(model, dataset.examples)
+        plain = reference_losses(model, dataset.examples)["loss"]
+    assert float(ours["latent_step_ce"]) == pytest.approx(float(expected), rel=1e-4)
+    assert float(ours["loss"]) == pytest.approx(float(plain + 0.5 * expected), rel=1e-4)
+
+
+def test_latent_step_loss_needs_step_targets_and_adds_gradient(make_model):
+    model = make_model("gpt2", loss=dict(latent_step_loss_factor=1.0))
+    with pytest.raises(ValueError, match="step_targets=True"):
+        model(**batch_for(model))
+    dataset, _ = build_dataset(
+        RECORDS, model.tokenizer, bot_id=model.bot_id, eot_id=model.eot_id, step_targets=True
+    )
+    batch = CODICollator(model.pad_id)([dataset[i] for i in range(len(dataset))])
+    grads = {}
+    for factor in (0.0, 1.0):
+        model.zero_grad()
+        model.loss_settings.latent_step_loss_factor = factor
+        model(**batch)["loss"].backward()
+        grads[factor] = model.prj[1].weight.grad.clone()
+    assert not torch.allclose(grads[0.0], grads[1.0])  # the step term reaches the projection

@@ -228,6 +228,14 @@ class CODITrainingArguments(TrainingArguments):
         default=False, metadata={"help": "Divide each layer's distillation loss by the teacher's std."}
     )
     ref_loss_factor: float = field(default=1.0, metadata={"help": "gamma: weight of the teacher CE loss."})
+    latent_step_loss_factor: float = field(
+        default=0.0,
+        metadata={
+            "help": "NOT part of CODI (0 = off, the paper's method): weight of a CE asking the LM head, "
+            "applied to the state at <bot> and after each latent, to predict the result of the matching "
+            "equation step of the CoT (step supervision, cf. SIM-CoT)."
+        },
+    )
     warmup_ratio: float | None = field(
         default=None,
         metadata={
@@ -266,6 +274,14 @@ class CODITrainingArguments(TrainingArguments):
             self.distill_loss_factor >= 0, f"distill_loss_factor must be >= 0, got {self.distill_loss_factor}"
         )
         _check(self.ref_loss_factor >= 0, f"ref_loss_factor must be >= 0, got {self.ref_loss_factor}")
+        _check(
+            self.latent_step_loss_factor >= 0,
+            f"latent_step_loss_factor must be >= 0, got {self.latent_step_loss_factor}",
+        )
+        _check(
+            self.latent_step_loss_factor == 0 or self.method == "codi",
+            f"latent_step_loss_factor applies to method codi only (method {self.method!r})",
+        )
         if self.warmup_ratio is not None:
             _check(0.0 <= self.warmup_ratio < 1.0, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
             # As in transformers 4 (the reference's): an explicit warmup_steps overrides warmup_ratio,

@@ -31,6 +31,7 @@ HUB_ALIASES = {
     "commonsense": "zen-E/CommonsenseQA-GPT4omini",
 }
 _GSM8K_ANNOTATION = re.compile(r"<<([^<>]*)>>")
+_STEP_RESULT = re.compile(r"<<[^<>]*=\s*([^<>=\s][^<>=]*?)\s*>>")
 
 
 class DataError(ValueError):
@@ -61,6 +62,9 @@ class Example:
     student_input_ids: list[int]
     decoder_input_ids: list[int]
     decoder_distill_pos: int
+    # first token of each CoT step's result, ALL steps (the dropped last one too); filled only when
+    # the optional latent step supervision asks for it (`step_targets`), else None
+    step_value_ids: list[int] | None = None
 
     def as_features(self, method: str) -> dict[str, list[int] | int]:
         features: dict[str, list[int] | int] = {
@@ -74,6 +78,8 @@ class Example:
                 decoder_input_ids=self.decoder_input_ids,
                 decoder_distill_pos=self.decoder_distill_pos,
             )
+            if self.step_value_ids is not None:
+                features["step_value_ids"] = self.step_value_ids
         return features
 
 
@@ -232,6 +238,29 @@ def answer_text(value: str, answer_prompt: str = "The answer is:") -> str:
     return f"{answer_prompt} {value}"
 
 
+def step_value_token_ids(tokenizer, cot: str) -> list[int]:
+    """First token id of the result of each equation step `<<...=c>>` of a (whole) CoT, in order.
+
+    Tokenised in context (the value as it appears after `=` in the CoT), so tokenizers that merge a
+    leading space or split numbers are handled alike. Natural-language CoTs have no steps: [].
+    """
+    matches = list(_STEP_RESULT.finditer(cot))
+    if not matches:
+        return []
+    try:
+        encoded = tokenizer(cot, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = list(encoded["input_ids"]), list(encoded["offset_mapping"])
+    except (NotImplementedError, KeyError, TypeError):
+        return [tokenizer(m.group(1), add_special_tokens=False)["input_ids"][0] for m in matches]
+    values = []
+    for match in matches:
+        start = match.start(1)
+        index = next((i for i, (_, end) in enumerate(offsets) if end > start), None)
+        if index is not None:
+            values.append(ids[index])
+    return values
+
+
 # --------------------------------------------------------------------------------------------------
 # Tokenisation and the two views
 
@@ -280,8 +309,12 @@ def build_example(
     eot_id: int | None,
     method: str = "codi",
     answer_prompt: str = "The answer is:",
+    step_targets_from: str | None = None,
 ) -> Example:
-    """The teacher and student views of one preprocessed record (see the module docstring)."""
+    """The teacher and student views of one preprocessed record (see the module docstring).
+
+    `step_targets_from`: the whole (unprocessed) CoT, to fill `step_value_ids` (codi only).
+    """
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no eos_token_id; CODI targets end with EOS")
@@ -312,6 +345,11 @@ def build_example(
         student_input_ids=student_input_ids,
         decoder_input_ids=decoder_input_ids,
         decoder_distill_pos=decoder_distill_pos,
+        step_value_ids=(
+            step_value_token_ids(tokenizer, step_targets_from)
+            if step_targets_from is not None and method == "codi"
+            else None
+        ),
     )
 
 
@@ -343,8 +381,12 @@ def build_dataset(
     answer_prompt: str = "The answer is:",
     max_samples: int | None = None,
     name: str = "train",
+    step_targets: bool = False,
 ) -> tuple[CODIDataset, DataStats]:
-    """Preprocess and tokenise records; every dropped record is counted by reason and logged."""
+    """Preprocess and tokenise records; every dropped record is counted by reason and logged.
+
+    `step_targets`: also tokenise each CoT step's result (the optional latent step supervision).
+    """
     stats = DataStats()
     examples = []
     for record in records:
@@ -382,6 +424,7 @@ def build_dataset(
             eot_id=eot_id,
             method=method,
             answer_prompt=answer_prompt,
+            step_targets_from=record.cot if step_targets else None,
         )
         examples.append(example)
         stats.kept += 1
@@ -418,6 +461,7 @@ class CODICollator:
       student_*  LEFT-padded   (Q ++ [bot] ends in the last column)
       decoder_*  right-padded  ([eot] ++ A ++ [eos] starts in the first column)
     Distillation positions are indices into the unpadded sequences, which right padding preserves.
+      latent_step_labels  (only with step targets) right-padded with -100: (B, max steps, at least 1)
     """
 
     pad_token_id: int
@@ -440,4 +484,7 @@ class CODICollator:
             batch["decoder_attention_mask"] = attention_mask_for(decoder, "right")
             batch["decoder_labels"] = pad_sequences(decoder, IGNORE_INDEX, "right")
             batch["decoder_distill_pos"] = torch.tensor([f["decoder_distill_pos"] for f in features])
+        if "step_value_ids" in features[0]:
+            steps = [feature["step_value_ids"] for feature in features]
+            batch["latent_step_labels"] = pad_sequences(steps + [[IGNORE_INDEX]], IGNORE_INDEX, "right")[:-1]
         return batch

@@ -60,6 +60,8 @@ class Preset:
     distill_loss_type: str = "smooth_l1"
     distill_div_std: bool = True
     ref_loss_factor: float = 1.0
+    # NOT part of CODI: step supervision of the latents (losses.latent_step_ce); 0 = the paper's method
+    latent_step_factor: float = 0.0
     eval_batch_size: int = 250
     parallel: bool = True  # train No-CoT-SFT in a second process while CODI trains
     skip_no_cot: bool = False  # exploration only: the demo's table needs the No-CoT baseline
@@ -129,6 +131,7 @@ def train_method(
         distill_loss_type=preset.distill_loss_type,
         distill_loss_div_std=preset.distill_div_std,
         ref_loss_factor=preset.ref_loss_factor,
+        latent_step_loss_factor=preset.latent_step_factor if method == "codi" else 0.0,
         logging_steps=max(1, max_steps // 10),
         save_strategy="no",
         report_to="none",

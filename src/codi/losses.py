@@ -1,6 +1,7 @@
 """CODI losses (SPEC §3) as pure functions of tensors.
 
 total = student_ce + distill_loss_factor * distill + ref_loss_factor * teacher_ce
+        [+ latent_step_loss_factor * latent_step_ce: optional, NOT part of CODI, off by default]
 """
 
 from __future__ import annotations
@@ -46,6 +47,22 @@ def pointwise_distance(student: torch.Tensor, teacher: torch.Tensor, loss_type: 
     raise ValueError(f"unknown distill_loss_type {loss_type!r} (smooth_l1 | l1 | l2)")
 
 
+def latent_step_ce(latent_logits: torch.Tensor, step_labels: torch.Tensor) -> torch.Tensor:
+    """Step supervision of latent thoughts (not in CODI; cf. SIM-CoT, Wei et al. 2025).
+
+    latent_logits: (B, K, V), the LM head applied to the last-layer state at `<bot>` and after each
+    latent (K = num_latent + 1 states); step_labels: (B, S), the first token of each CoT step's result,
+    IGNORE_INDEX-padded. State k is asked to predict step k's result (the state at `<bot>` the first
+    step's), over the first min(K, S) pairs. Mean CE over the counted pairs; 0 when there are none.
+    """
+    count = min(latent_logits.size(1), step_labels.size(1))
+    logits = latent_logits[:, :count].float()
+    labels = step_labels[:, :count].to(logits.device)
+    if not bool((labels != IGNORE_INDEX).any()):
+        return logits.sum() * 0.0  # keeps the graph (and DDP's gradient hooks) connected
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+
+
 @dataclass
 class DistillOutput:
     loss: torch.Tensor  # scalar, mean over layers
@@ -88,13 +105,14 @@ class CODILoss:
     student_ce: torch.Tensor
     teacher_ce: torch.Tensor
     distill: torch.Tensor
+    latent_step: torch.Tensor | None = None
 
     def components(self) -> dict[str, float]:
         return {
             "student_ce": float(self.student_ce.detach()),
             "teacher_ce": float(self.teacher_ce.detach()),
             "distill_loss": float(self.distill.detach()),
-        }
+        } | ({} if self.latent_step is None else {"latent_step_ce": float(self.latent_step.detach())})
 
 
 def combine_losses(
@@ -103,7 +121,13 @@ def combine_losses(
     distill: torch.Tensor,
     distill_loss_factor: float = 1.0,
     ref_loss_factor: float = 1.0,
+    latent_step: torch.Tensor | None = None,
+    latent_step_loss_factor: float = 0.0,
 ) -> CODILoss:
-    """total = student_ce + beta * distill + gamma * teacher_ce (all scalars)."""
+    """total = student_ce + beta * distill + gamma * teacher_ce [+ delta * latent_step] (all scalars)."""
     total = student_ce + distill_loss_factor * distill + ref_loss_factor * teacher_ce
-    return CODILoss(total=total, student_ce=student_ce, teacher_ce=teacher_ce, distill=distill)
+    if latent_step is not None:
+        total = total + latent_step_loss_factor * latent_step
+    return CODILoss(
+        total=total, student_ce=student_ce, teacher_ce=teacher_ce, distill=distill, latent_step=latent_step
+    )

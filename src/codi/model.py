@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from .config import DEFAULT_LORA_TARGETS, CODIModelArguments
-from .losses import combine_losses, distillation_loss, gather_positions, next_token_ce
+from .losses import combine_losses, distillation_loss, gather_positions, latent_step_ce, next_token_ce
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,8 @@ class LossSettings:
     distill_loss_factor: float = 1.0
     distill_loss_div_std: bool = False
     ref_loss_factor: float = 1.0
+    # optional step supervision of the latents (not part of CODI; see losses.latent_step_ce); 0 = off
+    latent_step_loss_factor: float = 0.0
     # The question is the same prefix of the teacher and the student sequences: under causal attention
     # its keys/values are the same, so the student reuses the teacher's instead of recomputing them
     # (exact up to float rounding; tests/test_speed_equivalence.py). Ignored with reference_compat.
@@ -452,6 +454,7 @@ class CODIModel(nn.Module):
         bot_ids: torch.Tensor,
         num_latent: int,
         defer_last: bool = True,
+        keep_hidden: bool = False,
     ) -> LatentPrefix:
         """Like `encode_latents`, but the question's keys/values come from `question_cache`.
 
@@ -471,7 +474,7 @@ class CODIModel(nn.Module):
         mask = torch.cat([question_mask, question_mask.new_ones(question_mask.shape[0], 1)], dim=1)
         out = self._lm_step(self.embed(bot_ids), mask, lengths.unsqueeze(1), question_cache, all_logits=False)
         prefix = LatentPrefix(cache=out.cache, attention_mask=mask, next_position=lengths + 1, pending=None)
-        return self._feed_latents(prefix, out, num_latent, False, defer_last, False)
+        return self._feed_latents(prefix, out, num_latent, keep_hidden, defer_last, False)
 
     def _feed_latents(
         self,
@@ -581,6 +584,7 @@ class CODIModel(nn.Module):
         decoder_attention_mask: torch.Tensor | None = None,
         decoder_labels: torch.Tensor | None = None,
         decoder_distill_pos: torch.Tensor | None = None,
+        latent_step_labels: torch.Tensor | None = None,
         **unused,
     ) -> dict[str, torch.Tensor]:
         """Loss of one batch (see `CODICollator` for the layout); returns total and components."""
@@ -601,6 +605,12 @@ class CODIModel(nn.Module):
             with torch.no_grad():  # the reference computes its targets in a second forward
                 target_states = self.teacher_forward(teacher_input_ids, teacher_attention_mask).hidden_states
         teacher_vectors = [gather_positions(h, teacher_distill_pos).detach() for h in target_states]
+        step_supervision = settings.latent_step_loss_factor > 0
+        if step_supervision and latent_step_labels is None:
+            raise ValueError(
+                "latent_step_loss_factor > 0 needs batches with latent_step_labels "
+                "(build the dataset with step_targets=True)"
+            )
 
         if share:
             # The student's `Q ++ [bot]` is left-padded to Lq + 1 columns; the teacher's cache holds the
@@ -613,12 +623,21 @@ class CODIModel(nn.Module):
                 (columns < lengths).to(student_attention_mask.dtype),
                 student_input_ids[:, -1:],
                 self.args.num_latent,
+                keep_hidden=step_supervision,
             )
         else:
-            prefix = self.encode_latents(student_input_ids, student_attention_mask, self.args.num_latent)
+            prefix = self.encode_latents(
+                student_input_ids, student_attention_mask, self.args.num_latent, keep_hidden=step_supervision
+            )
         offset = 1 if prefix.pending is not None else 0
         student = self.decode_step(prefix, decoder_input_ids, decoder_attention_mask)
         student_ce = next_token_ce(student.logits[:, offset:], decoder_labels)
+        latent_step = None
+        if step_supervision:
+            # states at <bot> and after each latent; the last one is the pending latent's output
+            states = prefix.hidden + ([student.hidden_states[-1][:, 0]] if offset else [])
+            head = self.hf_model.get_output_embeddings()
+            latent_step = latent_step_ce(head(torch.stack(states, dim=1)), latent_step_labels)
         student_vectors = [gather_positions(h, decoder_distill_pos + offset) for h in student.hidden_states]
         distill = distillation_loss(
             student_vectors,
@@ -628,14 +647,23 @@ class CODIModel(nn.Module):
             l2_std_twice=self.args.reference_compat,
         )
         losses = combine_losses(
-            student_ce, teacher_ce, distill.loss, settings.distill_loss_factor, settings.ref_loss_factor
+            student_ce,
+            teacher_ce,
+            distill.loss,
+            settings.distill_loss_factor,
+            settings.ref_loss_factor,
+            latent_step,
+            settings.latent_step_loss_factor,
         )
-        return {
+        outputs = {
             "loss": losses.total,
             "student_ce": student_ce.detach(),
             "teacher_ce": teacher_ce.detach(),
             "distill_loss": distill.loss.detach(),
         }
+        if latent_step is not None:
+            outputs["latent_step_ce"] = latent_step.detach()
+        return outputs
 
     # ----------------------------------------------------------------------------------------------
     # Inference

@@ -20,7 +20,7 @@ from .data import CODICollator, CODIDataset, DataStats, build_dataset, load_reco
 from .model import CODIModel, LossSettings
 
 logger = logging.getLogger(__name__)
-COMPONENTS = ("student_ce", "teacher_ce", "distill_loss")
+COMPONENTS = ("student_ce", "teacher_ce", "distill_loss", "latent_step_ce")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -146,6 +146,7 @@ def build_model(model_args: CODIModelArguments, training_args: CODITrainingArgum
         distill_loss_factor=training_args.distill_loss_factor,
         distill_loss_div_std=training_args.distill_loss_div_std,
         ref_loss_factor=training_args.ref_loss_factor,
+        latent_step_loss_factor=training_args.latent_step_loss_factor,
     )
     return model
 
@@ -165,6 +166,7 @@ def build_datasets(
         max_token_num=data_args.max_token_num,
         skip_negative_answers=data_args.skip_negative_answers,
         answer_prompt=model.args.answer_prompt,
+        step_targets=model.loss_settings.latent_step_loss_factor > 0,
     )
     train_set, train_stats = build_dataset(
         load_records(source, "train"),
