@@ -112,3 +112,17 @@ def test_cli_writes_files_the_trainer_reads(tmp_path):
     assert len(jsonl) == 8 and set(jsonl[0]) == {"question", "cot", "answer"}
     assert json.loads((out / "synth_config.json").read_text())["sizes"]["validation"] == 5
     assert main([]) == 2
+
+
+def test_uniform_wording_puts_every_step_at_the_same_word_position():
+    config = SynthConfig(n_train=200, n_validation=0, n_test=0, wording="uniform", operators="+-*", seed=4)
+    questions = [record["question"] for record in make_splits(config)["train"]]
+    assert len({len(question.split()) for question in questions}) == 1
+    first = questions[0].split()
+    ordinals = [i for i, word in enumerate(first) if word.rstrip(",") in ("First", "Second", "Third")]
+    for question in questions:
+        words = question.split()
+        assert [words[i].rstrip(",") for i in ordinals] == ["First", "Second", "Third"]
+        assert all(words[i + 1] in ("plus", "minus", "times") for i in ordinals), question
+    with pytest.raises(ValueError, match="wording must be one of"):
+        SynthConfig(wording="terse")

@@ -37,6 +37,9 @@ _PHRASES = {
     "/": ("splits it into {k} equal parts and keeps one", "divides it by {k}"),
 }
 _SHORT = {"+": "add {k}", "-": "subtract {k}", "*": "multiply by {k}", "/": "divide by {k}"}
+# one word per operator: every step of a "uniform" question has the same number of tokens
+_UNIFORM = {"+": "plus {k}", "-": "minus {k}", "*": "times {k}", "/": "over {k}"}
+WORDINGS = ("varied", "fixed", "uniform")
 _NAMES = ("Ann", "Ben", "Cara", "Dan", "Eve", "Finn", "Gina", "Hugo", "Iris", "Jack", "Kim", "Leo")
 _ORDINALS = ("First", "Second", "Third", "Fourth", "Fifth", "Sixth", "Seventh", "Eighth")
 _THINGS = ("apples", "coins", "marbles", "stamps", "shells", "cards", "beads", "books")
@@ -82,8 +85,8 @@ class SynthConfig:
             raise ValueError(f"need 1 <= train_min_steps <= max_steps, got {self.train_min_steps}")
         if self.invertible and self.modulus is None:
             raise ValueError("invertible needs a modulus (it keeps the multipliers coprime with it)")
-        if self.wording not in ("varied", "fixed"):
-            raise ValueError(f"wording must be varied | fixed, got {self.wording!r}")
+        if self.wording not in WORDINGS:
+            raise ValueError(f"wording must be one of {' | '.join(WORDINGS)}, got {self.wording!r}")
         if self.max_steps > len(_ORDINALS):
             raise ValueError(f"at most {len(_ORDINALS)} steps are supported, got {self.max_steps}")
         if self.modulus is not None and not any(self._has_modular_operand(op) for op in self.operators):
@@ -181,14 +184,17 @@ def cot_of(problem: Problem, modulus: int | None) -> str:
 
 
 def question_of(problem: Problem, modulus: int | None, rng: random.Random, wording: str = "varied") -> str:
-    """The word problem. "fixed" wording is short and uses one phrase per operator, so every question
-    with the same number of steps has the same length and layout (cheaper and easier to learn from
-    scratch); "varied" draws names, objects and phrasings."""
-    if wording == "fixed":
+    """The word problem. "fixed" wording is short and uses one phrase per operator (cheaper and easier
+    to learn from scratch); "uniform" is "fixed" with a one-word phrase per operator ("times 8" for
+    "multiply by 8"), so every question with the same number of steps has the same length and layout
+    under a word-level tokenizer, the i-th step always at the same position; "varied" draws names,
+    objects and phrasings."""
+    if wording in ("fixed", "uniform"):
+        phrases = _SHORT if wording == "fixed" else _UNIFORM
         opening = "A counter keeps only the last digit." if modulus else "A box holds coins."
         parts = [f"{opening} It starts at {problem.start}."]
         for index, (op, operand) in enumerate(problem.ops):
-            parts.append(f"{_ORDINALS[index]}, {_SHORT[op].format(k=operand)}.")
+            parts.append(f"{_ORDINALS[index]}, {phrases[op].format(k=operand)}.")
         parts.append("What is it now?")
         return " ".join(parts)
     name, things = rng.choice(_NAMES), rng.choice(_THINGS)
@@ -303,7 +309,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--operators", default=defaults.operators, help="subset of '+-*/'")
     parser.add_argument("--modulus", type=int, default=defaults.modulus, help="0 for plain arithmetic")
     parser.add_argument("--train_min_steps", type=int, default=None, help="shorter chains in train too")
-    parser.add_argument("--wording", choices=("varied", "fixed"), default=defaults.wording)
+    parser.add_argument("--wording", choices=WORDINGS, default=defaults.wording)
     parser.add_argument(
         "--invertible",
         action="store_true",
