@@ -211,6 +211,12 @@ def test_missing_config_file():
         (CODITrainingArguments, {"distill_loss_type": "smoothl1"}, "distill_loss_type must be one of"),
         (CODITrainingArguments, {"distill_loss_factor": -1.0}, "distill_loss_factor must be >= 0"),
         (CODITrainingArguments, {"warmup_ratio": 1.5}, r"warmup_ratio must be in \[0, 1\)"),
+        (CODITrainingArguments, {"latent_step_loss_factor": -1.0}, "latent_step_loss_factor must be >= 0"),
+        (
+            CODITrainingArguments,
+            {"latent_step_loss_factor": 1.0, "method": "cot_sft"},
+            "applies to method codi only",
+        ),
     ],
 )
 def test_validation_errors(cls, kwargs, message, tmp_path):
@@ -218,6 +224,13 @@ def test_validation_errors(cls, kwargs, message, tmp_path):
         kwargs = {**kwargs, "output_dir": str(tmp_path)}
     with pytest.raises(ValueError, match=message):
         cls(**kwargs)
+
+
+def test_latent_step_supervision_is_off_by_default_and_settable():
+    _, _, training = parse_args([])
+    assert training.latent_step_loss_factor == 0.0  # the paper's objective unless asked
+    _, _, training = parse_args(["--latent_step_loss_factor", "0.5"])
+    assert training.latent_step_loss_factor == 0.5
 
 
 def test_validation_errors_surface_through_parse_args():

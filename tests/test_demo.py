@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 
 import pytest
 
@@ -48,7 +49,21 @@ def test_smoke_run_writes_table_json_and_chart(tmp_path, capsys):
     assert (tmp_path / "demo" / "codi" / "codi_config.json").is_file()
     assert (tmp_path / "demo" / "base" / "config.json").is_file()
     printed = capsys.readouterr().out
-    assert "CODI latent" in printed and "No-CoT-SFT" in printed and "speedup" in printed
+    assert "CODI+S latent" in printed and "No-CoT-SFT" in printed and "speedup" in printed
+    # the step supervision is on in the presets that use it, and the table says it is not the paper's
+    assert PRESETS["smoke"].latent_step_factor > 0 and "not part of the paper" in printed
+    assert any("latent_step_ce" in entry for entry in result["final_logs"]["codi"])
+
+
+def test_paper_preset_is_the_papers_objective_and_is_labelled_plain_codi():
+    from codi.demo import method_label
+
+    paper = PRESETS["paper"]
+    assert paper.latent_step_factor == 0 and paper.distill_factor == 1.0
+    assert method_label(paper) == "CODI" and method_label(PRESETS["default"]) == "CODI+S"
+    assert replace(paper, latent_step_factor=0.0) == replace(
+        PRESETS["default"], latent_step_factor=0.0, distill_factor=1.0
+    )
 
 
 def test_claim_check_uses_the_issue_thresholds():
