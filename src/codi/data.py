@@ -431,6 +431,20 @@ def build_dataset(
     stats.log(name)
     if not examples:
         raise DataError(f"{name}: no usable records (read {stats.read}, dropped {dict(stats.dropped)})")
+    if step_targets and method == "codi":
+        without = sum(not example.step_value_ids for example in examples)
+        if without == len(examples):
+            raise DataError(
+                f"{name}: the latent step supervision needs equation steps `<<...=c>>` in the CoT, and none "
+                f"of the {len(examples)} records has one (natural-language CoT?): set latent_step_loss_factor 0"
+            )
+        if without:
+            logger.warning(
+                "%s: %d of %d records have no equation step: no step supervision for them",
+                name,
+                without,
+                len(examples),
+            )
     return CODIDataset(examples, method), stats
 
 
