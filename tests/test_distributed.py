@@ -320,6 +320,8 @@ def test_ddp_matches_single_process(training_runs) -> None:
         # Loss components are summed over ranks before rank 0 logs them (logged to 4 decimals).
         for key in ("student_ce", "teacher_ce", "distill_loss"):
             assert abs(one[key] - two[key]) <= 1.5e-4, (key, one, two)
+        # a component a run does not compute is not logged as 0 after the reduction over ranks
+        assert "latent_step_ce" not in one and "latent_step_ce" not in two
     assert single_log[-1]["loss"] < single_log[0]["loss"]  # it did train
     single_metrics = json.loads((single / "all_results.json").read_text())
     ddp_metrics = json.loads((ddp / "all_results.json").read_text())

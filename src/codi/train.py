@@ -81,7 +81,9 @@ class CODITrainer(Trainer):
                 device=self.args.device,
             )
             totals = self.accelerator.reduce(totals, reduction="sum").tolist()
-            count, sums = int(totals[0]), dict(zip(COMPONENTS, totals[1:]))
+            # a component is logged on every rank or none (the settings are the same everywhere)
+            count = int(totals[0])
+            sums = {key: total for key, total in zip(COMPONENTS, totals[1:]) if key in sums}
         return {f"{prefix}{key}": value / count for key, value in sums.items()} if count else {}
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
