@@ -473,3 +473,17 @@ def test_latent_step_loss_needs_step_targets_and_adds_gradient(make_model):
         model(**batch)["loss"].backward()
         grads[factor] = model.prj[1].weight.grad.clone()
     assert not torch.allclose(grads[0.0], grads[1.0])  # the step term reaches the projection
+
+
+def test_latent_step_loss_is_the_same_on_the_reference_compat_path_without_padding(make_model):
+    # one example: no padding, so the reference's unmasked, non-deferred latent loop sees what ours sees
+    values = {}
+    for compat in (False, True):
+        model = make_model("gpt2", loss=dict(latent_step_loss_factor=1.0), reference_compat=compat)
+        perturb_(model)
+        dataset, _ = build_dataset(
+            RECORDS[:1], model.tokenizer, bot_id=model.bot_id, eot_id=model.eot_id, step_targets=True
+        )
+        with torch.no_grad():
+            values[compat] = float(model(**CODICollator(model.pad_id)([dataset[0]]))["latent_step_ce"])
+    assert values[True] == pytest.approx(values[False], rel=1e-5)
