@@ -39,46 +39,76 @@ def build_tokenizer(texts: list[str]):
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, bos_token=EOS, unk_token=UNK)
 
 
-def build_base_model(
-    directory: str, texts: list[str], arch: str, n_layer: int, n_embd: int, n_head: int, seed: int
-) -> str:
-    """A randomly initialised GPT-2 (learned absolute positions) or Llama (rotary positions) and its
-    tokenizer, saved HF-style in `directory`; dropout off (the runs are short)."""
+def random_causal_lm(
+    arch: str,
+    vocab_size: int,
+    *,
+    hidden: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    mlp_ratio: int,
+    max_positions: int,
+    special_token_id: int,
+    tie_word_embeddings: bool = True,
+    seed: int = 0,
+):
+    """A randomly initialised GPT-2 (learned absolute positions) or Llama (rotary positions), dropout
+    off. GPT-2 ignores `kv_heads`, `mlp_ratio` (its MLP is 4x) and `tie_word_embeddings` (always tied)."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
-    tokenizer = build_tokenizer(texts)
     torch.manual_seed(seed)
-    eos = tokenizer.eos_token_id
     if arch == "llama":
         config = LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=n_embd,
-            intermediate_size=4 * n_embd,
-            num_hidden_layers=n_layer,
-            num_attention_heads=n_head,
-            num_key_value_heads=n_head,
-            max_position_embeddings=256,
-            tie_word_embeddings=True,
-            bos_token_id=eos,
-            eos_token_id=eos,
+            vocab_size=vocab_size,
+            hidden_size=hidden,
+            intermediate_size=mlp_ratio * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            max_position_embeddings=max_positions,
+            tie_word_embeddings=tie_word_embeddings,
+            bos_token_id=special_token_id,
+            eos_token_id=special_token_id,
         )
-        model = LlamaForCausalLM(config)
-    else:
-        config = GPT2Config(
-            vocab_size=len(tokenizer),
-            n_positions=256,
-            n_embd=n_embd,
-            n_layer=n_layer,
-            n_head=n_head,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            bos_token_id=eos,
-            eos_token_id=eos,
-        )
-        model = GPT2LMHeadModel(config)
+        return LlamaForCausalLM(config)
+    config = GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=max_positions,
+        n_embd=hidden,
+        n_layer=layers,
+        n_head=heads,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=special_token_id,
+        eos_token_id=special_token_id,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def build_base_model(
+    directory: str, texts: list[str], arch: str, n_layer: int, n_embd: int, n_head: int, seed: int
+) -> str:
+    """The demo's from-scratch model (`random_causal_lm`, Llama with a 4x MLP and no grouped KV heads)
+    and its tokenizer, saved HF-style in `directory`."""
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+    tokenizer = build_tokenizer(texts)
+    model = random_causal_lm(
+        arch,
+        len(tokenizer),
+        hidden=n_embd,
+        layers=n_layer,
+        heads=n_head,
+        kv_heads=n_head,
+        mlp_ratio=4,
+        max_positions=256,
+        special_token_id=tokenizer.eos_token_id,
+        seed=seed,
+    )
     os.makedirs(directory, exist_ok=True)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)

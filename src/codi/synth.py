@@ -100,13 +100,7 @@ class SynthConfig:
             raise ValueError("split sizes must be >= 0")
 
     def _has_modular_operand(self, op: str) -> bool:
-        if op in "+-":
-            return True
-        if op == "*":
-            return not self.invertible or any(
-                math.gcd(k, self.modulus) == 1 for k in range(2, self.operand_max + 1)
-            )
-        return False
+        return bool(_modular_operands(op, self))
 
 
 @dataclass(frozen=True)
@@ -138,20 +132,33 @@ def apply(value: int, op: str, operand: int, modulus: int | None) -> int:
 def _draw_step(rng: random.Random, value: int, config: SynthConfig) -> tuple[str, int] | None:
     """An operation valid from `value`, or None when the drawn operator has no valid operand."""
     op = rng.choice(config.operators)
-    low = 2 if op in "*/" else 1  # times/divide by 1 would be a no-op step
-    candidates = list(range(low, config.operand_max + 1))
-    if config.modulus is None:
-        if op == "-":
-            candidates = [k for k in candidates if k <= value]  # keep values non-negative
-        elif op == "/":
-            candidates = [k for k in candidates if value % k == 0 and value > 0]
-        else:
-            candidates = [k for k in candidates if apply(value, op, k, None) <= config.value_max]
+    if config.modulus is not None:
+        candidates = _modular_operands(op, config)
+        return (op, rng.choice(candidates)) if candidates else None
+    candidates = _operands(op, config)
+    if op == "-":
+        candidates = [k for k in candidates if k <= value]  # keep values non-negative
     elif op == "/":
-        return None  # modular division is not an integer operation
-    elif op == "*" and config.invertible:
-        candidates = [k for k in candidates if math.gcd(k, config.modulus) == 1]
+        candidates = [k for k in candidates if value % k == 0 and value > 0]
+    else:
+        candidates = [k for k in candidates if apply(value, op, k, None) <= config.value_max]
     return (op, rng.choice(candidates)) if candidates else None
+
+
+def _operands(op: str, config: SynthConfig) -> list[int]:
+    low = 2 if op in "*/" else 1  # times/divide by 1 would be a no-op step
+    return list(range(low, config.operand_max + 1))
+
+
+def _modular_operands(op: str, config: SynthConfig) -> list[int]:
+    """The operands `op` may take under the modulus (any start value): none for division, which is
+    not an integer operation; only multipliers coprime with the modulus when `invertible`."""
+    if op == "/":
+        return []
+    candidates = _operands(op, config)
+    if op == "*" and config.invertible:
+        candidates = [k for k in candidates if math.gcd(k, config.modulus) == 1]
+    return candidates
 
 
 def draw_problem(rng: random.Random, config: SynthConfig, min_steps: int | None = None) -> Problem:

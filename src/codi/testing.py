@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 # Llama-3's pre-tokenizer pattern: digits in groups of up to 3, never glued to the space before them.
 LLAMA3_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -72,38 +72,21 @@ def make_model(
 
     `max_positions` 1024 (GPT-2's own) lets a preset's max_token_num 1000 run on the tiny tokenizer.
     """
-    import torch
+    from .offline_models import random_causal_lm
 
-    torch.manual_seed(seed)
-    if arch == "gpt2":
-        config = GPT2Config(
-            vocab_size=vocab_size,
-            n_positions=max_positions,
-            n_embd=hidden,
-            n_layer=layers,
-            n_head=heads,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            bos_token_id=0,
-            eos_token_id=0,
-        )
-        return GPT2LMHeadModel(config)
-    if arch == "llama":
-        config = LlamaConfig(
-            vocab_size=vocab_size,
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=max(1, heads // 2),
-            max_position_embeddings=max_positions,
-            bos_token_id=0,
-            eos_token_id=0,
-            tie_word_embeddings=tie_word_embeddings,
-        )
-        return LlamaForCausalLM(config)
-    raise ValueError(f"unknown arch {arch!r}")
+    return random_causal_lm(
+        arch,
+        vocab_size,
+        hidden=hidden,
+        layers=layers,
+        heads=heads,
+        kv_heads=max(1, heads // 2),
+        mlp_ratio=2,
+        max_positions=max_positions,
+        special_token_id=0,
+        tie_word_embeddings=tie_word_embeddings,
+        seed=seed,
+    )
 
 
 def save_tiny_model(directory: str, arch: str = "gpt2", style: str | None = None, **model_kwargs) -> str:
