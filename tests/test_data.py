@@ -359,9 +359,9 @@ def test_step_targets_only_when_asked_and_collated_with_ignore_padding(tokenizer
 
 def test_step_targets_on_a_cot_without_equations_is_a_clear_error(tokenizers, caplog):
     nl = [RawRecord("Q?", "Half of 10 is 5. So 5 are left.", "#### 5", "nl:1")]
-    with pytest.raises(DataError, match="none of the 1 records has one"):
+    with pytest.raises(DataError, match=r"none of the 1 records has one \(first: nl:1;"):
         _build(tokenizers, "gpt2", nl, step_targets=True)
     mixed = nl + [RawRecord("Q two?", "<<4+4=8>> <<8*1=8>>", "#### 8", "eq:1")]
     with caplog.at_level("WARNING"):
         dataset, _ = _build(tokenizers, "gpt2", mixed, step_targets=True)
-    assert len(dataset) == 2 and "1 of 2 records have no equation step" in caplog.text
+    assert len(dataset) == 2 and "1 of 2 records have no equation step (first: nl:1)" in caplog.text

@@ -389,6 +389,7 @@ def build_dataset(
     """
     stats = DataStats()
     examples = []
+    first_without_steps = ""  # where the first record without equation steps is (step targets only)
     for record in records:
         if max_samples is not None and stats.kept >= max_samples:
             break
@@ -428,6 +429,8 @@ def build_dataset(
         )
         examples.append(example)
         stats.kept += 1
+        if step_targets and example.step_value_ids == [] and not first_without_steps:
+            first_without_steps = record.where
     stats.log(name)
     if not examples:
         raise DataError(f"{name}: no usable records (read {stats.read}, dropped {dict(stats.dropped)})")
@@ -436,14 +439,16 @@ def build_dataset(
         if without == len(examples):
             raise DataError(
                 f"{name}: the latent step supervision needs equation steps `<<...=c>>` in the CoT, and none "
-                f"of the {len(examples)} records has one (natural-language CoT?): set latent_step_loss_factor 0"
+                f"of the {len(examples)} records has one (first: {first_without_steps}; natural-language "
+                "CoT?): set latent_step_loss_factor 0"
             )
         if without:
             logger.warning(
-                "%s: %d of %d records have no equation step: no step supervision for them",
+                "%s: %d of %d records have no equation step (first: %s): no step supervision for them",
                 name,
                 without,
                 len(examples),
+                first_without_steps,
             )
     return CODIDataset(examples, method), stats
 
