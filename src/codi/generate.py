@@ -132,6 +132,7 @@ def _generate_batch(
     return_latents: bool,
     min_new_tokens: int = 0,
     feed_answer_prompt: bool = False,
+    latent_transform=None,
 ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
     """Generated ids (B, steps) padded after EOS, and the latents [(B, d)] when asked for.
 
@@ -153,7 +154,9 @@ def _generate_batch(
     suppress = torch.tensor(suppressed_token_ids(model), device=device)
     latents = None
     if mode == "latent":
-        prefix = model.encode_latents(input_ids, attention_mask, num_latent)
+        prefix = model.encode_latents(
+            input_ids, attention_mask, num_latent, latent_transform=latent_transform
+        )
         latents = prefix.latents if return_latents else None
 
         def step(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -245,6 +248,7 @@ def generate(
     seed: int | None = None,
     return_latents: bool = False,
     progress: bool = False,
+    latent_transform=None,
 ) -> list[GenerationOutput]:
     """Answer `questions` with a `CODIModel`, in input order.
 
@@ -255,6 +259,8 @@ def generate(
     `min_new_tokens`: no EOS before that many tokens (benchmarks force fixed lengths with it).
     `feed_answer_prompt` (latent mode): feed `<eot>` + the answer prompt in one forward instead of
     decoding the prompt token by token (fewer sequential steps; the prompt is in the returned tokens).
+    `latent_transform(step, latent (B, d)) -> (B, d)` (latent mode): applied to each latent before it is
+    fed, per batch (see `CODIModel.encode_latents`); batches follow length order, not input order.
     """
     if mode not in ("latent", "cot"):
         raise ValueError(f"mode must be 'latent' or 'cot', got {mode!r}")
@@ -302,6 +308,7 @@ def generate(
                     return_latents,
                     min_new_tokens=min_new_tokens,
                     feed_answer_prompt=feed_answer_prompt,
+                    latent_transform=latent_transform,
                 )
                 rows = ids.cpu().tolist()
                 stacked = torch.stack(latents, dim=1).float().cpu() if latents else None

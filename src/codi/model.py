@@ -12,6 +12,7 @@ import logging
 import os
 import warnings
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -46,6 +47,10 @@ class LossSettings:
     # its keys/values are the same, so the student reuses the teacher's instead of recomputing them
     # (exact up to float rounding; tests/test_speed_equivalence.py). Ignored with reference_compat.
     share_question: bool = True
+
+
+# (step, latent (B, d)) -> the latent (B, d) to feed instead; see CODIModel.encode_latents
+LatentTransform = Callable[[int, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -425,6 +430,7 @@ class CODIModel(nn.Module):
         keep_hidden: bool = False,
         defer_last: bool = True,
         keep_all_layers: bool = False,
+        latent_transform: LatentTransform | None = None,
     ) -> LatentPrefix:
         """Run `Q ++ [bot]` (left-padded) and feed exactly `num_latent` latent thoughts.
 
@@ -433,6 +439,8 @@ class CODIModel(nn.Module):
         `prefix.hidden` holds num_latent + 1 states: after `<bot>` and after each latent. With
         `reference_compat` every latent is fed on its own, unmasked, at default positions.
         `keep_all_layers` (with `keep_hidden`) also fills `prefix.all_hidden` (logit lens).
+        `latent_transform(step, latent)` replaces each projected latent (B, d) before it is fed
+        (interventions, latent sampling); `step` counts from 0 (the latent made from `<bot>`).
         """
         compat = self.args.reference_compat
         positions = None if compat else (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -445,7 +453,9 @@ class CODIModel(nn.Module):
             next_position=attention_mask.long().sum(-1),
             pending=None,
         )
-        return self._feed_latents(prefix, out, num_latent, keep_hidden, defer_last, keep_all_layers)
+        return self._feed_latents(
+            prefix, out, num_latent, keep_hidden, defer_last, keep_all_layers, latent_transform
+        )
 
     def encode_latents_after_question(
         self,
@@ -484,6 +494,7 @@ class CODIModel(nn.Module):
         keep_hidden: bool,
         defer_last: bool,
         keep_all_layers: bool,
+        latent_transform: LatentTransform | None = None,
     ) -> LatentPrefix:
         """The latent loop after `<bot>` (`out` is the LM output whose last position is `<bot>`)."""
         compat = self.args.reference_compat
@@ -496,7 +507,10 @@ class CODIModel(nn.Module):
                 prefix.hidden.append(last_hidden)
                 if keep_all_layers:
                     prefix.all_hidden.append(tuple(h[:, -1] for h in out.hidden_states))
-            latent = self.project(last_hidden).unsqueeze(1)
+            latent = self.project(last_hidden)
+            if latent_transform is not None:
+                latent = latent_transform(step, latent)
+            latent = latent.unsqueeze(1)
             prefix.latents.append(latent[:, 0])
             if defer and step == num_latent - 1:
                 prefix.pending = latent
