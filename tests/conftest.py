@@ -73,21 +73,30 @@ RECORDS = [
 def make_model(tiny_dirs):
     """`make_model(arch="gpt2", method="codi", **model_arg_overrides)` -> a fresh CODIModel in eval mode."""
 
-    def factory(arch: str = "gpt2", *, loss: dict | None = None, seed: int = 0, **overrides) -> CODIModel:
+    def factory(
+        arch: str = "gpt2", *, method: str = "codi", loss: dict | None = None, seed: int = 0, **overrides
+    ) -> CODIModel:
         values = dict(model_name_or_path=tiny_dirs[arch], lora_r=8, lora_alpha=16, prj_dim=16, num_latent=3)
         values.update(overrides)
         torch.manual_seed(seed)
         model = CODIModel.from_base(CODIModelArguments(**values))
-        model.loss_settings = LossSettings(**(loss or {}))
+        model.loss_settings = LossSettings(method=method, **(loss or {}))
         return model.eval()
 
     return factory
 
 
-def batch_for(model: CODIModel, records=RECORDS, method: str = "codi") -> dict[str, torch.Tensor]:
+def batch_for(
+    model: CODIModel, records=RECORDS, method: str = "codi", step_targets: bool = False
+) -> dict[str, torch.Tensor]:
     """Collated batch of `records` for `model` (no record dropped)."""
     dataset, stats = build_dataset(
-        records, model.tokenizer, bot_id=model.bot_id, eot_id=model.eot_id, method=method
+        records,
+        model.tokenizer,
+        bot_id=model.bot_id,
+        eot_id=model.eot_id,
+        method=method,
+        step_targets=step_targets,
     )
     assert stats.kept == len(records), stats
     return CODICollator(model.pad_id)([dataset[i] for i in range(len(dataset))])
