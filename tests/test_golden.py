@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import RECORDS, batch_for
 
 GOLDEN = Path(__file__).parent / "data" / "golden_outputs.json"
@@ -24,7 +23,11 @@ VARIANTS = {
     "codi_default": ("codi", {}, {}),
     "codi_unshared_l2_std": ("codi", {"distill_loss_type": "l2", "distill_loss_div_std": True}, {}),
     "codi_step_supervision": ("codi", {"latent_step_loss_factor": 0.5, "distill_loss_factor": 2.0}, {}),
-    "reference_compat": ("codi", {"distill_loss_type": "l2", "distill_loss_div_std": True}, {"reference_compat": True}),
+    "reference_compat": (
+        "codi",
+        {"distill_loss_type": "l2", "distill_loss_div_std": True},
+        {"reference_compat": True},
+    ),
     "reference_compat_fix_mask": ("codi", {}, {"reference_compat": True, "fix_attn_mask": True}),
     "cot_sft": ("cot_sft", {}, {}),
     "no_cot_sft": ("no_cot_sft", {}, {}),
@@ -42,7 +45,9 @@ def _record(make_model, arch: str, name: str) -> dict:
     grads = {
         group: float(
             torch.linalg.vector_norm(
-                torch.stack([p.grad.norm() for n, p in model.named_parameters() if p.grad is not None and key(n)])
+                torch.stack(
+                    [p.grad.norm() for n, p in model.named_parameters() if p.grad is not None and key(n)]
+                )
             )
         )
         for group, key in {
@@ -64,7 +69,9 @@ def _record(make_model, arch: str, name: str) -> dict:
 
 
 def _compute(make_model) -> dict:
-    return {f"{arch}/{name}": _record(make_model, arch, name) for arch in ("gpt2", "llama") for name in VARIANTS}
+    return {
+        f"{arch}/{name}": _record(make_model, arch, name) for arch in ("gpt2", "llama") for name in VARIANTS
+    }
 
 
 def test_outputs_match_the_pinned_behaviour(make_model):
