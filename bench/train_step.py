@@ -1,7 +1,7 @@
 """Training-step benchmark: examples/s and peak memory of CODI steps, default path vs reference_compat.
 
 A step is forward + backward + gradient clipping (2.0) + AdamW, as the HF Trainer runs it. The
-variants share ONE model (the flags are switched between steps), the same batches and the same
+variants are views of ONE model (`CODIModel.with_settings`: the same weights), the same batches and the same
 optimizer; they run interleaved (A, B, C, then C, B, A, ...) so that the load of a shared machine hits
 them alike, and the median over `--repeats` rounds is reported.
 
@@ -24,6 +24,7 @@ import argparse
 import random
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +40,13 @@ VARIANTS = {
 }
 
 
-def set_variant(model, name: str) -> None:
+def variant(model, name: str):
+    """A view of `model` (the same weights) computing under the variant's settings."""
     flags = VARIANTS[name]
-    model.args.reference_compat = flags["reference_compat"]
-    model.loss_settings.share_question = flags["share_question"]
+    return model.with_settings(
+        replace(model.objective, share_question=flags["share_question"]),
+        replace(model.args, reference_compat=flags["reference_compat"]),
+    )
 
 
 def make_batches(model, data: str | None, batch_size: int, count: int, seed: int) -> list[dict]:
@@ -106,9 +110,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     positions: dict[str, int] = {}
     calls: dict[str, int] = {}
     for name in args.variants:  # warm-up (allocator, kernels, AdamW state) and per-step counts
-        set_variant(model, name)
+        view = variant(model, name)
         counter.reset()
-        train_steps(model, optimizer, batches[:1], args.device, dtype)
+        train_steps(view, optimizer, batches[:1], args.device, dtype)
         positions[name], calls[name] = counter.positions, counter.calls
     counter.handle.remove()
 
@@ -119,9 +123,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for round_index in range(args.repeats):
         order = args.variants if round_index % 2 == 0 else args.variants[::-1]
         for name in order:
-            set_variant(model, name)
+            view = variant(model, name)
             with common.PeakMemory(args.device) as memory, common.timed(args.device) as timer:
-                train_steps(model, optimizer, batches, args.device, dtype)
+                train_steps(view, optimizer, batches, args.device, dtype)
             seconds[name].append(timer["s"])
             cpu_seconds[name].append(timer["cpu_s"])
             print(f"round {round_index} {name}: {timer['s']:.2f} s", file=sys.stderr, flush=True)

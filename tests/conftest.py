@@ -18,7 +18,8 @@ import torch
 
 from codi.config import CODIModelArguments
 from codi.data import CODICollator, RawRecord, build_dataset
-from codi.model import CODIModel, LossSettings
+from codi.losses import LossSettings
+from codi.model import CODIModel, TrainingObjective
 from codi.testing import save_tiny_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -74,14 +75,19 @@ def make_model(tiny_dirs):
     """`make_model(arch="gpt2", method="codi", **model_arg_overrides)` -> a fresh CODIModel in eval mode."""
 
     def factory(
-        arch: str = "gpt2", *, method: str = "codi", loss: dict | None = None, seed: int = 0, **overrides
+        arch: str = "gpt2",
+        *,
+        method: str = "codi",
+        loss: dict | None = None,
+        share_question: bool = True,
+        seed: int = 0,
+        **overrides,
     ) -> CODIModel:
         values = dict(model_name_or_path=tiny_dirs[arch], lora_r=8, lora_alpha=16, prj_dim=16, num_latent=3)
         values.update(overrides)
         torch.manual_seed(seed)
-        model = CODIModel.from_base(CODIModelArguments(**values))
-        model.loss_settings = LossSettings(method=method, **(loss or {}))
-        return model.eval()
+        objective = TrainingObjective(method, LossSettings(**(loss or {})), share_question)
+        return CODIModel.from_base(CODIModelArguments(**values), objective).eval()
 
     return factory
 

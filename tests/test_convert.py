@@ -21,8 +21,8 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from codi import cli
-from codi.config import DEFAULT_LORA_TARGETS
 from codi.convert import convert_reference_checkpoint, inspect_reference_state, load_reference_checkpoint
+from codi.hf import DEFAULT_LORA_TARGETS
 from codi.model import CODIModel
 from codi.testing import make_model, make_tokenizer
 
@@ -164,7 +164,7 @@ def test_lora_checkpoint_matches_the_reference_forward(arch, fmt, tiny_dirs, tmp
     assert any(k.startswith("codi.base_model.model.") and k.endswith(".lora_A.default.weight") for k in keys)
     assert {"prj.1.weight", "prj.3.bias", "prj.ln.weight"} <= keys
 
-    model = CODIModel.from_reference_checkpoint(path, base, lora_alpha=LORA_ALPHA, num_latent=NUM_LATENT)
+    model = load_reference_checkpoint(path, base, lora_alpha=LORA_ALPHA, num_latent=NUM_LATENT)
     report = model.conversion_report
     assert (model.pad_id, model.bot_id, model.eot_id) == (
         reference.pad_id,
@@ -360,7 +360,7 @@ def test_hub_id_resolves_from_the_local_hub_cache(monkeypatch, tiny_gpt2, tmp_pa
     (tmp_path / "hub" / "models--zen-E--CODI-gpt2" / "refs" / "main").write_text("0" * 40)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    model = CODIModel.from_reference_checkpoint("zen-E/CODI-gpt2", tiny_gpt2, lora_alpha=LORA_ALPHA)
+    model = load_reference_checkpoint("zen-E/CODI-gpt2", tiny_gpt2, lora_alpha=LORA_ALPHA)
     assert model.conversion_report.source == [str(snapshot / "pytorch_model.bin")]
 
 

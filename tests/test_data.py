@@ -24,7 +24,7 @@ from codi.data import (
     read_records,
     step_value_token_ids,
 )
-from codi.model import add_special_tokens
+from codi.hf import add_special_tokens
 from codi.testing import make_tokenizer
 
 

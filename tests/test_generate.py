@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -37,9 +39,7 @@ def _tiny_codi(directory, arch: str) -> CODIModel:
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
 def model(request, tmp_path_factory) -> CODIModel:
-    model = _tiny_codi(tmp_path_factory.mktemp("generate"), request.param)
-    yield model
-    model.args.reference_compat = False
+    return _tiny_codi(tmp_path_factory.mktemp("generate"), request.param)
 
 
 @pytest.mark.parametrize("mode", ["latent", "cot"])
@@ -141,14 +141,9 @@ def _reference_loop(model: CODIModel, questions: list[str], num_latent: int, max
 
 
 def test_reference_compat_reproduces_reference(model):
-    model.args.reference_compat = True
-    try:
-        ours = generate(model, QUESTIONS, max_new_tokens=MAX_NEW, num_latent=3, batch_size=len(QUESTIONS))
-        alone = [
-            generate(model, [question], max_new_tokens=MAX_NEW, num_latent=3)[0] for question in QUESTIONS
-        ]
-    finally:
-        model.args.reference_compat = False
+    compat = model.with_settings(args=replace(model.args, reference_compat=True))
+    ours = generate(compat, QUESTIONS, max_new_tokens=MAX_NEW, num_latent=3, batch_size=len(QUESTIONS))
+    alone = [generate(compat, [question], max_new_tokens=MAX_NEW, num_latent=3)[0] for question in QUESTIONS]
     # generate() sorts by length: the reference sees the same batch in that order
     order = sorted(
         range(len(QUESTIONS)), key=lambda index: -len(model.tokenizer(QUESTIONS[index])["input_ids"])

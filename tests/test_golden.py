@@ -58,7 +58,7 @@ def _record(make_model, arch: str, name: str) -> dict:
         if any(p.grad is not None and key(n) for n, p in model.named_parameters())
     }
     result = {
-        "losses": {key: float(value) for key, value in outputs.items()},
+        "losses": {key: float(value.detach()) for key, value in outputs.items()},
         "grad_norms": grads,
     }
     if method == "codi":

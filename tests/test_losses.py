@@ -116,12 +116,12 @@ def test_combine_losses_total_with_factors():
     s, t, d = torch.tensor(1.5), torch.tensor(0.25), torch.tensor(0.125)
     out = combine_losses(s, t, d, distill_loss_factor=20.0, ref_loss_factor=0.5)
     assert out.total.item() == pytest.approx(1.5 + 20 * 0.125 + 0.5 * 0.25)
-    assert out.components() == {"student_ce": 1.5, "teacher_ce": 0.25, "distill_loss": 0.125}
+    assert (out.student_ce, out.teacher_ce, out.distill) == (1.5, 0.25, 0.125)
     default = combine_losses(s, t, d)
     assert default.total.item() == pytest.approx(1.5 + 0.125 + 0.25)
     with_step = combine_losses(s, t, d, latent_step=torch.tensor(2.0), latent_step_loss_factor=0.5)
     assert with_step.total.item() == pytest.approx(1.5 + 0.125 + 0.25 + 0.5 * 2.0)
-    assert with_step.components()["latent_step_ce"] == 2.0
+    assert with_step.latent_step == 2.0
 
 
 def test_latent_step_ce_pairs_state_k_with_step_k_by_hand():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,7 +12,7 @@ from tokenizers import processors
 
 from codi.config import CODIModelArguments
 from codi.data import IGNORE_INDEX, CODICollator, build_dataset
-from codi.model import CODIModel, LossSettings
+from codi.model import CODIModel
 from codi.testing import make_model, make_tokenizer
 
 # --------------------------------------------------------------------------------------------------
@@ -39,7 +41,7 @@ def _ce_sum_and_count(logits, labels):
 
 
 def reference_losses(model: CODIModel, examples, teacher_no_grad: bool = True) -> dict[str, torch.Tensor]:
-    lm, settings = model.hf_model, model.loss_settings
+    lm, settings = model.hf_model, model.objective.loss
     t_sum = s_sum = 0.0
     t_count = s_count = 0
     student_layers, teacher_layers = [], []
@@ -147,7 +149,7 @@ def test_reference_compat_l2_divides_by_std_twice(make_model, monkeypatch):
 
 @pytest.mark.parametrize("method", ["cot_sft", "no_cot_sft"])
 def test_baseline_methods_train_the_teacher_sequence_only(make_model, method):
-    model = make_model("gpt2", loss=dict(method=method))
+    model = make_model("gpt2", method=method)
     examples = examples_for(model, method=method)
     if method == "no_cot_sft":
         assert all(ex.cot_ids == [] for ex in examples)
@@ -361,7 +363,6 @@ def test_save_load_untied_llama_keeps_added_output_rows(tmp_path, tiny_llama):
     make_model("llama", len(tokenizer), tie_word_embeddings=False).save_pretrained(base)
     tokenizer.save_pretrained(base)
     model = CODIModel.from_base(CODIModelArguments(model_name_or_path=str(base), lora_r=4, prj_dim=8))
-    model.loss_settings = LossSettings()
     perturb_(model)
     with torch.no_grad():
         model.hf_model.get_output_embeddings().weight[model.base_vocab_rows :].normal_()
@@ -410,7 +411,7 @@ def test_question_keeps_bos_and_the_other_parts_do_not(make_model):
 
 def test_missing_model_path_is_one_clear_error(tmp_path, capsys):
     from codi import cli
-    from codi.model import ModelLoadError
+    from codi.hf import ModelLoadError
 
     missing = str(tmp_path / "no_such_model")
     with pytest.raises(ModelLoadError, match="no_such_model"):
@@ -443,8 +444,10 @@ def _reference_latent_step_ce(model: CODIModel, examples) -> torch.Tensor:
 
 @pytest.mark.parametrize(("arch", "share_question"), [("gpt2", True), ("llama", True), ("gpt2", False)])
 def test_latent_step_loss_matches_cache_free_reference(make_model, arch, share_question):
-    loss = dict(latent_step_loss_factor=0.5, share_question=share_question)
-    model = make_model(arch, loss=loss, num_latent=2)  # 3 states for records of 2 steps: all counted
+    loss = dict(latent_step_loss_factor=0.5)
+    model = make_model(
+        arch, loss=loss, share_question=share_question, num_latent=2
+    )  # 3 states for records of 2 steps: all counted
     perturb_(model)
     dataset, _ = build_dataset(
         RECORDS, model.tokenizer, bot_id=model.bot_id, eot_id=model.eot_id, step_targets=True
@@ -469,8 +472,8 @@ def test_latent_step_loss_needs_step_targets_and_adds_gradient(make_model):
     grads = {}
     for factor in (0.0, 1.0):
         model.zero_grad()
-        model.loss_settings.latent_step_loss_factor = factor
-        model(**batch)["loss"].backward()
+        loss = replace(model.objective.loss, latent_step_loss_factor=factor)
+        model.with_settings(replace(model.objective, loss=loss))(**batch)["loss"].backward()
         grads[factor] = model.prj[1].weight.grad.clone()
     assert not torch.allclose(grads[0.0], grads[1.0])  # the step term reaches the projection
 

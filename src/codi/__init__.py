@@ -7,8 +7,8 @@ __version__ = "0.1.0"
 
 
 def train(*args, **kwargs):
-    """`codi.train(model_args, data_args, training_args)`; see `codi.train.train`."""
-    from .train import train as _train
+    """`codi.train(model_args, data_args, training_args)`; see `codi.training.train`."""
+    from .training import train as _train
 
     return _train(*args, **kwargs)
 

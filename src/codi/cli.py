@@ -30,7 +30,7 @@ def _setup_logging() -> None:
 def cmd_train(argv: list[str]) -> int:
     from .config import parse_args
     from .distributed import close_process_group
-    from .train import train
+    from .training import train
 
     model_args, data_args, training_args = parse_args(argv)
     result = train(model_args, data_args, training_args)

@@ -21,26 +21,20 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+from .losses import DISTILL_LOSS_TYPES, LossSettings
+
 logger = logging.getLogger(__name__)
 
-# Seed-README names -> later reference names (SPEC §3). Both spellings are accepted everywhere.
+
+# The seed README's names -> the later reference names. Both spellings are accepted everywhere.
 ALIASES = {
     "mse_loss_div_std": "distill_loss_div_std",
     "mse_loss_type": "distill_loss_type",
     "mse_loss_factor": "distill_loss_factor",
 }
-DISTILL_LOSS_TYPES = ("smooth_l1", "l1", "l2")
 METHODS = ("codi", "cot_sft", "no_cot_sft")
-
-# LoRA targets per architecture family (SPEC §2); matched on `config.model_type`.
-DEFAULT_LORA_TARGETS = {
-    "gpt2": ["c_attn", "c_proj", "c_fc"],
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"],
-    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"],
-    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"],
-    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"],
-    "phi": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"],
-}
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+ANSWER_PROMPT = "The answer is:"  # precedes the answer value in every training target
 
 
 def _check(condition: bool, message: str) -> None:
@@ -67,7 +61,7 @@ class CODIModelArguments:
     lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the LoRA branch."})
     lora_target_modules: list[str] | None = field(
         default=None,
-        metadata={"help": "Module names to wrap with LoRA; default per architecture (SPEC §2)."},
+        metadata={"help": "Module names to wrap with LoRA; default per architecture (docs/method.md#model)."},
     )
     lora_init: bool = field(
         default=True,
@@ -95,7 +89,7 @@ class CODIModelArguments:
         metadata={"help": "Reference flag; every reference script sets it. Only True is supported."},
     )
     answer_prompt: str = field(
-        default="The answer is:", metadata={"help": "Text that precedes the answer value in every target."}
+        default=ANSWER_PROMPT, metadata={"help": "Text that precedes the answer value in every target."}
     )
     reference_compat: bool = field(
         default=False,
@@ -137,10 +131,7 @@ class CODIModelArguments:
             self.remove_eos, "remove_eos=False is not supported: every reference script uses remove_eos=True"
         )
         _check(bool(self.answer_prompt.strip()), "answer_prompt must not be empty")
-        _check(
-            self.dtype in ("float32", "bfloat16", "float16", "auto"),
-            f"dtype must be float32 | bfloat16 | float16 | auto, got {self.dtype!r}",
-        )
+        _check(self.dtype in DTYPES, f"dtype must be {' | '.join(DTYPES)}, got {self.dtype!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -148,7 +139,7 @@ class CODIModelArguments:
 
 @dataclass
 class CODIDataArguments:
-    """Where the training data comes from and how it is preprocessed (SPEC §1)."""
+    """Where the training data comes from and how it is preprocessed (docs/method.md#data)."""
 
     data_name: str | None = field(
         default=None,
@@ -220,16 +211,21 @@ class CODITrainingArguments(TrainingArguments):
         default="codi",
         metadata={"help": "codi | cot_sft (question+CoT+answer) | no_cot_sft (question+answer)."},
     )
-    distill_loss_type: str = field(default="smooth_l1", metadata={"help": "smooth_l1 | l1 | l2."})
+    distill_loss_type: str = field(
+        default=LossSettings.distill_loss_type, metadata={"help": " | ".join(DISTILL_LOSS_TYPES) + "."}
+    )
     distill_loss_factor: float = field(
-        default=1.0, metadata={"help": "beta: weight of the distillation loss."}
+        default=LossSettings.distill_loss_factor, metadata={"help": "beta: weight of the distillation loss."}
     )
     distill_loss_div_std: bool = field(
-        default=False, metadata={"help": "Divide each layer's distillation loss by the teacher's std."}
+        default=LossSettings.distill_loss_div_std,
+        metadata={"help": "Divide each layer's distillation loss by the teacher's std."},
     )
-    ref_loss_factor: float = field(default=1.0, metadata={"help": "gamma: weight of the teacher CE loss."})
+    ref_loss_factor: float = field(
+        default=LossSettings.ref_loss_factor, metadata={"help": "gamma: weight of the teacher CE loss."}
+    )
     latent_step_loss_factor: float = field(
-        default=0.0,
+        default=LossSettings.latent_step_loss_factor,
         metadata={
             "help": "NOT part of CODI (0 = off, the paper's method): weight of a CE asking the LM head, "
             "applied to the state at <bot> and after each latent, to predict the result of the matching "

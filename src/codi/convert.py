@@ -40,7 +40,8 @@ from typing import Any
 import torch
 
 from .config import CODIModelArguments
-from .model import CODIModel, load_tokenizer
+from .hf import load_tokenizer
+from .model import CODIModel
 
 logger = logging.getLogger(__name__)
 

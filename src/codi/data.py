@@ -22,9 +22,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .config import ANSWER_PROMPT
+from .losses import IGNORE_INDEX
+
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 HUB_ALIASES = {
     "icot": "zen-E/GSM8k-Aug",
     "icot-full": "zen-E/GSM8k-Aug-NL",
@@ -234,7 +236,7 @@ def process_cot(cot: str, style: str = "auto", include_last_cot: bool = False) -
     return ". ".join(steps) + ".\n" if steps else ""
 
 
-def answer_text(value: str, answer_prompt: str = "The answer is:") -> str:
+def answer_text(value: str, answer_prompt: str = ANSWER_PROMPT) -> str:
     return f"{answer_prompt} {value}"
 
 
@@ -275,7 +277,7 @@ def encode_question(tokenizer, question: str) -> list[int]:
     return plain  # a post-processor that rewrites the text tokens: keep the text alone
 
 
-def encode_answer(tokenizer, value: str, answer_prompt: str = "The answer is:") -> tuple[list[int], int]:
+def encode_answer(tokenizer, value: str, answer_prompt: str = ANSWER_PROMPT) -> tuple[list[int], int]:
     """Ids of `"{answer_prompt} {value}"` and the index of the first token that carries the value.
 
     The value's first character is located by character offsets, so tokenizers that emit the space
@@ -308,7 +310,7 @@ def build_example(
     bot_id: int | None,
     eot_id: int | None,
     method: str = "codi",
-    answer_prompt: str = "The answer is:",
+    answer_prompt: str = ANSWER_PROMPT,
     step_targets_from: str | None = None,
 ) -> Example:
     """The teacher and student views of one preprocessed record (see the module docstring).
@@ -378,7 +380,7 @@ def build_dataset(
     include_last_cot: bool = False,
     max_token_num: int = 1000,
     skip_negative_answers: bool = False,
-    answer_prompt: str = "The answer is:",
+    answer_prompt: str = ANSWER_PROMPT,
     max_samples: int | None = None,
     name: str = "train",
     step_targets: bool = False,

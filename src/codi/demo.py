@@ -113,7 +113,7 @@ def train_method(
 ):
     """Train one method from `base` for `max_steps` steps; returns the `TrainResult`."""
     from .config import CODIDataArguments, CODIModelArguments, CODITrainingArguments
-    from .train import train
+    from .training import train
 
     model_args = CODIModelArguments(
         model_name_or_path=base,

@@ -6,7 +6,7 @@ cot (teacher):     Q -> explicit chain of thought ++ "The answer is: N" -> EOS
 Questions are sorted by length and cut into batches (less padding), left-padded, and the results are
 returned in input order. Padding is masked at every step (question, latents, decoder) and position
 ids skip the pads, so the greedy output of an example does not depend on which batch it is in. With
-`model.args.reference_compat` the latent path instead reproduces the reference's unmasked steps.
+the reference policy (`codi.reference`) the latent path instead reproduces the reference's unmasked steps.
 """
 
 from __future__ import annotations
@@ -51,10 +51,10 @@ def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
 def suppressed_token_ids(model) -> list[int]:
     """Ids that the decoder never emits.
 
-    Default: `<bot>`, `<eot>` and an added `<pad>` (never training targets). With `reference_compat`
-    only the last embedding row, as the reference slices `logits[:, :vocab_size - 1]`.
+    Default: `<bot>`, `<eot>` and an added `<pad>` (never training targets). Under the reference
+    policy only the last embedding row, as the reference slices `logits[:, :vocab_size - 1]`.
     """
-    if model.args.reference_compat:
+    if model.policy.suppress_last_row_only:
         return [model.hf_model.get_input_embeddings().weight.shape[0] - 1]
     ids = {model.bot_id, model.eot_id}
     if model.pad_id is not None and model.pad_id != model.tokenizer.eos_token_id:

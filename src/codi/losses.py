@@ -1,4 +1,4 @@
-"""CODI losses (SPEC §3) as pure functions of tensors.
+"""CODI losses (docs/method.md#losses) as pure functions of tensors, and the settings that weigh them.
 
 total = student_ce + distill_loss_factor * distill + ref_loss_factor * teacher_ce
         [+ latent_step_loss_factor * latent_step_ce: optional, NOT part of CODI, off by default]
@@ -7,12 +7,31 @@ total = student_ce + distill_loss_factor * distill + ref_loss_factor * teacher_c
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 
-from .data import IGNORE_INDEX
+IGNORE_INDEX = -100  # label of a position that carries no loss (torch's cross_entropy default)
+DISTILL_LOSS_TYPES = ("smooth_l1", "l1", "l2")
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """How the loss terms are computed and weighed. The defaults here are the only ones: the training
+    arguments take theirs from this class, and `from_args` builds the settings once per run."""
+
+    distill_loss_type: str = "smooth_l1"
+    distill_loss_factor: float = 1.0  # beta
+    distill_loss_div_std: bool = False
+    ref_loss_factor: float = 1.0  # gamma
+    # optional step supervision of the latents (not part of CODI; see latent_step_ce); 0 = off
+    latent_step_loss_factor: float = 0.0
+
+    @classmethod
+    def from_args(cls, args) -> LossSettings:
+        """The settings named like this class's fields on `args` (e.g. `CODITrainingArguments`)."""
+        return cls(**{item.name: getattr(args, item.name) for item in fields(cls)})
 
 
 def next_token_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -72,8 +91,8 @@ class DistillOutput:
 def distillation_loss(
     student_hidden: Sequence[torch.Tensor],
     teacher_hidden: Sequence[torch.Tensor],
-    loss_type: str = "smooth_l1",
-    div_std: bool = False,
+    loss_type: str = LossSettings.distill_loss_type,
+    div_std: bool = LossSettings.distill_loss_div_std,
     l2_std_twice: bool = False,
 ) -> DistillOutput:
     """Layer-wise distillation between student and teacher vectors at the distillation position.
@@ -107,22 +126,15 @@ class CODILoss:
     distill: torch.Tensor
     latent_step: torch.Tensor | None = None
 
-    def components(self) -> dict[str, float]:
-        return {
-            "student_ce": float(self.student_ce.detach()),
-            "teacher_ce": float(self.teacher_ce.detach()),
-            "distill_loss": float(self.distill.detach()),
-        } | ({} if self.latent_step is None else {"latent_step_ce": float(self.latent_step.detach())})
-
 
 def combine_losses(
     student_ce: torch.Tensor,
     teacher_ce: torch.Tensor,
     distill: torch.Tensor,
-    distill_loss_factor: float = 1.0,
-    ref_loss_factor: float = 1.0,
+    distill_loss_factor: float = LossSettings.distill_loss_factor,
+    ref_loss_factor: float = LossSettings.ref_loss_factor,
     latent_step: torch.Tensor | None = None,
-    latent_step_loss_factor: float = 0.0,
+    latent_step_loss_factor: float = LossSettings.latent_step_loss_factor,
 ) -> CODILoss:
     """total = student_ce + beta * distill + gamma * teacher_ce [+ delta * latent_step] (all scalars)."""
     total = student_ce + distill_loss_factor * distill + ref_loss_factor * teacher_ce

@@ -1,52 +1,60 @@
-"""CODI model: one causal LM that is both the CoT teacher and the latent-thought student (SPEC §2-3).
+"""CODI: one causal LM that is both the chain-of-thought teacher and the latent-thought student.
 
-`CODIModel` wraps any Hugging Face causal LM (optionally LoRA-wrapped by peft) plus the projection
-MLP. It touches the LM only through public API (`get_input_embeddings`, `hidden_states`, `cache`),
-never through architecture-specific attribute names.
+The method, step by step (docs/method.md), and where each step lives:
+
+    teacher pass     Q ++ CoT ++ A ++ [eos], CE on CoT and answer      teacher_forward, forward
+    student prefix   Q ++ [bot], then num_latent latent thoughts:       encode_latents (the latent loop:
+                     latent = prj(last hidden state), fed back as        _feed_latents)
+                     the next input embedding
+    student answer   [eot] ++ A ++ [eos] after the latents, CE          decode_step
+    distillation     student vs. teacher hidden states (every layer)    forward -> losses.distillation_loss
+                     at the token that predicts the answer value
+    total loss       student CE + beta * distill + gamma * teacher CE   losses.combine_losses
+
+`CODIModel` wraps any Hugging Face causal LM (optionally LoRA-wrapped by peft) plus the projection MLP,
+and touches the LM only through public API (`get_input_embeddings`, `hidden_states`, `cache`). Loading
+is in `codi.hf`, checkpoints in `codi.checkpoint`, decoding in `codi.generate`.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import os
-import warnings
+import copy
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import DynamicCache
 
-from .config import DEFAULT_LORA_TARGETS, CODIModelArguments
-from .losses import combine_losses, distillation_loss, gather_positions, latent_step_ce, next_token_ce
+from .checkpoint import CheckpointMixin
+from .config import CODIModelArguments
+from .hf import add_special_tokens, build_lm
+from .losses import (
+    LossSettings,
+    combine_losses,
+    distillation_loss,
+    gather_positions,
+    latent_step_ce,
+    next_token_ce,
+)
+from .reference import ReferencePolicy
 
-logger = logging.getLogger(__name__)
 
-CONFIG_NAME = "codi_config.json"
-EXTRA_WEIGHTS_NAME = "codi_extra.safetensors"
-FORMAT_VERSION = 1
-BOT_TOKEN, EOT_TOKEN, PAD_TOKEN = "<bot>", "<eot>", "<pad>"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+@dataclass(frozen=True)
+class TrainingObjective:
+    """What `CODIModel.forward` computes; fixed when the model is built (`from_args` once per run)."""
 
-
-@dataclass
-class LossSettings:
-    """Training-time settings read by `CODIModel.forward` (set from the training arguments)."""
-
-    method: str = "codi"
-    distill_loss_type: str = "smooth_l1"
-    distill_loss_factor: float = 1.0
-    distill_loss_div_std: bool = False
-    ref_loss_factor: float = 1.0
-    # optional step supervision of the latents (not part of CODI; see losses.latent_step_ce); 0 = off
-    latent_step_loss_factor: float = 0.0
+    method: str = "codi"  # codi | cot_sft | no_cot_sft (the baselines train the teacher pass alone)
+    loss: LossSettings = field(default_factory=LossSettings)
     # The question is the same prefix of the teacher and the student sequences: under causal attention
     # its keys/values are the same, so the student reuses the teacher's instead of recomputing them
-    # (exact up to float rounding; tests/test_speed_equivalence.py). Ignored with reference_compat.
+    # (exact up to float rounding; tests/test_speed_equivalence.py). Not with the reference policy.
     share_question: bool = True
+
+    @classmethod
+    def from_args(cls, training_args) -> TrainingObjective:
+        return cls(method=training_args.method, loss=LossSettings.from_args(training_args))
 
 
 # (step, latent (B, d)) -> the latent (B, d) to feed instead; see CODIModel.encode_latents
@@ -98,88 +106,27 @@ def build_projection(hidden_size: int, args: CODIModelArguments) -> nn.Module:
     return nn.Sequential(layers)
 
 
-def _conv1d_targets(model: nn.Module, targets: list[str]) -> bool:
-    from transformers.pytorch_utils import Conv1D
-
-    return any(
-        isinstance(module, Conv1D) and name.rsplit(".", 1)[-1] in targets
-        for name, module in model.named_modules()
-    )
-
-
-def lora_targets(model: nn.Module, args: CODIModelArguments) -> list[str]:
-    if args.lora_target_modules:
-        return list(args.lora_target_modules)
-    model_type = getattr(model.config, "model_type", "")
-    if model_type not in DEFAULT_LORA_TARGETS:
-        raise ValueError(
-            f"no default LoRA targets for model_type {model_type!r}; pass --lora_target_modules "
-            f"(known defaults: {sorted(DEFAULT_LORA_TARGETS)})"
-        )
-    return DEFAULT_LORA_TARGETS[model_type]
-
-
-def load_tokenizer(args: CODIModelArguments, path: str | None = None):
-    source = path or args.tokenizer_name_or_path or args.model_name_or_path
-    kwargs = {"trust_remote_code": args.trust_remote_code}
-    if args.gguf_file and path is None and not args.tokenizer_name_or_path:
-        kwargs["gguf_file"] = args.gguf_file
-    return _load_or_explain(AutoTokenizer.from_pretrained, "tokenizer", source, kwargs)
-
-
-def load_base_model(args: CODIModelArguments, path: str | None = None):
-    source = path or args.model_name_or_path
-    kwargs = {"dtype": _DTYPES[args.dtype], "trust_remote_code": args.trust_remote_code}
-    if args.attn_implementation:
-        kwargs["attn_implementation"] = args.attn_implementation
-    if args.gguf_file and path is None:
-        kwargs["gguf_file"] = args.gguf_file
-    return _load_or_explain(AutoModelForCausalLM.from_pretrained, "model", source, kwargs)
-
-
-def _load_or_explain(loader, what: str, source: str, kwargs: dict):
-    """Call an HF `from_pretrained`, turning 'not found / hub unreachable' into one clear error."""
-    try:
-        return loader(source, **kwargs)
-    except OSError as error:
-        where = "local directory" if os.path.isdir(source) else "hub id (or missing local path)"
-        raise ModelLoadError(
-            f"cannot load the {what} from {source!r} ({where}): {str(error).splitlines()[0]} "
-            "Pass an existing local directory, or a hub id with network access or a filled HF cache."
-        ) from error
-
-
-class ModelLoadError(OSError):
-    """A model, tokenizer or checkpoint could not be loaded; the message names the source."""
-
-
-def add_special_tokens(tokenizer) -> tuple[int, int, int]:
-    """Add `<pad>` (only when missing), `<bot>`, `<eot>` as special tokens; returns (pad, bot, eot) ids."""
-    if tokenizer.pad_token is None:
-        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
-    vocab = tokenizer.get_vocab()
-    missing = [token for token in (BOT_TOKEN, EOT_TOKEN) if token not in vocab]
-    if missing:
-        tokenizer.add_tokens(missing, special_tokens=True)
-    return (
-        tokenizer.pad_token_id,
-        tokenizer.convert_tokens_to_ids(BOT_TOKEN),
-        tokenizer.convert_tokens_to_ids(EOT_TOKEN),
-    )
-
-
-class CODIModel(nn.Module):
+class CODIModel(CheckpointMixin, nn.Module):
     """Teacher and student in one LM, plus the latent projection."""
 
     # The HF Trainer must divide the loss by the accumulation steps itself (see Trainer.training_step).
     accepts_loss_kwargs = False
 
-    def __init__(self, lm: nn.Module, tokenizer, args: CODIModelArguments, base_vocab_rows: int):
+    def __init__(
+        self,
+        lm: nn.Module,
+        tokenizer,
+        args: CODIModelArguments,
+        base_vocab_rows: int,
+        objective: TrainingObjective | None = None,
+    ):
         super().__init__()
         self.lm = lm
         self.tokenizer = tokenizer
         self.args = args
         self.base_vocab_rows = base_vocab_rows
+        self.objective = objective or TrainingObjective()
+        self.policy = ReferencePolicy.from_flags(args.reference_compat, args.fix_attn_mask)
         self.pad_id, self.bot_id, self.eot_id = add_special_tokens(tokenizer)
         hidden_size = self.hf_model.get_input_embeddings().weight.shape[1]
         self.prj = build_projection(hidden_size, args)
@@ -187,23 +134,26 @@ class CODIModel(nn.Module):
         if args.train_special_token_embeddings:
             rows = self.hf_model.get_input_embeddings().weight[[self.bot_id, self.eot_id]]
             self.special_token_embeddings = nn.Parameter(rows.detach().clone().float())
-        self.loss_settings = LossSettings()
-
-    # ----------------------------------------------------------------------------------------------
-    # Construction, saving, loading
 
     @classmethod
-    def from_base(cls, args: CODIModelArguments) -> CODIModel:
+    def from_base(cls, args: CODIModelArguments, objective: TrainingObjective | None = None) -> CODIModel:
         """A fresh CODI model on top of a pretrained causal LM (hub id, local directory or GGUF)."""
-        tokenizer = load_tokenizer(args)
-        lm = load_base_model(args)
-        base_rows = lm.get_input_embeddings().weight.shape[0]
-        add_special_tokens(tokenizer)
-        if len(tokenizer) > base_rows:
-            lm.resize_token_embeddings(len(tokenizer))
-        if args.use_lora:
-            lm = _wrap_lora(lm, args)
-        return cls(lm, tokenizer, args, base_rows)
+        tokenizer, lm, base_rows = build_lm(args)
+        return cls(lm, tokenizer, args, base_rows, objective)
+
+    def with_settings(
+        self, objective: TrainingObjective | None = None, args: CODIModelArguments | None = None
+    ) -> CODIModel:
+        """A view sharing every weight with this model that trains or decodes under another objective or
+        other model arguments (e.g. `reference_compat`): benchmarks and equivalence tests compare paths
+        on the same weights without switching settings on a live model."""
+        view = copy.copy(self)  # shallow: the same sub-modules and parameters
+        if objective is not None:
+            view.objective = objective
+        if args is not None:
+            view.args = args
+            view.policy = ReferencePolicy.from_flags(args.reference_compat, args.fix_attn_mask)
+        return view
 
     @property
     def hf_model(self) -> nn.Module:
@@ -214,155 +164,6 @@ class CODIModel(nn.Module):
     @property
     def is_lora(self) -> bool:
         return hasattr(self.lm, "peft_config")
-
-    def _extra_state(self, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """Weights that neither the adapter nor the base checkpoint holds: projection, added token rows."""
-        names = {id(p): n for n, p in self.named_parameters(remove_duplicate=False)}
-
-        def full(param: torch.Tensor) -> torch.Tensor:
-            # The gathered copy when one is given: FSDP / ZeRO-3 leave only a shard in `param`.
-            if state_dict is None:
-                return param.detach()
-            if names.get(id(param)) not in state_dict:
-                raise KeyError(f"gathered state dict lacks {names.get(id(param))!r}")
-            return state_dict[names[id(param)]]
-
-        if state_dict is None:
-            state = {f"prj.{key}": value for key, value in self.prj.state_dict().items()}
-        else:
-            state = {key: value for key, value in state_dict.items() if key.startswith("prj.")}
-        if self.special_token_embeddings is not None:
-            state["special_token_embeddings"] = full(self.special_token_embeddings)
-        if self.is_lora:
-            input_rows = self.hf_model.get_input_embeddings().weight
-            state["added_input_embeddings"] = full(input_rows)[self.base_vocab_rows :]
-            output = self.hf_model.get_output_embeddings()
-            # `is`, not data_ptr(): sharded (DTensor) parameters all report data_ptr() == 0.
-            if output is not None and output.weight is not input_rows:
-                state["added_output_embeddings"] = full(output.weight)[self.base_vocab_rows :]
-        return {key: value.contiguous().cpu() for key, value in state.items()}
-
-    def save_pretrained(self, output_dir: str, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-        """HF-style folder: adapter (LoRA) or full weights, `codi_extra.safetensors`, config, tokenizer.
-
-        `state_dict` (keys as in `self.state_dict()`): write these tensors instead of the live ones; the
-        HF Trainer passes the gathered full weights under FSDP and DeepSpeed ZeRO-3.
-        """
-        os.makedirs(output_dir, exist_ok=True)
-        lm_state = None
-        if state_dict is not None:
-            lm_state = {key[3:]: value for key, value in state_dict.items() if key.startswith("lm.")}
-        if self.is_lora:
-            self.lm.save_pretrained(output_dir, save_embedding_layers=False, state_dict=lm_state)
-        else:
-            self.hf_model.save_pretrained(output_dir, state_dict=lm_state)
-        save_file(self._extra_state(state_dict), os.path.join(output_dir, EXTRA_WEIGHTS_NAME))
-        self.tokenizer.save_pretrained(output_dir)
-        config = {
-            "format": "codi",
-            "format_version": FORMAT_VERSION,
-            "model_args": self.args.to_dict(),
-            "base_vocab_rows": self.base_vocab_rows,
-            "vocab_rows": self.hf_model.get_input_embeddings().weight.shape[0],
-            "special_token_ids": {"pad": self.pad_id, "bot": self.bot_id, "eot": self.eot_id},
-            "model_type": getattr(self.hf_model.config, "model_type", None),
-        }
-        with open(os.path.join(output_dir, CONFIG_NAME), "w") as handle:
-            json.dump(config, handle, indent=2)
-
-    @staticmethod
-    def read_config(path: str) -> dict:
-        config_path = os.path.join(path, CONFIG_NAME)
-        if not os.path.isfile(config_path):
-            raise FileNotFoundError(f"{path} is not a CODI checkpoint: {CONFIG_NAME} not found")
-        with open(config_path) as handle:
-            config = json.load(handle)
-        if config.get("format") != "codi" or config.get("format_version", 0) > FORMAT_VERSION:
-            raise ValueError(f"{config_path}: unsupported checkpoint format {config.get('format_version')}")
-        return config
-
-    @classmethod
-    def from_pretrained(
-        cls, path: str, base_model_name_or_path: str | None = None, dtype: str | None = None, **overrides
-    ) -> CODIModel:
-        """Load a checkpoint written by `save_pretrained`. LoRA checkpoints need their base model:
-        the one recorded in `codi_config.json`, or `base_model_name_or_path`."""
-        config = cls.read_config(path)
-        values = dict(config["model_args"])
-        if base_model_name_or_path:
-            values["model_name_or_path"] = base_model_name_or_path
-        if dtype:
-            values["dtype"] = dtype
-        values.update(overrides)
-        args = CODIModelArguments(**values)
-        tokenizer = load_tokenizer(args, path=path)
-        lm = load_base_model(args) if args.use_lora else load_base_model(args, path=path)
-        if lm.get_input_embeddings().weight.shape[0] != config["vocab_rows"]:
-            lm.resize_token_embeddings(config["vocab_rows"])
-        if args.use_lora:
-            lm = _wrap_lora(lm, args)
-        model = cls(lm, tokenizer, args, config["base_vocab_rows"])
-        ids = config["special_token_ids"]
-        if (model.pad_id, model.bot_id, model.eot_id) != (ids["pad"], ids["bot"], ids["eot"]):
-            raise ValueError(
-                f"{path}: tokenizer special ids {model.pad_id, model.bot_id, model.eot_id} != saved {ids}"
-            )
-        model.load_weights(path)
-        model.eval()
-        return model
-
-    @classmethod
-    def from_reference_checkpoint(
-        cls, path_or_hub_id: str, base_model: str | None = None, **kwargs
-    ) -> CODIModel:
-        """Load an authors' released checkpoint (SPEC §7: `zen-E/CODI-gpt2`, a local `pytorch_model.bin`,
-        ...); see `codi.convert.load_reference_checkpoint` for the arguments and the mapping."""
-        from .convert import load_reference_checkpoint
-
-        return load_reference_checkpoint(path_or_hub_id, base_model, **kwargs)
-
-    def load_weights(self, path: str) -> None:
-        """Load the trained weights of a checkpoint into this (identically built) model; used to resume."""
-        if self.is_lora:
-            from peft import set_peft_model_state_dict
-            from peft.utils import SAFETENSORS_WEIGHTS_NAME
-
-            adapter = load_file(os.path.join(path, SAFETENSORS_WEIGHTS_NAME))
-            result = set_peft_model_state_dict(self.lm, adapter)
-            unexpected = getattr(result, "unexpected_keys", [])
-            if unexpected:
-                raise ValueError(f"{path}: adapter keys not in this model: {unexpected[:5]}")
-        else:
-            from transformers.trainer_utils import load_sharded_checkpoint  # moved here in transformers 5
-
-            if os.path.isfile(os.path.join(path, "model.safetensors")):
-                state = load_file(os.path.join(path, "model.safetensors"))
-                result = self.hf_model.load_state_dict(state, strict=False)
-                # strict=False only for tied weights (the LM head is not saved); anything else missing
-                # or unexpected means another model, which must not resume silently half-loaded.
-                tied = getattr(self.hf_model, "_tied_weights_keys", None) or {}
-                missing = [key for key in result.missing_keys if key not in tied]
-                if missing or result.unexpected_keys:
-                    raise ValueError(
-                        f"{path}: weights do not match this model: missing {missing[:5]}, "
-                        f"unexpected {result.unexpected_keys[:5]}"
-                    )
-                if self.hf_model.config.tie_word_embeddings:
-                    self.hf_model.tie_weights()
-            else:
-                load_sharded_checkpoint(self.hf_model, path, strict=False)
-        extra = load_file(os.path.join(path, EXTRA_WEIGHTS_NAME))
-        with torch.no_grad():
-            prj_state = {key[4:]: value for key, value in extra.items() if key.startswith("prj.")}
-            self.prj.load_state_dict(prj_state, strict=True)
-            if self.special_token_embeddings is not None:
-                self.special_token_embeddings.copy_(extra["special_token_embeddings"])
-            if "added_input_embeddings" in extra:
-                weight = self.hf_model.get_input_embeddings().weight
-                weight[self.base_vocab_rows :].copy_(extra["added_input_embeddings"])
-            if "added_output_embeddings" in extra:
-                weight = self.hf_model.get_output_embeddings().weight
-                weight[self.base_vocab_rows :].copy_(extra["added_output_embeddings"])
 
     # ----------------------------------------------------------------------------------------------
     # Building blocks shared by training, generation and probing
@@ -386,11 +187,6 @@ class CODIModel(nn.Module):
         if isinstance(self.prj, nn.Identity):
             return hidden.to(dtype)
         return self.prj(hidden.to(self.prj[1].weight.dtype)).to(dtype)
-
-    @property
-    def masks_padding(self) -> bool:
-        """False only when reproducing the reference's unmasked latent steps."""
-        return not self.args.reference_compat
 
     def _lm_step(
         self,
@@ -437,13 +233,14 @@ class CODIModel(nn.Module):
         With `defer_last` (default mode only) the last latent is returned as `pending` and fed together
         with the decoder tokens, which saves one forward call. With `keep_hidden` (and not deferred)
         `prefix.hidden` holds num_latent + 1 states: after `<bot>` and after each latent. With
-        `reference_compat` every latent is fed on its own, unmasked, at default positions.
+        the reference policy, its latents are fed as the reference feeds them (`codi.reference`).
         `keep_all_layers` (with `keep_hidden`) also fills `prefix.all_hidden` (logit lens).
         `latent_transform(step, latent)` replaces each projected latent (B, d) before it is fed
         (interventions, latent sampling); `step` counts from 0 (the latent made from `<bot>`).
         """
-        compat = self.args.reference_compat
-        positions = None if compat else (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        positions = None
+        if not self.policy.default_position_ids:
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         out = self._lm_step(
             self.embed(input_ids), attention_mask, positions, DynamicCache(), all_logits=False
         )
@@ -474,9 +271,9 @@ class CODIModel(nn.Module):
         Under causal attention the keys/values of a question do not depend on what follows it, and the
         positions (question 0..q-1, `<bot>` at q) and the attended set (masked pads) are those of the
         left-padded `encode_latents`, so the result is the same up to float rounding, at the cost of
-        one position per row instead of Lq + 1. Default mode only (not `reference_compat`).
+        one position per row instead of Lq + 1. Default policy only (not the reference's).
         """
-        if self.args.reference_compat:
+        if self.policy.is_reference:
             raise ValueError("encode_latents_after_question reproduces the default path only")
         # `crop(-n)` drops the last n columns (transformers >= 5.24 semantics)
         question_cache.crop(-(question_cache.get_seq_length() - question_mask.shape[1]))
@@ -497,8 +294,8 @@ class CODIModel(nn.Module):
         latent_transform: LatentTransform | None = None,
     ) -> LatentPrefix:
         """The latent loop after `<bot>` (`out` is the LM output whose last position is `<bot>`)."""
-        compat = self.args.reference_compat
-        defer = defer_last and not compat
+        policy = self.policy
+        defer = defer_last and not policy.separate_last_latent
         last_hidden = out.hidden_states[-1][:, -1]
         attention_mask = prefix.attention_mask
         ones = attention_mask.new_ones(attention_mask.shape[0], 1)
@@ -518,8 +315,8 @@ class CODIModel(nn.Module):
             step_mask = torch.cat([prefix.attention_mask, ones], dim=1)
             out = self._lm_step(
                 latent,
-                None if compat else step_mask,
-                None if compat else prefix.next_position.unsqueeze(1),
+                None if policy.unmasked_latents else step_mask,
+                None if policy.default_position_ids else prefix.next_position.unsqueeze(1),
                 prefix.cache,
                 all_logits=False,
             )
@@ -553,13 +350,10 @@ class CODIModel(nn.Module):
             embeds = torch.cat([prefix.pending, embeds], dim=1)
             mask = torch.cat([input_mask.new_ones(input_mask.shape[0], 1), input_mask], dim=1)
         full_mask = torch.cat([prefix.attention_mask, mask], dim=1)
-        compat = self.args.reference_compat
-        if compat:
-            positions = None
-            step_mask = full_mask if self.args.fix_attn_mask else None
-        else:
+        positions = None
+        if not self.policy.default_position_ids:
             positions = prefix.next_position.unsqueeze(1) + (mask.long().cumsum(-1) - 1).clamp(min=0)
-            step_mask = full_mask
+        step_mask = None if self.policy.unmasked_decoder else full_mask
         out = self._lm_step(
             embeds,
             step_mask,
@@ -599,14 +393,14 @@ class CODIModel(nn.Module):
         decoder_labels: torch.Tensor | None = None,
         decoder_distill_pos: torch.Tensor | None = None,
         latent_step_labels: torch.Tensor | None = None,
-        **unused,
     ) -> dict[str, torch.Tensor]:
         """Loss of one batch (see `CODICollator` for the layout); returns total and components."""
-        settings = self.loss_settings
-        share = settings.share_question and settings.method == "codi" and not self.args.reference_compat
+        objective = self.objective
+        share = objective.share_question and objective.method == "codi" and not self.policy.is_reference
+        # 1. teacher pass: CE on CoT and answer; its hidden states are the distillation targets
         teacher = self.teacher_forward(teacher_input_ids, teacher_attention_mask, use_cache=share)
         teacher_ce = next_token_ce(teacher.logits, teacher_labels)
-        if settings.method != "codi":
+        if objective.method != "codi":
             zero = teacher_ce.new_zeros(())
             return {
                 "loss": teacher_ce,
@@ -615,34 +409,26 @@ class CODIModel(nn.Module):
                 "distill_loss": zero,
             }
         target_states = teacher.hidden_states
-        if self.args.reference_compat:
-            with torch.no_grad():  # the reference computes its targets in a second forward
+        if self.policy.second_teacher_forward:
+            with torch.no_grad():
                 target_states = self.teacher_forward(teacher_input_ids, teacher_attention_mask).hidden_states
         teacher_vectors = [gather_positions(h, teacher_distill_pos).detach() for h in target_states]
-        step_supervision = settings.latent_step_loss_factor > 0
+        step_supervision = objective.loss.latent_step_loss_factor > 0
         if step_supervision and latent_step_labels is None:
             raise ValueError(
                 "latent_step_loss_factor > 0 needs batches with latent_step_labels "
                 "(build the dataset with step_targets=True)"
             )
-
+        # 2. student prefix: Q ++ [bot] and the latent thoughts
         if share:
-            # The student's `Q ++ [bot]` is left-padded to Lq + 1 columns; the teacher's cache holds the
-            # same questions right-padded in its first Lq columns (shapes only: no host sync).
-            question_columns = student_input_ids.shape[1] - 1
-            lengths = student_attention_mask.long().sum(-1, keepdim=True) - 1
-            columns = torch.arange(question_columns, device=lengths.device).unsqueeze(0)
-            prefix = self.encode_latents_after_question(
-                teacher.cache,
-                (columns < lengths).to(student_attention_mask.dtype),
-                student_input_ids[:, -1:],
-                self.args.num_latent,
-                keep_hidden=step_supervision,
+            prefix = self._student_prefix_from_teacher(
+                teacher.cache, student_input_ids, student_attention_mask, keep_hidden=step_supervision
             )
         else:
             prefix = self.encode_latents(
                 student_input_ids, student_attention_mask, self.args.num_latent, keep_hidden=step_supervision
             )
+        # 3. student answer: [eot] ++ A ++ [eos] (after the pending last latent, when there is one)
         offset = 1 if prefix.pending is not None else 0
         student = self.decode_step(prefix, decoder_input_ids, decoder_attention_mask)
         student_ce = next_token_ce(student.logits[:, offset:], decoder_labels)
@@ -652,22 +438,24 @@ class CODIModel(nn.Module):
             states = prefix.hidden + ([student.hidden_states[-1][:, 0]] if offset else [])
             head = self.hf_model.get_output_embeddings()
             latent_step = latent_step_ce(head(torch.stack(states, dim=1)), latent_step_labels)
+        # 4. distillation at the position that predicts the answer value, then the total
         student_vectors = [gather_positions(h, decoder_distill_pos + offset) for h in student.hidden_states]
+        loss = objective.loss
         distill = distillation_loss(
             student_vectors,
             teacher_vectors,
-            settings.distill_loss_type,
-            settings.distill_loss_div_std,
-            l2_std_twice=self.args.reference_compat,
+            loss.distill_loss_type,
+            loss.distill_loss_div_std,
+            l2_std_twice=self.policy.l2_divided_by_std_twice,
         )
         losses = combine_losses(
             student_ce,
             teacher_ce,
             distill.loss,
-            settings.distill_loss_factor,
-            settings.ref_loss_factor,
+            loss.distill_loss_factor,
+            loss.ref_loss_factor,
             latent_step,
-            settings.latent_step_loss_factor,
+            loss.latent_step_loss_factor,
         )
         outputs = {
             "loss": losses.total,
@@ -679,6 +467,23 @@ class CODIModel(nn.Module):
             outputs["latent_step_ce"] = latent_step.detach()
         return outputs
 
+    def _student_prefix_from_teacher(
+        self, teacher_cache, student_input_ids, student_attention_mask, keep_hidden
+    ):
+        """The student prefix on the teacher's cached question: the student's `Q ++ [bot]` is left-padded
+        to Lq + 1 columns; the teacher's cache holds the same questions right-padded in its first Lq
+        columns (shapes only: no host sync)."""
+        question_columns = student_input_ids.shape[1] - 1
+        lengths = student_attention_mask.long().sum(-1, keepdim=True) - 1
+        columns = torch.arange(question_columns, device=lengths.device).unsqueeze(0)
+        return self.encode_latents_after_question(
+            teacher_cache,
+            (columns < lengths).to(student_attention_mask.dtype),
+            student_input_ids[:, -1:],
+            self.args.num_latent,
+            keep_hidden=keep_hidden,
+        )
+
     # ----------------------------------------------------------------------------------------------
     # Inference
 
@@ -687,21 +492,3 @@ class CODIModel(nn.Module):
         from .generate import generate
 
         return generate(self, questions, **kwargs)
-
-
-def _wrap_lora(lm: nn.Module, args: CODIModelArguments) -> nn.Module:
-    from peft import LoraConfig, get_peft_model
-
-    targets = lora_targets(lm, args)
-    config = LoraConfig(
-        r=args.lora_r,
-        lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout,
-        target_modules=targets,
-        fan_in_fan_out=_conv1d_targets(lm, targets),
-        task_type="CAUSAL_LM",
-    )
-    with warnings.catch_warnings():
-        # peft reads the deprecated `is_gradient_checkpointing` property; not ours to fix.
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return get_peft_model(lm, config)

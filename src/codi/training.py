@@ -17,7 +17,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .config import CODIDataArguments, CODIModelArguments, CODITrainingArguments
 from .data import CODICollator, CODIDataset, DataStats, build_dataset, load_records
-from .model import CODIModel, LossSettings
+from .model import CODIModel, TrainingObjective
 
 logger = logging.getLogger(__name__)
 COMPONENTS = ("student_ce", "teacher_ce", "distill_loss", "latent_step_ce")
@@ -141,20 +141,11 @@ class TrainResult:
 
 
 def build_model(model_args: CODIModelArguments, training_args: CODITrainingArguments) -> CODIModel:
-    model = CODIModel.from_base(model_args)
-    model.loss_settings = LossSettings(
-        method=training_args.method,
-        distill_loss_type=training_args.distill_loss_type,
-        distill_loss_factor=training_args.distill_loss_factor,
-        distill_loss_div_std=training_args.distill_loss_div_std,
-        ref_loss_factor=training_args.ref_loss_factor,
-        latent_step_loss_factor=training_args.latent_step_loss_factor,
-    )
-    return model
+    return CODIModel.from_base(model_args, TrainingObjective.from_args(training_args))
 
 
 def build_datasets(
-    model: CODIModel, data_args: CODIDataArguments, method: str
+    model: CODIModel, data_args: CODIDataArguments, training_args: CODITrainingArguments
 ) -> tuple[CODIDataset, DataStats, CODIDataset | None, DataStats | None]:
     source = data_args.train_file or data_args.data_name
     if source is None:
@@ -162,13 +153,13 @@ def build_datasets(
     common = dict(
         bot_id=model.bot_id,
         eot_id=model.eot_id,
-        method=method,
+        method=training_args.method,
         cot_style=data_args.cot_style,
         include_last_cot=data_args.include_last_cot,
         max_token_num=data_args.max_token_num,
         skip_negative_answers=data_args.skip_negative_answers,
         answer_prompt=model.args.answer_prompt,
-        step_targets=model.loss_settings.latent_step_loss_factor > 0,
+        step_targets=training_args.latent_step_loss_factor > 0,
     )
     train_set, train_stats = build_dataset(
         load_records(source, "train"),
@@ -215,7 +206,7 @@ def train(
     set_seed(training_args.seed)
     resume = _resume_path(training_args)
     model = build_model(model_args, training_args)
-    train_set, train_stats, eval_set, eval_stats = build_datasets(model, data_args, training_args.method)
+    train_set, train_stats, eval_set, eval_stats = build_datasets(model, data_args, training_args)
     if eval_set is None and training_args.eval_strategy != "no":
         raise ValueError("eval_strategy is set but there is no validation data (--validation_file)")
     if training_args.label_names is None:
