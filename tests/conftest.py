@@ -18,8 +18,8 @@ import torch
 
 from codi.config import CODIModelArguments
 from codi.data import CODICollator, RawRecord, build_dataset
-from codi.losses import LossSettings
-from codi.model import CODIModel, TrainingObjective
+from codi.losses import LossSettings, TrainingObjective
+from codi.model import CODIModel
 from codi.testing import save_tiny_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -121,7 +121,7 @@ def test_shared_question_saves_the_student_question_positions(make_model):
 
 
 def test_shared_question_default_is_on():
-    from codi.model import TrainingObjective
+    from codi.losses import TrainingObjective
 
     assert TrainingObjective().share_question is True
 

@@ -7,7 +7,7 @@ total = student_ce + distill_loss_factor * distill + ref_loss_factor * teacher_c
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,22 @@ class LossSettings:
     def from_args(cls, args) -> LossSettings:
         """The settings named like this class's fields on `args` (e.g. `CODITrainingArguments`)."""
         return cls(**{item.name: getattr(args, item.name) for item in fields(cls)})
+
+
+@dataclass(frozen=True)
+class TrainingObjective:
+    """What `CODIModel.forward` computes; fixed when the model is built (`from_args` once per run)."""
+
+    method: str = "codi"  # codi | cot_sft | no_cot_sft (the baselines train the teacher pass alone)
+    loss: LossSettings = field(default_factory=LossSettings)
+    # The question is the same prefix of the teacher and the student sequences: under causal attention
+    # its keys/values are the same, so the student reuses the teacher's instead of recomputing them
+    # (exact up to float rounding; tests/test_speed_equivalence.py). Not with the reference policy.
+    share_question: bool = True
+
+    @classmethod
+    def from_args(cls, training_args) -> TrainingObjective:
+        return cls(method=training_args.method, loss=LossSettings.from_args(training_args))
 
 
 def next_token_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -30,8 +29,9 @@ from transformers import DynamicCache
 from .checkpoint import CheckpointMixin
 from .config import CODIModelArguments
 from .hf import add_special_tokens, build_lm
+from .latent import LatentPrefix, LatentTransform
 from .losses import (
-    LossSettings,
+    TrainingObjective,
     combine_losses,
     distillation_loss,
     gather_positions,
@@ -39,51 +39,6 @@ from .losses import (
     next_token_ce,
 )
 from .reference import ReferencePolicy
-
-
-@dataclass(frozen=True)
-class TrainingObjective:
-    """What `CODIModel.forward` computes; fixed when the model is built (`from_args` once per run)."""
-
-    method: str = "codi"  # codi | cot_sft | no_cot_sft (the baselines train the teacher pass alone)
-    loss: LossSettings = field(default_factory=LossSettings)
-    # The question is the same prefix of the teacher and the student sequences: under causal attention
-    # its keys/values are the same, so the student reuses the teacher's instead of recomputing them
-    # (exact up to float rounding; tests/test_speed_equivalence.py). Not with the reference policy.
-    share_question: bool = True
-
-    @classmethod
-    def from_args(cls, training_args) -> TrainingObjective:
-        return cls(method=training_args.method, loss=LossSettings.from_args(training_args))
-
-
-# (step, latent (B, d)) -> the latent (B, d) to feed instead; see CODIModel.encode_latents
-LatentTransform = Callable[[int, torch.Tensor], torch.Tensor]
-
-
-@dataclass
-class LatentPrefix:
-    """State after the question, `<bot>` and the latent thoughts, ready for the decoder tokens.
-
-    cache: KV cache of everything fed so far.
-    attention_mask: (B, past) the true padding mask of the cached positions.
-    next_position: (B,) position id of the next input token per row.
-    pending: (B, 1, d) the last latent embedding, not yet fed (it is fed together with the decoder
-        tokens, saving one forward call), or None.
-    hidden: last-layer states before the projection, after `<bot>` and after each fed latent (B, d);
-        filled only when asked for (probing).
-    latents: the latent embeddings fed or pending (B, d), in order.
-    all_hidden: with `keep_all_layers`, for each entry of `hidden`, every entry of the LM's
-        `hidden_states` (embedding output and each block's output, each (B, d)) at that position.
-    """
-
-    cache: DynamicCache
-    attention_mask: torch.Tensor
-    next_position: torch.Tensor
-    pending: torch.Tensor | None
-    hidden: list[torch.Tensor] = field(default_factory=list)
-    latents: list[torch.Tensor] = field(default_factory=list)
-    all_hidden: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
 
 
 def build_projection(hidden_size: int, args: CODIModelArguments) -> nn.Module:
@@ -257,31 +212,34 @@ class CODIModel(CheckpointMixin, nn.Module):
     def encode_latents_after_question(
         self,
         question_cache: DynamicCache,
-        question_mask: torch.Tensor,
-        bot_ids: torch.Tensor,
+        student_input_ids: torch.Tensor,
+        student_attention_mask: torch.Tensor,
         num_latent: int,
-        defer_last: bool = True,
         keep_hidden: bool = False,
     ) -> LatentPrefix:
-        """Like `encode_latents`, but the question's keys/values come from `question_cache`.
+        """Like `encode_latents` on the student's left-padded `Q ++ [bot]` (B, Lq + 1), but the question's
+        keys/values come from `question_cache`, whose first Lq columns hold the same questions
+        RIGHT-padded: the teacher's cache, since every teacher sequence starts with its question. The
+        cache is cropped to Lq in place.
 
-        question_cache: a cache whose first Lq columns hold the (RIGHT-padded) questions, e.g. the
-            teacher's cache, since every teacher sequence starts with its question; it is cropped to
-            Lq in place. question_mask: (B, Lq) 1 on question tokens. bot_ids: (B, 1) `<bot>` ids.
         Under causal attention the keys/values of a question do not depend on what follows it, and the
-        positions (question 0..q-1, `<bot>` at q) and the attended set (masked pads) are those of the
-        left-padded `encode_latents`, so the result is the same up to float rounding, at the cost of
-        one position per row instead of Lq + 1. Default policy only (not the reference's).
+        positions (question 0..q-1, `<bot>` at q) and the attended set (masked pads) are those of
+        `encode_latents`, so the result is the same up to float rounding, at the cost of one position per
+        row instead of Lq + 1. Default policy only (not the reference's). Shapes only: no host sync.
         """
         if self.policy.is_reference:
             raise ValueError("encode_latents_after_question reproduces the default path only")
+        question_columns = student_input_ids.shape[1] - 1
+        lengths = student_attention_mask.long().sum(-1) - 1
+        columns = torch.arange(question_columns, device=lengths.device).unsqueeze(0)
+        question_mask = (columns < lengths.unsqueeze(1)).to(student_attention_mask.dtype)
         # `crop(-n)` drops the last n columns (transformers >= 5.24 semantics)
-        question_cache.crop(-(question_cache.get_seq_length() - question_mask.shape[1]))
-        lengths = question_mask.long().sum(-1)
+        question_cache.crop(-(question_cache.get_seq_length() - question_columns))
         mask = torch.cat([question_mask, question_mask.new_ones(question_mask.shape[0], 1)], dim=1)
+        bot_ids = student_input_ids[:, -1:]
         out = self._lm_step(self.embed(bot_ids), mask, lengths.unsqueeze(1), question_cache, all_logits=False)
         prefix = LatentPrefix(cache=out.cache, attention_mask=mask, next_position=lengths + 1, pending=None)
-        return self._feed_latents(prefix, out, num_latent, keep_hidden, defer_last, False)
+        return self._feed_latents(prefix, out, num_latent, keep_hidden, True, False)
 
     def _feed_latents(
         self,
@@ -401,7 +359,7 @@ class CODIModel(CheckpointMixin, nn.Module):
         teacher = self.teacher_forward(teacher_input_ids, teacher_attention_mask, use_cache=share)
         teacher_ce = next_token_ce(teacher.logits, teacher_labels)
         if objective.method != "codi":
-            zero = teacher_ce.new_zeros(())
+            zero = teacher_ce.new_zeros(())  # the baselines train the teacher pass alone
             return {
                 "loss": teacher_ce,
                 "teacher_ce": teacher_ce.detach(),
@@ -420,24 +378,17 @@ class CODIModel(CheckpointMixin, nn.Module):
                 "(build the dataset with step_targets=True)"
             )
         # 2. student prefix: Q ++ [bot] and the latent thoughts
-        if share:
-            prefix = self._student_prefix_from_teacher(
-                teacher.cache, student_input_ids, student_attention_mask, keep_hidden=step_supervision
-            )
-        else:
-            prefix = self.encode_latents(
-                student_input_ids, student_attention_mask, self.args.num_latent, keep_hidden=step_supervision
-            )
+        encode = partial(self.encode_latents_after_question, teacher.cache) if share else self.encode_latents
+        prefix = encode(
+            student_input_ids, student_attention_mask, self.args.num_latent, keep_hidden=step_supervision
+        )
         # 3. student answer: [eot] ++ A ++ [eos] (after the pending last latent, when there is one)
         offset = 1 if prefix.pending is not None else 0
         student = self.decode_step(prefix, decoder_input_ids, decoder_attention_mask)
         student_ce = next_token_ce(student.logits[:, offset:], decoder_labels)
-        latent_step = None
-        if step_supervision:
-            # states at <bot> and after each latent; the last one is the pending latent's output
-            states = prefix.hidden + ([student.hidden_states[-1][:, 0]] if offset else [])
-            head = self.hf_model.get_output_embeddings()
-            latent_step = latent_step_ce(head(torch.stack(states, dim=1)), latent_step_labels)
+        latent_step = (
+            self._latent_step_loss(prefix, student, offset, latent_step_labels) if step_supervision else None
+        )
         # 4. distillation at the position that predicts the answer value, then the total
         student_vectors = [gather_positions(h, decoder_distill_pos + offset) for h in student.hidden_states]
         loss = objective.loss
@@ -459,30 +410,22 @@ class CODIModel(CheckpointMixin, nn.Module):
         )
         outputs = {
             "loss": losses.total,
-            "student_ce": student_ce.detach(),
-            "teacher_ce": teacher_ce.detach(),
-            "distill_loss": distill.loss.detach(),
+            "student_ce": student_ce,
+            "teacher_ce": teacher_ce,
+            "distill_loss": distill.loss,
         }
         if latent_step is not None:
-            outputs["latent_step_ce"] = latent_step.detach()
-        return outputs
+            outputs["latent_step_ce"] = latent_step
+        return {key: value if key == "loss" else value.detach() for key, value in outputs.items()}
 
-    def _student_prefix_from_teacher(
-        self, teacher_cache, student_input_ids, student_attention_mask, keep_hidden
-    ):
-        """The student prefix on the teacher's cached question: the student's `Q ++ [bot]` is left-padded
-        to Lq + 1 columns; the teacher's cache holds the same questions right-padded in its first Lq
-        columns (shapes only: no host sync)."""
-        question_columns = student_input_ids.shape[1] - 1
-        lengths = student_attention_mask.long().sum(-1, keepdim=True) - 1
-        columns = torch.arange(question_columns, device=lengths.device).unsqueeze(0)
-        return self.encode_latents_after_question(
-            teacher_cache,
-            (columns < lengths).to(student_attention_mask.dtype),
-            student_input_ids[:, -1:],
-            self.args.num_latent,
-            keep_hidden=keep_hidden,
-        )
+    def _latent_step_loss(
+        self, prefix: LatentPrefix, student, offset: int, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """The optional step supervision (docs/method.md#step-supervision): the LM head on the states at
+        <bot> and after each latent; the last one is the pending latent's output (offset 1) if any."""
+        states = prefix.hidden + ([student.hidden_states[-1][:, 0]] if offset else [])
+        head = self.hf_model.get_output_embeddings()
+        return latent_step_ce(head(torch.stack(states, dim=1)), labels)
 
     # ----------------------------------------------------------------------------------------------
     # Inference

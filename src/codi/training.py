@@ -17,7 +17,8 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .config import CODIDataArguments, CODIModelArguments, CODITrainingArguments
 from .data import CODICollator, CODIDataset, DataStats, build_dataset, load_records
-from .model import CODIModel, TrainingObjective
+from .losses import TrainingObjective
+from .model import CODIModel
 
 logger = logging.getLogger(__name__)
 COMPONENTS = ("student_ce", "teacher_ce", "distill_loss", "latent_step_ce")
