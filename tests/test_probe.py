@@ -14,18 +14,20 @@ import torch
 from conftest import RECORDS, shared_file
 
 from codi.cli import main as cli_main
-from codi.probe import (
+from codi.probe import find_final_norm, probe
+from codi.probe_metric import (
     PositionProbe,
     ProbeRecord,
     StepRef,
     TopK,
-    find_final_norm,
-    probe,
+    first_pieces,
+    match_steps,
     read_jsonl,
+    reference_steps,
     summarize,
-    write_report,
+    token_matches,
 )
-from codi.report import first_pieces, match_steps, reference_steps, token_matches
+from codi.report import write_report
 from codi.testing import make_tokenizer
 
 # --------------------------------------------------------------------------------------------------
@@ -117,7 +119,7 @@ def test_reference_steps_parse_results():
 @pytest.mark.shared_data
 def test_reference_steps_of_the_validation_set():
     from codi.data import read_records
-    from codi.report import as_number, bucket
+    from codi.probe_metric import as_number, bucket
 
     records = read_records(str(shared_file("gsm8k_aug_valid.txt")))
     steps = [reference_steps(record.cot) for record in records]

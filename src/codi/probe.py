@@ -1,4 +1,4 @@
-"""Probing the latent thoughts (SPEC §5, paper §5 and Table 3).
+"""Probing the latent thoughts (docs/method.md#probing; paper §5 and Table 3).
 
 For every question the latent loop is run once and, at each of the num_latent + 1 positions (after
 `<bot>` and after each latent thought), the LM head is applied to:
@@ -10,119 +10,31 @@ For every question the latent loop is run once and, at each of the num_latent + 
     lens       optionally, a logit lens: every entry of `hidden_states` (embedding output and each
                block's output) through the model's final norm and the LM head
 
-The Table-3 metric (`codi.report.match_steps`, `summarize`) asks whether the decoded top-k tokens contain the
-intermediate results `c` of the reference CoT's steps `<<a op b=c>>` (all steps of the FULL CoT, the
-last included), bucketed by 1, 2 and 3+ steps. A top-k token matches a result when
-
-    whole        its stripped text, commas removed, is a number equal to the result (".5" == "0.5"), or
-    first token  its stripped text equals the first token of the result's own tokenisation (multi-token
-                 numbers, e.g. GPT-2's "18" of "1800"; Llama-3's 3-digit groups), only when that first
-                 token contains a digit (so "-" of "-5" never matches).
-
-"any order": every result matches at some position; "in order": the results match at strictly
-increasing positions, step 1 first (a subsequence of the positions). Both rules are reported: the
-default ("first token") and the stricter "whole number only".
+The records and the paper's Table-3 metric are in `codi.probe_metric`; plots and HTML in `codi.report`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
 
 from .data import answer_value, encode_question, pad_sequences
+from .probe_metric import (
+    PositionProbe,
+    ProbeRecord,
+    TopK,
+    as_number,
+    format_summary,
+    reference_steps,
+    summarize,
+)
+from .report import write_report
 
 logger = logging.getLogger(__name__)
-
-
-# --------------------------------------------------------------------------------------------------
-# Records
-
-
-@dataclass
-class TopK:
-    """The k most probable tokens of one softmax, most probable first."""
-
-    tokens: list[str]
-    ids: list[int] = field(default_factory=list)
-    probs: list[float] = field(default_factory=list)
-
-
-@dataclass
-class PositionProbe:
-    """One probed position: 0 = after `<bot>`, i = after latent thought i.
-
-    top: LM head on the last-layer state before the projection. projected: on the latent fed next
-    (None at the last position, whose latent is never computed). lens: one TopK per `hidden_states`
-    entry (layer 0 = embeddings). hidden_norm / latent_norm: L2 norms of those vectors.
-    """
-
-    position: int
-    top: TopK
-    projected: TopK | None = None
-    lens: list[TopK] | None = None
-    hidden_norm: float | None = None
-    latent_norm: float | None = None
-
-    @property
-    def label(self) -> str:
-        return "<bot>" if self.position == 0 else f"latent {self.position}"
-
-
-@dataclass
-class StepRef:
-    """One reference CoT step `<<expression>>`: its result `c` and that result's first token(s)."""
-
-    expression: str
-    result: str
-    first_pieces: list[str] = field(default_factory=list)
-
-
-@dataclass
-class ProbeRecord:
-    """Everything probed for one question (one JSONL line)."""
-
-    question: str
-    positions: list[PositionProbe]
-    steps: list[StepRef] = field(default_factory=list)
-    index: int = 0
-    cot: str = ""
-    gold: str | None = None
-    predicted_text: str | None = None
-    predicted: float | None = None
-    correct: bool | None = None
-    latent_cosine: list[list[float]] = field(default_factory=list)  # (num_latent, num_latent)
-
-    @property
-    def num_steps(self) -> int:
-        return len(self.steps)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> ProbeRecord:
-        def topk(value):
-            return None if value is None else TopK(**value)
-
-        positions = [
-            PositionProbe(
-                position=p["position"],
-                top=TopK(**p["top"]),
-                projected=topk(p.get("projected")),
-                lens=None if p.get("lens") is None else [TopK(**t) for t in p["lens"]],
-                hidden_norm=p.get("hidden_norm"),
-                latent_norm=p.get("latent_norm"),
-            )
-            for p in data["positions"]
-        ]
-        values = {key: value for key, value in data.items() if key not in ("positions", "steps")}
-        return cls(positions=positions, steps=[StepRef(**s) for s in data.get("steps", [])], **values)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -273,8 +185,6 @@ def probe(
 
 
 def _make_record(index, item, positions, cosine, output, tokenizer) -> ProbeRecord:
-    from .report import as_number, reference_steps  # report imports this module: import late
-
     question, cot, gold = item
     record = ProbeRecord(
         question=question,
@@ -294,30 +204,6 @@ def _make_record(index, item, positions, cosine, output, tokenizer) -> ProbeReco
         if gold_value is not None:
             record.correct = record.predicted is not None and abs(record.predicted - gold_value) < 1e-6
     return record
-
-
-# --------------------------------------------------------------------------------------------------
-# Summary and report (implemented in `codi.report`, which imports this module's records)
-
-
-def summarize(records: Sequence[ProbeRecord]) -> dict:
-    """Aggregate metrics (Table-3 match rates, accuracy, latent norms and cosines); see `codi.report`."""
-    from .report import summarize as _summarize
-
-    return _summarize(records)
-
-
-def read_jsonl(path: str) -> list[ProbeRecord]:
-    """Records written by `write_report` (probe_records.jsonl), e.g. for a notebook."""
-    with open(path, encoding="utf-8") as handle:
-        return [ProbeRecord.from_dict(json.loads(line)) for line in handle if line.strip()]
-
-
-def write_report(records: Sequence[ProbeRecord], summary: dict, output_dir: str, title: str = "") -> dict:
-    """JSONL records, JSON summary, PNG plots and one self-contained HTML page; returns their paths."""
-    from .report import write_report as _write
-
-    return _write(records, summary, output_dir, title=title)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -370,7 +256,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .data import read_records
     from .model import CODIModel
-    from .report import format_summary
 
     records = read_records(args.data)[: args.limit]
     model = CODIModel.from_pretrained(args.model, base_model_name_or_path=args.base_model)
