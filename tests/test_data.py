@@ -11,20 +11,15 @@ from conftest import RECORDS, shared_file
 from codi.data import (
     IGNORE_INDEX,
     CODICollator,
-    DataError,
-    RawRecord,
     answer_value,
     build_dataset,
     build_example,
     encode_answer,
-    gsm8k_to_record,
-    load_records,
-    parse_icot_line,
     process_cot,
-    read_records,
     step_value_token_ids,
 )
 from codi.hf import add_special_tokens
+from codi.records import DataError, RawRecord, gsm8k_to_record, load_records, parse_icot_line, read_records
 from codi.testing import make_tokenizer
 
 

@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .data import DataError, parse_icot_line, read_json_rows
+from .records import DataError, parse_icot_line, read_json_rows
 
 logger = logging.getLogger(__name__)
 

@@ -254,8 +254,8 @@ def run_probe(
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .data import read_records
     from .model import CODIModel
+    from .records import read_records
 
     records = read_records(args.data)[: args.limit]
     model = CODIModel.from_pretrained(args.model, base_model_name_or_path=args.base_model)

@@ -16,9 +16,10 @@ from transformers import Trainer, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from .config import CODIDataArguments, CODIModelArguments, CODITrainingArguments
-from .data import CODICollator, CODIDataset, DataStats, build_dataset, load_records
+from .data import CODICollator, CODIDataset, DataStats, build_dataset
 from .losses import TrainingObjective
 from .model import CODIModel
+from .records import load_records
 
 logger = logging.getLogger(__name__)
 COMPONENTS = ("student_ce", "teacher_ce", "distill_loss", "latent_step_ce")

@@ -1,0 +1,142 @@
+"""Reading training records: ICoT text files, JSONL/JSON ({question, cot, answer} or GSM8k), hub datasets.
+
+Every record keeps where it came from (`file:line`, `dataset[split][index]`), and every error names it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+HUB_ALIASES = {
+    "icot": "zen-E/GSM8k-Aug",
+    "icot-full": "zen-E/GSM8k-Aug-NL",
+    "commonsense": "zen-E/CommonsenseQA-GPT4omini",
+}
+_GSM8K_ANNOTATION = re.compile(r"<<([^<>]*)>>")
+
+
+class DataError(ValueError):
+    """A record that cannot be read; the message names the source and the line or index."""
+
+
+@dataclass
+class RawRecord:
+    """One training record as read from its source; `where` names the file:line or dataset:index."""
+
+    question: str
+    cot: str
+    answer: str
+    where: str = ""
+
+
+def _require(record: dict, keys: Sequence[str], where: str) -> list[str]:
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    missing = [key for key in keys if key not in record]
+    if missing:
+        raise DataError(f"{where}: missing field(s) {missing}; found {sorted(record)}")
+    values = []
+    for key in keys:
+        value = record[key]
+        if value is None:
+            # GSM8k-Aug-NL has records without an answer: the reference skips them; so do we, counted
+            # as an empty answer by build_dataset, instead of failing on the whole dataset.
+            value = ""
+        if not isinstance(value, (str, int, float)):
+            raise DataError(f"{where}: field {key!r} must be text, got {type(value).__name__}")
+        values.append(str(value))
+    return values
+
+
+def parse_icot_line(line: str, where: str) -> RawRecord:
+    """`question||step step step #### answer` (the ICoT / GSM8k-Aug text format)."""
+    if "||" not in line:
+        raise DataError(f"{where}: expected 'question||cot #### answer', found no '||'")
+    question, _, rest = line.partition("||")
+    if "####" not in rest:
+        raise DataError(f"{where}: expected '#### answer' after the CoT, found none")
+    cot, _, answer = rest.rpartition("####")
+    if not question.strip() or not answer.strip():
+        raise DataError(f"{where}: empty question or answer")
+    return RawRecord(question.strip(), cot.strip(), answer.strip(), where)
+
+
+def gsm8k_to_record(question: str, solution: str, where: str) -> RawRecord:
+    """Original GSM8k: the CoT is the `<<...>>` annotations joined by spaces; the answer follows `####`."""
+    if "####" not in solution:
+        raise DataError(f"{where}: GSM8k answer has no '#### N' line")
+    steps = _GSM8K_ANNOTATION.findall(solution)
+    answer = solution.rpartition("####")[2].strip()
+    return RawRecord(question.strip(), " ".join(f"<<{step}>>" for step in steps), answer, where)
+
+
+def _json_record(record: dict, where: str) -> RawRecord:
+    if isinstance(record, dict) and "cot" not in record and isinstance(record.get("steps"), list):
+        # whynlp/gsm8k-aug: the CoT is a list of steps ("<<600*30/100=180>>", ...), the answer bare.
+        question, answer = _require(record, ("question", "answer"), where)
+        return RawRecord(question, " ".join(str(step) for step in record["steps"]), answer, where)
+    if isinstance(record, dict) and "cot" not in record and "question" in record and "answer" in record:
+        question, solution = _require(record, ("question", "answer"), where)
+        return gsm8k_to_record(question, solution, where)
+    question, cot, answer = _require(record, ("question", "cot", "answer"), where)
+    return RawRecord(question, cot, answer, where)
+
+
+def read_json_rows(path: str) -> list[tuple[object, str]]:
+    """Items of a `.jsonl` file or a `.json` array, each with where it stands (`file:line` / `file[i]`)."""
+    if path.endswith(".jsonl"):
+        rows = []
+        with open(path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{number}"
+                try:
+                    rows.append((json.loads(line), where))
+                except json.JSONDecodeError as error:
+                    raise DataError(f"{where}: invalid JSON: {error.msg}") from error
+        return rows
+    with open(path, encoding="utf-8") as handle:
+        try:
+            items = json.load(handle)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}: invalid JSON at line {error.lineno}: {error.msg}") from error
+    if not isinstance(items, list):
+        raise DataError(f"{path}: expected a JSON array of records")
+    return [(item, f"{path}[{index}]") for index, item in enumerate(items)]
+
+
+def read_records(path: str) -> list[RawRecord]:
+    """Read a local file: ICoT `.txt`, `.jsonl` ({question, cot, answer} or GSM8k), or a `.json` array."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"data file not found: {path}")
+    if path.endswith(".txt"):
+        with open(path, encoding="utf-8") as handle:
+            return [
+                parse_icot_line(line.rstrip("\n"), f"{path}:{number}")
+                for number, line in enumerate(handle, start=1)
+                if line.strip()
+            ]
+    if path.endswith((".jsonl", ".json")):
+        return [_json_record(item, where) for item, where in read_json_rows(path)]
+    raise DataError(f"{path}: unknown data format (expected .txt, .jsonl or .json)")
+
+
+def load_hub_records(name: str, split: str = "train") -> list[RawRecord]:
+    """Records of a hub dataset with `question`, `cot`, `answer` columns (needs network or the HF cache)."""
+    import datasets
+
+    dataset_id = HUB_ALIASES.get(name, name)
+    dataset = datasets.load_dataset(dataset_id, split=split)
+    return [_json_record(dict(row), f"{dataset_id}[{split}][{index}]") for index, row in enumerate(dataset)]
+
+
+def load_records(source: str, split: str = "train") -> list[RawRecord]:
+    """A local file path, or else a hub dataset id / reference alias."""
+    if os.path.exists(source) or source.endswith((".txt", ".jsonl", ".json")):
+        return read_records(source)
+    return load_hub_records(source, split)
