@@ -21,9 +21,10 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from codi import cli
-from codi.convert import convert_reference_checkpoint, inspect_reference_state, load_reference_checkpoint
+from codi.convert import convert_reference_checkpoint, load_reference_checkpoint
 from codi.hf import DEFAULT_LORA_TARGETS
 from codi.model import CODIModel
+from codi.reference_weights import inspect_reference_state
 from codi.testing import make_model, make_tokenizer
 
 NUM_LATENT = 3

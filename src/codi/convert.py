@@ -1,4 +1,4 @@
-"""Load the authors' released CODI checkpoints (SPEC §7) and convert them to this project's format.
+"""Load the authors' released CODI checkpoints (docs/method.md#reference-checkpoints) and convert them to this project's format.
 
 The reference saves the state dict of its whole wrapper module in ONE file (`pytorch_model.bin` or
 `model.safetensors`):
@@ -42,19 +42,22 @@ import torch
 from .config import CODIModelArguments
 from .hf import load_tokenizer
 from .model import CODIModel
+from .reference_weights import (
+    LM_PREFIX,
+    LORA_KEY,
+    PRJ_PREFIX,
+    inspect_reference_state,
+    normalize_reference_keys,
+    read_state_dict,
+    resolve_checkpoint_files,
+)
 
 logger = logging.getLogger(__name__)
 
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-LM_PREFIX = "codi."
 PEFT_PREFIX = "base_model.model."
-PRJ_PREFIX = "prj."
 NUM_ADDED_ROWS = 3  # pad, bot, eot
 # Non-persistent in current transformers but saved by some older versions; they carry no weights.
 HARMLESS_BUFFERS = re.compile(r"(\.attn\.bias|\.attn\.masked_bias|rotary_emb\.inv_freq)$")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])\.(?P<adapter>[^.]+)\.weight$")
 
 # The released checkpoints and the base model each was trained from (the LoRA scale alpha=32 and the
 # projection sizes come from the authors' scripts; r and prj_dim are re-read from the weights anyway).
@@ -109,133 +112,6 @@ class ConversionReport:
             )
         lines.extend(f"  note: {note}" for note in self.notes)
         return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------------------
-# Reading
-
-
-def resolve_checkpoint_files(path_or_hub_id: str, revision: str | None = None) -> list[str]:
-    """Local file, local folder or hub repo -> the weight file(s) (sharded checkpoints via their index)."""
-    if os.path.isfile(path_or_hub_id):
-        return [path_or_hub_id]
-    if os.path.isdir(path_or_hub_id):
-        for name in WEIGHT_FILES:
-            if os.path.isfile(os.path.join(path_or_hub_id, name)):
-                return [os.path.join(path_or_hub_id, name)]
-        for name in INDEX_FILES:
-            index = os.path.join(path_or_hub_id, name)
-            if os.path.isfile(index):
-                return [os.path.join(path_or_hub_id, shard) for shard in _index_shards(index)]
-        raise FileNotFoundError(
-            f"{path_or_hub_id}: no reference checkpoint found (looked for {', '.join(WEIGHT_FILES + INDEX_FILES)})"
-        )
-    if os.path.exists(path_or_hub_id) or not _HUB_ID.match(path_or_hub_id):
-        raise FileNotFoundError(f"{path_or_hub_id}: no such file or folder, and not a hub id (owner/name)")
-    return _download(path_or_hub_id, revision)
-
-
-def _index_shards(index_path: str) -> list[str]:
-    with open(index_path) as handle:
-        return sorted(set(json.load(handle)["weight_map"].values()))
-
-
-def _download(repo_id: str, revision: str | None) -> list[str]:
-    """Fetch a reference checkpoint from the hub (falls back to the local HF cache when offline)."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError
-
-    errors = []
-    local_only = False  # once the hub is unreachable, only look in the cache (no retries per file)
-    for name in WEIGHT_FILES + INDEX_FILES:
-        try:
-            path = hf_hub_download(repo_id, name, revision=revision, local_files_only=local_only)
-        except RemoteEntryNotFoundError:  # the repo exists but holds another layout: try the next
-            errors.append(f"{name}: not in the repo")
-            continue
-        except LocalEntryNotFoundError:  # offline / unreachable, and not in the local cache
-            errors.append(f"{name}: hub unreachable and not cached")
-            local_only = True
-            continue
-        except Exception as error:  # unknown repo, gated, bad revision: nothing further to try
-            raise FileNotFoundError(
-                f"could not fetch {name} from the hub repo {repo_id!r} ({type(error).__name__}: {error})"
-            ) from error
-        if name in INDEX_FILES:
-            shards = _index_shards(path)
-            return [
-                hf_hub_download(repo_id, shard, revision=revision, local_files_only=local_only)
-                for shard in shards
-            ]
-        return [path]
-    raise FileNotFoundError(
-        f"could not fetch a checkpoint file from the hub repo {repo_id!r} ({'; '.join(errors)}); "
-        "when offline, download it elsewhere and pass the local file or folder"
-    )
-
-
-def read_state_dict(files: list[str]) -> dict[str, torch.Tensor]:
-    """All tensors of the checkpoint file(s); `.bin` files are unpickled with `weights_only=True`."""
-    state: dict[str, torch.Tensor] = {}
-    for path in files:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            part = load_file(path)
-        else:
-            part = torch.load(path, map_location="cpu", weights_only=True)
-            if not isinstance(part, dict) or not all(isinstance(v, torch.Tensor) for v in part.values()):
-                raise ValueError(f"{path}: expected a state dict of tensors, got {type(part).__name__}")
-        state.update(part)
-    return state
-
-
-def normalize_reference_keys(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Undo two harmless variants of the layout: a DDP `module.` prefix on every key, and the
-    `coconut.` prefix of the authors' earlier checkpoints (their test.py renames it to `codi.`)."""
-    notes = []
-    if state and all(key.startswith("module.") for key in state):
-        state = {key[len("module.") :]: value for key, value in state.items()}
-        notes.append("stripped the 'module.' prefix of every key (a DDP-wrapped save)")
-    if not any(key.startswith(LM_PREFIX) for key in state) and any(
-        key.startswith("coconut.") for key in state
-    ):
-        state = {
-            (LM_PREFIX + key[len("coconut.") :] if key.startswith("coconut.") else key): value
-            for key, value in state.items()
-        }
-        notes.append("renamed the 'coconut.' prefix to 'codi.' (the authors' earlier checkpoint naming)")
-    return state, notes
-
-
-def inspect_reference_state(state: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Settings readable from the weights alone: use_lora, lora_r, LoRA targets, projection shape."""
-    lm_keys = [key for key in state if key.startswith(LM_PREFIX)]
-    if not lm_keys:
-        sample = sorted(state)[:5]
-        raise ValueError(
-            f"not a CODI reference checkpoint: no key starts with {LM_PREFIX!r} (first keys: {sample})"
-        )
-    info: dict[str, Any] = {}
-    lora = {}
-    for key in lm_keys:
-        match = _LORA_KEY.match(key)
-        if match:
-            lora.setdefault(match["module"], {})[match["which"]] = state[key]
-    info["use_lora"] = bool(lora)
-    if lora:
-        ranks = {parts["A"].shape[0] for parts in lora.values() if "A" in parts}
-        if len(ranks) != 1:
-            raise ValueError(
-                f"LoRA ranks differ between modules ({sorted(ranks)}); per-module ranks are not supported"
-            )
-        info["lora_r"] = ranks.pop()
-        info["lora_target_modules"] = sorted({module.rsplit(".", 1)[-1] for module in lora})
-    info["use_prj"] = any(key.startswith(PRJ_PREFIX) for key in state)
-    if f"{PRJ_PREFIX}1.weight" in state:
-        info["prj_dim"] = state[f"{PRJ_PREFIX}1.weight"].shape[0]
-    info["prj_no_ln"] = f"{PRJ_PREFIX}ln.weight" not in state
-    return info
 
 
 # --------------------------------------------------------------------------------------------------
@@ -474,14 +350,14 @@ def _load_lm(
                 continue
             source = state.get(checkpoint_key(key))
             if source is None:
-                (lora_missing if _LORA_KEY.match(key) else report.missing_keys).append(key)
+                (lora_missing if LORA_KEY.match(key) else report.missing_keys).append(key)
                 continue
             if source.shape != target.shape:
                 raise ValueError(
                     f"{checkpoint_key(key)}: checkpoint shape {tuple(source.shape)} != this model's "
                     f"{tuple(target.shape)} (wrong base model or LoRA settings?)"
                 )
-            is_lora_tensor = bool(_LORA_KEY.match(key))
+            is_lora_tensor = bool(LORA_KEY.match(key))
             if model.is_lora and not is_lora_tensor and _differs(source, target):
                 report.base_mismatch.append(key)
             target.copy_(source)
