@@ -68,15 +68,30 @@ class Example:
 
 @dataclass
 class DataStats:
-    """How many records were read, kept and dropped, by reason."""
+    """How many records were read, kept and dropped by reason, and kept but flagged (e.g. non-numeric
+    answers), each reason with the first record it applied to."""
 
     read: int = 0
     kept: int = 0
     dropped: Counter = field(default_factory=Counter)
+    flagged: Counter = field(default_factory=Counter)
+    first_dropped: dict[str, str] = field(default_factory=dict)
+    first_flagged: dict[str, str] = field(default_factory=dict)
 
     def log(self, name: str) -> None:
-        reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(self.dropped.items())) or "none"
-        logger.info("%s: read %d records, kept %d, dropped %s", name, self.read, self.kept, reasons)
+        reasons = ", ".join(
+            f"{reason}: {count} (first: {self.first_dropped.get(reason, '?')})"
+            for reason, count in sorted(self.dropped.items())
+        )
+        logger.info("%s: read %d records, kept %d, dropped %s", name, self.read, self.kept, reasons or "none")
+        for reason, count in sorted(self.flagged.items()):
+            logger.warning(
+                "%s: %d kept record(s) flagged %s (first: %s)",
+                name,
+                count,
+                reason,
+                self.first_flagged[reason],
+            )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -252,10 +267,15 @@ def build_dataset(
     max_samples: int | None = None,
     name: str = "train",
     step_targets: bool = False,
+    position_limit: int | None = None,
+    num_latent: int = 0,
 ) -> tuple[CODIDataset, DataStats]:
     """Preprocess and tokenise records; every dropped record is counted by reason and logged.
 
     `step_targets`: also tokenise each CoT step's result (the optional latent step supervision).
+    `position_limit`: the model's position count (learned position tables fail past it): records whose
+    teacher sequence, or student sequence with `num_latent` latents, is longer are dropped and counted.
+    Answers that are not numbers are kept (CommonsenseQA's are letters) but counted and logged.
     """
     stats = DataStats()
     examples = []
@@ -265,38 +285,35 @@ def build_dataset(
             break
         stats.read += 1
         value = answer_value(record.answer)
-        if not value:
-            stats.dropped["empty_answer"] += 1
-            logger.debug("%s: dropped, empty answer", record.where)
+        reason = _drop_reason(value, skip_negative_answers)
+        if reason is None:
+            question, cot, raw = _fields(record, value, cot_style, include_last_cot, answer_prompt)
+            # The reference's length filter runs on the RAW fields (whole CoT, special tokens included):
+            # it decides which records exist, so it is reproduced as is, and is the same for every method.
+            if len(tokenizer(raw)["input_ids"]) > max_token_num:
+                reason = "longer_than_max_token_num"
+        if reason is None:
+            step_source = record.cot if step_targets else None
+            example = build_example(
+                tokenizer,
+                question,
+                cot,
+                value,
+                bot_id=bot_id,
+                eot_id=eot_id,
+                method=method,
+                answer_prompt=answer_prompt,
+                step_targets_from=step_source,
+            )
+            if position_limit is not None and _positions_needed(example, num_latent) > position_limit:
+                reason = "longer_than_model_positions"
+        if reason is not None:
+            stats.dropped[reason] += 1
+            stats.first_dropped.setdefault(reason, record.where)
             continue
-        if skip_negative_answers and not value[0].isdigit():
-            stats.dropped["answer_not_starting_with_digit"] += 1
-            continue
-        question = record.question
-        if cot_style == "commonsense":
-            # The reference's CommonsenseQA branch: whole CoT (no step dropped), newline-terminated parts.
-            question, cot = question.strip() + "\n", record.cot.strip() + "\n"
-            raw = f"{question} {cot} {answer_text(value, answer_prompt)}"
-        else:
-            cot = process_cot(record.cot, cot_style, include_last_cot)
-            raw = record.question + record.cot + record.answer
-        # The reference's length filter runs on the RAW fields (whole CoT, special tokens included): it
-        # decides which records exist, so it is reproduced as is, and is the same for every method.
-        if len(tokenizer(raw)["input_ids"]) > max_token_num:
-            stats.dropped["longer_than_max_token_num"] += 1
-            logger.debug("%s: dropped, longer than max_token_num=%d", record.where, max_token_num)
-            continue
-        example = build_example(
-            tokenizer,
-            question,
-            cot,
-            value,
-            bot_id=bot_id,
-            eot_id=eot_id,
-            method=method,
-            answer_prompt=answer_prompt,
-            step_targets_from=record.cot if step_targets else None,
-        )
+        if cot_style != "commonsense" and _as_float(value) is None:
+            stats.flagged["non_numeric_answer"] += 1
+            stats.first_flagged.setdefault("non_numeric_answer", f"{record.where} ({value!r})")
         examples.append(example)
         stats.kept += 1
         if step_targets and example.step_value_ids == [] and not first_without_steps:
@@ -305,22 +322,57 @@ def build_dataset(
     if not examples:
         raise DataError(f"{name}: no usable records (read {stats.read}, dropped {dict(stats.dropped)})")
     if step_targets and method == "codi":
-        without = sum(not example.step_value_ids for example in examples)
-        if without == len(examples):
-            raise DataError(
-                f"{name}: the latent step supervision needs equation steps `<<...=c>>` in the CoT, and none "
-                f"of the {len(examples)} records has one (first: {first_without_steps}; natural-language "
-                "CoT?): set latent_step_loss_factor 0"
-            )
-        if without:
-            logger.warning(
-                "%s: %d of %d records have no equation step (first: %s): no step supervision for them",
-                name,
-                without,
-                len(examples),
-                first_without_steps,
-            )
+        _check_step_targets(name, examples, first_without_steps)
     return CODIDataset(examples, method), stats
+
+
+def _drop_reason(value: str, skip_negative_answers: bool) -> str | None:
+    if not value:
+        return "empty_answer"
+    if skip_negative_answers and not value[0].isdigit():
+        return "answer_not_starting_with_digit"
+    return None
+
+
+def _fields(record: RawRecord, value: str, cot_style: str, include_last_cot: bool, answer_prompt: str):
+    """(question, processed CoT, the raw text the reference's length filter measures)."""
+    if cot_style == "commonsense":
+        # The reference's CommonsenseQA branch: whole CoT (no step dropped), newline-terminated parts.
+        question, cot = record.question.strip() + "\n", record.cot.strip() + "\n"
+        return question, cot, f"{question} {cot} {answer_text(value, answer_prompt)}"
+    cot = process_cot(record.cot, cot_style, include_last_cot)
+    return record.question, cot, record.question + record.cot + record.answer
+
+
+def _positions_needed(example: Example, num_latent: int) -> int:
+    """The longest sequence of positions the model sees for this example (teacher or student)."""
+    student = len(example.student_input_ids) + num_latent + len(example.decoder_input_ids)
+    return max(len(example.teacher_input_ids), student if example.student_input_ids else 0)
+
+
+def _as_float(text: str) -> float | None:
+    try:
+        return float(text.replace(",", ""))
+    except ValueError:
+        return None
+
+
+def _check_step_targets(name: str, examples: list[Example], first_without_steps: str) -> None:
+    without = sum(not example.step_value_ids for example in examples)
+    if without == len(examples):
+        raise DataError(
+            f"{name}: the latent step supervision needs equation steps `<<...=c>>` in the CoT, and none "
+            f"of the {len(examples)} records has one (first: {first_without_steps}; natural-language "
+            "CoT?): set latent_step_loss_factor 0"
+        )
+    if without:
+        logger.warning(
+            "%s: %d of %d records have no equation step (first: %s): no step supervision for them",
+            name,
+            without,
+            len(examples),
+            first_without_steps,
+        )
 
 
 # --------------------------------------------------------------------------------------------------

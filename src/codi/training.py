@@ -17,6 +17,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .config import CODIDataArguments, CODIModelArguments, CODITrainingArguments
 from .data import CODICollator, CODIDataset, DataStats, build_dataset
+from .generate import max_positions
 from .losses import TrainingObjective
 from .model import CODIModel
 from .records import load_records
@@ -162,6 +163,8 @@ def build_datasets(
         skip_negative_answers=data_args.skip_negative_answers,
         answer_prompt=model.args.answer_prompt,
         step_targets=training_args.latent_step_loss_factor > 0,
+        position_limit=max_positions(model),
+        num_latent=model.args.num_latent,
     )
     train_set, train_stats = build_dataset(
         load_records(source, "train"),
