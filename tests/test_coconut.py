@@ -8,12 +8,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import REPO_ROOT
 from torch.nn import CrossEntropyLoss
 from transformers import TrainerCallback
 
-from codi.config import CODIModelArguments, parse_args
+from codi.config import ARGUMENT_CLASSES, CODIModelArguments, parse_args
 from codi.data import RawRecord, encode_question
-from codi.generate import suppressed_token_ids
+from codi.generate import generate, suppressed_token_ids
 from codi.methods.coconut import (
     CoconutArguments,
     CoconutCollator,
@@ -21,6 +22,7 @@ from codi.methods.coconut import (
     CoconutModel,
     CurriculumCallback,
     MarkerIds,
+    load_checkpoint,
     loss_targets,
     stage_for_epoch,
     stage_plan,
@@ -373,6 +375,17 @@ def test_batched_generation_equals_batch_one_and_reference(tiny_dirs, arch):
     with torch.no_grad():
         for question, output in zip(QUESTIONS[:3], outputs):
             assert output.token_ids == reference_generate(pause, question, 2, 6, pause.pause_id, False)
+    # `codi eval` calls codi.generate.generate(model, ...): the same thoughts
+    assert [o.token_ids for o in generate(pause, QUESTIONS[:3], max_new_tokens=6)] == [
+        o.token_ids for o in outputs
+    ]
+    # w/o thought: trained without markers or thoughts, it decodes from the question alone
+    bare = coconut_model(tiny_dirs[arch], CoconutArguments(no_thoughts=True))
+    assert bare.args.inf_latent_iterations == 0
+    latent = bare.generate(QUESTIONS[:3], max_new_tokens=6, num_latent=3)
+    cot = generate(bare, QUESTIONS[:3], mode="cot", max_new_tokens=6)
+    assert [o.token_ids for o in latent] == [o.token_ids for o in cot]
+    assert all(o.num_latent_positions == 0 for o in latent)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -451,6 +464,11 @@ def test_train_from_cot_sft_checkpoint_saves_and_generates(tiny_gpt2, train_file
     assert [o.token_ids for o in plain.generate(QUESTIONS, max_new_tokens=6)] == [
         o.token_ids for o in trained
     ]
+    assert isinstance(load_checkpoint(str(tmp_path / "run")), CoconutModel)
+    assert not isinstance(load_checkpoint(str(sft)), CoconutModel)
+    # `codi eval --inf_latent_iterations 3` still overrides the saved default
+    overridden = CoconutModel.from_pretrained(str(tmp_path / "run"), inf_latent_iterations=3)
+    assert overridden.args.inf_latent_iterations == 3
 
 
 def test_train_pause_as_thought_round_trip(tiny_llama, train_file, tmp_path):
@@ -473,3 +491,20 @@ def test_bad_settings_are_one_line_errors():
         CoconutArguments(no_thoughts=True, pause_as_thought=True)
     with pytest.raises(ValueError, match="uniform_prob"):
         CoconutArguments(uniform_prob=1.5)
+
+
+def test_presets_state_the_reference_settings():
+    """configs/gpt2_gsm8k_coconut.yaml carries args/gsm_coconut.yaml's values (global batch 128)."""
+    preset = str(REPO_ROOT / "configs" / "gpt2_gsm8k_coconut.yaml")
+    # `--method cot_sft` only until config.METHODS lists coconut (the preset says method: coconut)
+    model_args, data_args, training_args, settings = parse_args(
+        ["--config", preset, "--method", "cot_sft"], classes=(*ARGUMENT_CLASSES, CoconutArguments)
+    )
+    assert settings == CoconutArguments(c_thought=2, epochs_per_stage=3, max_latent_stage=3, start_epoch=3)
+    assert settings.start_epoch + training_args.num_train_epochs == 25  # the reference's num_epochs
+    assert (training_args.learning_rate, training_args.weight_decay) == (1e-4, 0.01)
+    assert training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps == 128
+    assert training_args.lr_scheduler_type == "constant" and training_args.max_grad_norm == 0
+    assert not model_args.use_prj and data_args.include_last_cot
+    cot = parse_args(["--config", str(REPO_ROOT / "configs" / "gpt2_gsm8k_cot.yaml")])
+    assert cot[2].method == "cot_sft" and cot[2].num_train_epochs == 25 and cot[1].include_last_cot

@@ -18,7 +18,13 @@ from .data import (
     stage_plan,
     tokenize_records,
 )
-from .model import CoconutModel, build_coconut_model, init_marker_embeddings, is_coconut_checkpoint
+from .model import (
+    CoconutModel,
+    build_coconut_model,
+    init_marker_embeddings,
+    is_coconut_checkpoint,
+    load_checkpoint,
+)
 from .training import CurriculumCallback, train_coconut
 
 __all__ = [
@@ -33,6 +39,7 @@ __all__ = [
     "coconut_stage_examples",
     "init_marker_embeddings",
     "is_coconut_checkpoint",
+    "load_checkpoint",
     "loss_targets",
     "record_stage",
     "stage_features",

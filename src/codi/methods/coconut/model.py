@@ -96,6 +96,11 @@ class CoconutModel(CODIModel):
             except (KeyError, TypeError) as error:
                 raise ValueError(f"{path}/{COCONUT_CONFIG_NAME}: unreadable settings ({error})") from error
             model.configure(settings)
+            latents = {
+                key: overrides[key] for key in ("num_latent", "inf_latent_iterations") if key in overrides
+            }
+            if latents:  # e.g. `codi eval --inf_latent_iterations N`
+                model.args = dataclasses.replace(model.args, **latents)
         return model.eval()
 
     # ----------------------------------------------------------------------------------------------
@@ -178,24 +183,32 @@ class CoconutModel(CODIModel):
     # ----------------------------------------------------------------------------------------------
     # Inference
 
-    def generate(self, questions, *, mode: str = "latent", latent_transform=None, **kwargs):
-        """`codi.generate.generate` with the variant's thoughts: Coconut's fed-back states, `<pause>`
-        embeddings (pause as thought), or none and no markers (w/o thought: question, then greedy)."""
-        from ...generate import generate
-
-        if mode == "latent" and self.coconut.variant == "no_thoughts":
-            kwargs.pop("num_latent", None)
-            kwargs.pop("feed_answer_prompt", None)
-            return generate(self, questions, mode="cot", **kwargs)
-        if mode == "latent" and self.coconut.variant == "pause":
-            pause_ids = torch.tensor([[self.pause_id]], device=self.device)
+    def encode_latents(self, input_ids, attention_mask, num_latent, *args, latent_transform=None, **kwargs):
+        """CODI's latent loop; pause as thought feeds the `<pause>` embedding at every thought position
+        (any `latent_transform` then applies to it), so `codi.generate.generate` decodes it too."""
+        if self.coconut.variant == "pause":
+            pause_ids = torch.tensor([[self.pause_id]], device=input_ids.device)
             user_transform = latent_transform
 
             def latent_transform(step: int, latent: torch.Tensor) -> torch.Tensor:
                 fed = self.embed(pause_ids)[:, 0].to(latent.dtype).expand_as(latent)
                 return user_transform(step, fed) if user_transform is not None else fed
 
-        return generate(self, questions, mode=mode, latent_transform=latent_transform, **kwargs)
+        return super().encode_latents(
+            input_ids, attention_mask, num_latent, *args, latent_transform=latent_transform, **kwargs
+        )
+
+    def generate(self, questions, *, mode: str = "latent", **kwargs):
+        """`codi.generate.generate`; w/o thought decodes from the question alone (it was trained without
+        markers or thoughts), whatever `mode` asks."""
+        from ...generate import generate
+
+        if mode == "latent" and self.coconut.variant == "no_thoughts":
+            kwargs.pop("num_latent", None)
+            kwargs.pop("feed_answer_prompt", None)
+            kwargs.pop("latent_transform", None)
+            return generate(self, questions, mode="cot", **kwargs)
+        return generate(self, questions, mode=mode, **kwargs)
 
 
 def init_marker_embeddings(model: CoconutModel, text: str) -> None:
@@ -238,3 +251,11 @@ def build_coconut_model(model_args, settings: CoconutArguments) -> tuple[Coconut
     if settings.init_markers_from and not continuing and settings.variant != "no_thoughts":
         init_marker_embeddings(model, settings.init_markers_from)
     return model.train(), continuing
+
+
+def load_checkpoint(
+    path: str, base_model_name_or_path: str | None = None, dtype: str | None = None, **overrides
+):
+    """A `CoconutModel` for a Coconut checkpoint (its ablations decode differently), else a `CODIModel`."""
+    cls = CoconutModel if is_coconut_checkpoint(path) else CODIModel
+    return cls.from_pretrained(path, base_model_name_or_path, dtype, **overrides)
