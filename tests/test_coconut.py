@@ -316,6 +316,11 @@ def test_callback_resets_only_at_stage_switches():
     # the reference's own run.py: every epoch
     every = CoconutArguments(epochs_per_stage=2, max_latent_stage=1, reset_optimizer_every="epoch")
     assert run(every, [0.0, 1.0, 2.0])[1] == [False, True, True]
+    # the datasets follow, from the start of training (an evaluation on start sees the first stage)
+    dataset = CoconutDataset([], CoconutArguments(start_epoch=3), MarkerIds(1, 2))
+    callback = CurriculumCallback(CoconutArguments(start_epoch=3), [dataset, None])
+    callback.on_train_begin(None, SimpleNamespace(epoch=0.0), None)
+    assert (dataset.stage, dataset.epoch) == (1, 3)
     # start_epoch (the reference's resume 3 skips stage 0); resuming mid-epoch never clears
     stages, cleared = run(CoconutArguments(start_epoch=3), [0.0, 2.0, 3.0, 3.5])
     assert stages == [1, 1, 2, 2] and cleared == [False, False, True, False]

@@ -52,13 +52,21 @@ class CurriculumCallback(TrainerCallback):
         s = self.settings
         return stage_for_epoch(s.start_epoch + epoch, s.epochs_per_stage, s.max_latent_stage, s.no_curriculum)
 
-    def on_epoch_begin(self, args, state, control, optimizer=None, **kwargs):
+    def _set_stage(self, state) -> tuple[float, int, int]:
+        """(progress, epoch, stage) from the trainer state, with the stage set on the datasets."""
         # state.epoch is exactly the epoch index at an epoch's start, fractional when resuming mid-epoch
         progress = float(state.epoch or 0.0)
         epoch = math.floor(progress + 1e-6)
         stage = self.stage(epoch)
         for dataset in self.datasets:
             dataset.set_stage(stage, self.settings.start_epoch + epoch)
+        return progress, epoch, stage
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._set_stage(state)  # before any evaluation on start
+
+    def on_epoch_begin(self, args, state, control, optimizer=None, **kwargs):
+        progress, epoch, stage = self._set_stage(state)
         switch = epoch > 0 and (
             self.settings.reset_optimizer_every == "epoch" or stage != self.stage(epoch - 1)
         )
