@@ -1,0 +1,1 @@
+"""Baselines of the paper's comparison beside CODI (Coconut; see docs/method.md)."""

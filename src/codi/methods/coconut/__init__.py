@@ -1,0 +1,50 @@
+"""Coconut (Hao et al. 2024): continuous thoughts fed back as input embeddings, a stage curriculum.
+
+`codi train --method coconut`: `train_coconut`; decoding: `CoconutModel.generate` (same outputs as
+CODI's `codi.generate.generate`); checkpoints: `CoconutModel.from_pretrained`.
+"""
+
+from .data import (
+    CoconutArguments,
+    CoconutCollator,
+    CoconutDataset,
+    CoconutRecord,
+    MarkerIds,
+    coconut_stage_examples,
+    loss_targets,
+    record_stage,
+    stage_features,
+    stage_for_epoch,
+    stage_plan,
+    tokenize_records,
+)
+from .model import (
+    CoconutModel,
+    build_coconut_model,
+    init_marker_embeddings,
+    is_coconut_checkpoint,
+    load_checkpoint,
+)
+from .training import CurriculumCallback, train_coconut
+
+__all__ = [
+    "CoconutArguments",
+    "CoconutCollator",
+    "CoconutDataset",
+    "CoconutModel",
+    "CoconutRecord",
+    "CurriculumCallback",
+    "MarkerIds",
+    "build_coconut_model",
+    "coconut_stage_examples",
+    "init_marker_embeddings",
+    "is_coconut_checkpoint",
+    "load_checkpoint",
+    "loss_targets",
+    "record_stage",
+    "stage_features",
+    "stage_for_epoch",
+    "stage_plan",
+    "tokenize_records",
+    "train_coconut",
+]
