@@ -23,8 +23,9 @@ import torch
 import torch.nn as nn
 from transformers import DynamicCache
 
+from ...checkpoint import CONFIG_NAME
 from ...losses import next_token_ce
-from ...model import CONFIG_NAME, CODIModel
+from ...model import CODIModel
 from .data import CoconutArguments
 
 logger = logging.getLogger(__name__)
@@ -40,8 +41,8 @@ def is_coconut_checkpoint(path: str) -> bool:
 class CoconutModel(CODIModel):
     """A CODI model (no projection) with Coconut's training forward and its ablations' decoding."""
 
-    def __init__(self, lm: nn.Module, tokenizer, args, base_vocab_rows: int):
-        super().__init__(lm, tokenizer, args, base_vocab_rows)
+    def __init__(self, lm: nn.Module, tokenizer, args, base_vocab_rows: int, objective=None):
+        super().__init__(lm, tokenizer, args, base_vocab_rows, objective)
         self.coconut = CoconutArguments()
         self.pause_id: int | None = None
 

@@ -20,9 +20,7 @@ from transformers import TrainerCallback, set_seed
 
 from ...config import CODIDataArguments, CODIModelArguments, CODITrainingArguments
 from ...data import DataStats, load_records
-
-# The one import of the training module (renamed codi.training on main).
-from ...train import CODITrainer, TrainResult, _resume_path
+from ...training import CODITrainer, TrainResult, _resume_path
 from .data import (
     CoconutArguments,
     CoconutCollator,
