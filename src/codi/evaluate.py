@@ -337,9 +337,11 @@ def evaluate_sets(
     output_dir: str | None = None,
     progress: bool = False,
     summary: dict | None = None,
+    **options,
 ) -> dict:
     """Evaluate each `(EvalSetSpec, items)` of `sets` in every mode; returns `summary` (e.g. model and
-    settings) plus `results`, `speedups_vs_cot` and the printed `table`.
+    settings) plus `results`, `speedups_vs_cot` and the printed `table`. Decoding: `config` and
+    `options` as in `evaluate`.
 
     The results files are rewritten after every set (main process), so what is done survives a later
     failure: the failing set is recorded under `failed` (dataset, mode, error) and the error re-raised.
@@ -362,7 +364,7 @@ def evaluate_sets(
             try:
                 by_mode[mode] = evaluate(
                     model, items, mode, config=config, name=spec.name, answer_kind=spec.answer_kind,
-                    num_runs=num_runs, output_dir=output_dir, progress=progress,
+                    num_runs=num_runs, output_dir=output_dir, progress=progress, **options,
                 )  # fmt: skip
             except Exception as error:
                 save({"dataset": spec.name, "mode": mode, "error": f"{type(error).__name__}: {error}"})
