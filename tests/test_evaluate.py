@@ -308,6 +308,10 @@ def test_questions_that_do_not_fit_are_skipped_counted_and_named(short_model, tm
     records = [json.loads(line) for line in (tmp_path / "toy_latent.jsonl").read_text().splitlines()]
     assert [r["index"] for r in records] == [0, 1, 2] and records[1]["correct"] is False
     assert "does not fit" in records[1]["skipped"] and "skipped" not in records[0]
+    assert (
+        "skipped questions (too long for the model, or empty in CoT mode; counted wrong): toy latent 1"
+        in format_table([result])
+    )
     # every question skipped: a result, not a crash
     alone = evaluate(short_model, items[1:2], "cot", name="toy", max_new_tokens=4)
     assert alone["accuracy"] == 0.0 and alone["skipped"] == 1 and alone["questions_per_s"] == 0.0

@@ -11,7 +11,7 @@ import torch
 from transformers import HfArgumentParser
 
 from codi import decoding
-from codi.decoding import DecodingConfig, sample_next, token_processors
+from codi.decoding import DecodingConfig, apply_processors, sample_next, token_processors
 from codi.eval_data import EvalItem
 from codi.evaluate import evaluate, evaluate_samples
 from codi.generate import generate, generate_samples
@@ -139,7 +139,7 @@ def test_suppression_and_min_length_equal_the_old_index_fill():
         banned = suppress + ([eos] if position < min_new else [])
         expected = logits.index_fill(-1, torch.tensor(banned), float("-inf"))
         generated = torch.zeros(8, position, dtype=torch.long)
-        assert torch.equal(processors(generated, logits), expected)
+        assert torch.equal(apply_processors(processors, generated, logits), expected)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -262,6 +262,9 @@ def test_evaluate_reports_pass_at_k_and_majority_beside_greedy(make_model, tmp_p
     assert len(records) == len(items) and all(len(record["samples"]) == 3 for record in records)
     assert set(records[0]["samples"][0]) >= {"generated_text", "prediction", "correct", "strict_correct"}
     assert {"majority_prediction", "majority_correct", "where"} <= set(records[0])
+    from codi.evaluate import format_table
+
+    assert "toy cot: k=3 samples" in format_table([result]) and "majority vote" in format_table([result])
     again = evaluate(model, items, name="toy", warmup=False, **options)
     assert again["pass_at_k"] == result["pass_at_k"] and again["pass_at_1"] == result["pass_at_1"]
     latent = evaluate(

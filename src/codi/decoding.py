@@ -20,7 +20,6 @@ from dataclasses import dataclass, field, fields, replace
 import torch
 import torch.nn as nn
 from transformers.generation.logits_process import (
-    LogitsProcessorList,
     MinNewTokensLengthLogitsProcessor,
     SuppressTokensLogitsProcessor,
     TemperatureLogitsWarper,
@@ -132,25 +131,32 @@ def make_config(config: DecodingConfig | None = None, **options) -> DecodingConf
 # The next token
 
 
-def token_processors(
-    suppress_ids: list[int], min_new_tokens: int, eos_id: int | None, device
-) -> LogitsProcessorList:
+def token_processors(suppress_ids: list[int], min_new_tokens: int, eos_id: int | None, device) -> list:
     """Suppression of never-emitted ids and, before `min_new_tokens`, of EOS (called with the tokens
-    generated so far as `input_ids`, so the prompt length to skip is 0)."""
-    processors = LogitsProcessorList([SuppressTokensLogitsProcessor(suppress_ids, device=device)])
+    generated so far as `input_ids`, so the prompt length to skip is 0). Pass 0 once that many tokens
+    are out: the min-length processor clones the logits at every call."""
+    processors = [SuppressTokensLogitsProcessor(suppress_ids, device=device)]
     if min_new_tokens > 0 and eos_id is not None:
         processors.append(MinNewTokensLengthLogitsProcessor(0, min_new_tokens, eos_id, device=device))
     return processors
 
 
+def apply_processors(processors, input_ids: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor:
+    """`processors` in order. Not `LogitsProcessorList.__call__`: it inspects every processor's signature
+    at every call (~80 us per token on a CPU, for keyword arguments none of these take)."""
+    for processor in processors:
+        logits = processor(input_ids, logits)
+    return logits
+
+
 @functools.lru_cache(maxsize=32)
-def _warpers(temperature: float, top_k: int) -> LogitsProcessorList:
-    warpers = LogitsProcessorList()
+def _warpers(temperature: float, top_k: int) -> tuple:
+    warpers = []
     if temperature != 1.0:
         warpers.append(TemperatureLogitsWarper(float(temperature)))
     if top_k > 0:
         warpers.append(TopKLogitsWarper(int(top_k)))
-    return warpers
+    return tuple(warpers)
 
 
 def _top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -178,7 +184,7 @@ def sample_next(
     """Next token ids (B,) from last-position logits (B, V): argmax, or temperature/top-k/top-p sampling."""
     if not do_sample:
         return logits.argmax(dim=-1)
-    logits = _warpers(float(temperature), int(top_k))(None, logits.float())
+    logits = apply_processors(_warpers(float(temperature), int(top_k)), None, logits.float())
     if top_p < 1.0:
         logits = _top_p(logits, top_p)
     probs = torch.softmax(logits, dim=-1)

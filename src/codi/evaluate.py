@@ -313,6 +313,19 @@ def format_table(results: Sequence[dict], speedups: dict[str, float] | None = No
         )
     for dataset, speedup in (speedups or {}).items():
         lines.append(f"{dataset}: speedup of CODI (latent) over teacher-mode CoT: {speedup:.2f}x (wall time)")
+    for result in results:
+        if "pass_at_k" in result:
+            lines.append(
+                f"{result['dataset']} {result['mode']}: k={result['num_samples']} samples "
+                f"(latent_noise {result['latent_noise']}, dropout {result['latent_dropout']}, "
+                f"do_sample {result['sample_do_sample']}): pass@k {result['pass_at_k']:.2f} %, majority vote "
+                f"{result['majority_accuracy']:.2f} %, pass@1 {result['pass_at_1']:.2f} % (greedy {result['accuracy']:.2f} %)"
+            )
+    if any(result.get("skipped") for result in results):
+        skipped = ", ".join(f"{r['dataset']} {r['mode']} {r['skipped']}" for r in results if r.get("skipped"))
+        lines.append(
+            f"skipped questions (too long for the model, or empty in CoT mode; counted wrong): {skipped}"
+        )
     return "\n".join(lines)
 
 

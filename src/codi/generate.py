@@ -22,6 +22,7 @@ from transformers import DynamicCache
 from .data import encode_answer, encode_question, pad_sequences
 from .decoding import (
     DecodingConfig,
+    apply_processors,
     dropout_on,
     latent_noise,
     make_config,
@@ -181,14 +182,19 @@ def _decode_batch(
         forced = []
         state = _CoTState(model, input_ids, attention_mask)
         step, logits = state.step, state.first_logits
-    processors = token_processors(suppressed_token_ids(model), min_new_tokens, eos, device)
+    suppress = suppressed_token_ids(model)
+    early, late = (
+        token_processors(suppress, min_new_tokens, eos, device),
+        token_processors(suppress, 0, eos, device),
+    )
     generated = torch.full((batch, max_new_tokens), model.pad_id, dtype=torch.long, device=device)
     if forced:
         generated[:, : len(forced)] = torch.tensor(forced, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     steps = len(forced)
     for position in range(len(forced), max_new_tokens):
-        logits = processors(generated[:, :position], logits)
+        processors = early if position < min_new_tokens else late
+        logits = apply_processors(processors, generated[:, :position], logits)
         next_ids = sample_next(logits, **sampling)
         next_ids = next_ids.masked_fill(finished, model.pad_id)
         generated[:, position] = next_ids
