@@ -7,6 +7,8 @@ Questions are sorted by length and cut into batches (less padding), left-padded,
 returned in input order. Padding is masked at every step (question, latents, decoder) and position
 ids skip the pads, so the greedy output of an example does not depend on which batch it is in. With
 `model.args.reference_compat` the latent path instead reproduces the reference's unmasked steps.
+Options: one `codi.decoding.DecodingConfig`; k answers per question (pass@k, majority vote):
+`generate_samples`.
 """
 
 from __future__ import annotations
@@ -31,15 +33,6 @@ from .decoding import (
     sample_next,
     token_processors,
 )
-
-__all__ = [
-    "DecodingConfig",
-    "GenerationOutput",
-    "generate",
-    "generate_samples",
-    "sample_next",
-    "unfit_questions",
-]
 
 logger = logging.getLogger(__name__)
 
@@ -173,7 +166,7 @@ def _decode_batch(
     attention_mask = (pad_sequences([[1] * len(p) for p in prompts], 0, "left")).to(device)
     batch = input_ids.shape[0]
     eos = model.tokenizer.eos_token_id
-    latents = None
+    latents = None  # CoT mode has none
     if config.mode == "latent":
         step, logits, forced, latents = _start_latent(
             model, input_ids, attention_mask, config, num_latent, max_new_tokens, plan
