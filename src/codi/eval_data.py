@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .records import DataError, parse_icot_line, read_json_rows
+from .scoring import parse_gold
 
 logger = logging.getLogger(__name__)
 
@@ -39,22 +40,6 @@ class EvalSetSpec:
     hub_config: str | None = None
     answer_kind: str = "number"  # "number" or "choice"
     description: str = ""
-
-
-def parse_gold(value, where: str = "") -> float | None:
-    """Numeric gold: a number, or text whose part after the last `####` is one (commas removed)."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    text = str(value).rpartition("####")[2] if "####" in str(value) else str(value)
-    text = text.replace(",", "").strip()
-    try:
-        return float(text)
-    except ValueError:
-        # the reference uses float("inf") here: never correct. None is logged and counted wrong.
-        logger.warning("%s: gold answer %r is not a number; the item counts as wrong", where, value)
-        return None
 
 
 def normalize_question(question: str) -> str:
