@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from codi.model import CODIModel
-from codi.model_card import model_card_info, read_front_matter, render_model_card, write_model_card
+from codi.model_card import (
+    add_eval_results,
+    model_card_info,
+    read_card_info,
+    read_front_matter,
+    render_model_card,
+    write_model_card,
+)
 
 GSM8K_RESULT = {"dataset": "gsm8k", "mode": "latent", "n": 1319, "accuracy": 43.7, "strict_accuracy": 43.1}
 
@@ -65,3 +72,27 @@ def test_file_without_front_matter_is_a_clear_error(tmp_path):
     path.write_text("# no metadata\n")
     with pytest.raises(ValueError, match="no YAML front matter"):
         read_front_matter(str(path))
+
+
+def test_eval_results_are_added_to_an_existing_card(make_model, tmp_path):
+    model = make_model()
+    model.training_data = ["zen-E/GSM8k-Aug"]
+    model.args.answer_prompt = "Answer -->"  # a value that could end the HTML comment holding the info
+    write_model_card(str(tmp_path), model_card_info(model))
+    assert "model-index" not in read_front_matter(str(tmp_path / "README.md"))
+    add_eval_results(str(tmp_path), [GSM8K_RESULT, {**GSM8K_RESULT, "mode": "cot", "accuracy": 50.0}])
+    add_eval_results(
+        str(tmp_path), [{**GSM8K_RESULT, "accuracy": 45.0}, {"dataset": "svamp", "accuracy": 40.0}]
+    )
+    meta = read_front_matter(str(tmp_path / "README.md"))
+    values = [
+        (r["dataset"]["name"], r["metrics"][0]["name"], r["metrics"][0]["value"])
+        for r in meta["model-index"][0]["results"]
+    ]
+    assert values == [
+        ("gsm8k", "accuracy (cot decoding, n=1319)", 50.0),
+        ("gsm8k", "accuracy (latent decoding, n=1319)", 45.0),
+        ("svamp", "accuracy (latent decoding)", 40.0),
+    ]
+    assert meta["datasets"] == ["zen-E/GSM8k-Aug"]
+    assert read_card_info(str(tmp_path / "README.md"))["answer_prompt"] == "Answer -->"

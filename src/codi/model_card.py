@@ -13,6 +13,7 @@ folder is not a plain `transformers`/`peft` model (the projection and the specia
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Sequence
@@ -20,6 +21,8 @@ from collections.abc import Sequence
 import yaml
 
 CARD_NAME = "README.md"
+# The card's info, kept as JSON in an HTML comment (invisible on the Hub) so that results can be added.
+_INFO_MARK = "<!-- codi-card-info: "
 METHOD_NAMES = {
     "codi": "CODI (continuous chain-of-thought via self-distillation)",
     "cot_sft": "CoT-SFT baseline (fine-tuned on question + chain of thought + answer)",
@@ -46,7 +49,8 @@ def model_card_info(
 
     method: default `model.training_method` when set, else `model.loss_settings.method` (the trainer sets
         both from the training arguments before saving).
-    datasets: training data names (Hub ids go to the metadata, any other name to the body only).
+    datasets: training data names (Hub ids go to the metadata, any other name to the body only);
+        default `model.training_data` when set.
     eval_results: `codi.evaluate.evaluate` result dicts (`dataset`, `mode`, `n`, `accuracy`, ...).
     """
     args = model.args
@@ -63,7 +67,7 @@ def model_card_info(
         "use_prj": args.use_prj,
         "answer_prompt": args.answer_prompt,
         "model_type": getattr(model.hf_model.config, "model_type", None),
-        "datasets": list(datasets),
+        "datasets": list(datasets or getattr(model, "training_data", None) or ()),
         "eval_results": [_result_summary(result) for result in eval_results],
     }
     if settings is not None and method == "codi":
@@ -174,7 +178,10 @@ def render_model_card(info: dict) -> str:
             "projection, added token rows) and `codi_config.json`: load it with `codi`, not `peft` alone.",
             "",
         ]
-    return "\n".join(lines)
+    # ">" escaped so that no value can close the comment early
+    encoded = json.dumps(info, sort_keys=True).replace(">", "\\u003e")
+    lines.append(f"{_INFO_MARK}{encoded} -->")
+    return "\n".join(lines) + "\n"
 
 
 def write_model_card(output_dir: str, info: dict) -> str:
@@ -184,6 +191,30 @@ def write_model_card(output_dir: str, info: dict) -> str:
     with open(path, "w", encoding="utf-8") as handle:
         handle.write(render_model_card(info))
     return path
+
+
+def add_eval_results(output_dir: str, results: Sequence[dict]) -> str:
+    """Add `codi eval` results to the card in `output_dir` (one entry per dataset and mode: a new
+    result replaces an older one) and rewrite it; returns its path."""
+    path = os.path.join(output_dir, CARD_NAME)
+    info = read_card_info(path)
+    new = [_result_summary(result) for result in results]
+    replaced = {(result["dataset"], result.get("mode")) for result in new}
+    kept = [old for old in info.get("eval_results", []) if (old["dataset"], old.get("mode")) not in replaced]
+    info["eval_results"] = kept + new
+    return write_model_card(output_dir, info)
+
+
+def read_card_info(path: str) -> dict:
+    """The info a card was written from (see `write_model_card`)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no model card: {path}")
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    start = text.rfind(_INFO_MARK)
+    if start < 0:
+        raise ValueError(f"{path}: not a card written by codi (no '{_INFO_MARK.strip()}' line)")
+    return json.loads(text[start + len(_INFO_MARK) : text.index(" -->", start)])
 
 
 def read_front_matter(path: str) -> dict:
