@@ -126,6 +126,7 @@ def _distinct_colours(path) -> int:
         return len(image.convert("RGB").getcolors(maxcolors=1 << 20) or [])
 
 
+@pytest.mark.slow  # ~15 s: gradio's import, Chromium's start and the page's scripts
 def test_page_in_a_headless_browser(make_model, tmp_path, monkeypatch):
     chromium = _chromium()
     from playwright.sync_api import sync_playwright

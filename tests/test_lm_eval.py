@@ -66,6 +66,7 @@ def test_simple_evaluate_equals_codi_eval(saved):
     assert "exact_match,last-number" in results["results"]["codi_gsm8k"]
 
 
+@pytest.mark.slow  # ~10 s: lm-eval's command line indexes its own ~10k task files first
 def test_command_line_in_cot_mode_equals_codi_eval(saved, tmp_path):
     from codi.cli import main
 

@@ -357,7 +357,7 @@ def launch(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="codi explore", description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--model", required=True, help="CODI checkpoint directory (e.g. the demo's runs/demo/codi)"
+        "--model", required=True, help="CODI checkpoint directory (e.g. the demo's runs/demo-<time>/codi)"
     )
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument(
