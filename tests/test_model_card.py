@@ -48,8 +48,7 @@ def test_card_of_a_saved_lora_checkpoint(make_model, tmp_path):
 
 
 def test_hub_base_model_and_baseline_method(make_model):
-    model = make_model(use_lora=False)
-    model.loss_settings.method = "cot_sft"
+    model = make_model(use_lora=False, method="cot_sft")
     info = model_card_info(model)
     info["base_model"] = "openai-community/gpt2"
     text = render_model_card(info)

@@ -9,7 +9,7 @@ import pytest
 from conftest import RECORDS
 
 from codi.config import parse_args
-from codi.train import train
+from codi.training import train
 
 pytest.importorskip("tensorboard", reason="tensorboard is not installed (pip install -e '.[tensorboard]')")
 

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from .config import CODIModelArguments
 from .hf import build_lm
 from .losses import LossSettings, TrainingObjective
+from .model_card import model_card_info, write_model_card
 
 logger = logging.getLogger(__name__)
 
@@ -155,6 +156,7 @@ class CheckpointMixin:
             self.hf_model.save_pretrained(output_dir, state_dict=lm_state)
         save_file(self._extra_state(state_dict), os.path.join(output_dir, EXTRA_WEIGHTS_NAME))
         self.tokenizer.save_pretrained(output_dir)
+        write_model_card(output_dir, model_card_info(self))  # after peft's, which writes a template README
         model_args = {key: value for key, value in self.args.to_dict().items() if key not in CALLER_OPTIONS}
         config = {
             "format": "codi",

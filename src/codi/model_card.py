@@ -47,15 +47,15 @@ def model_card_info(
 ) -> dict:
     """What a card needs, read from a `CODIModel`.
 
-    method: default `model.training_method` when set, else `model.loss_settings.method` (the trainer sets
-        both from the training arguments before saving).
+    method: default the model's training objective (`model.objective.method`).
     datasets: training data names (Hub ids go to the metadata, any other name to the body only);
         default `model.training_data` when set.
     eval_results: `codi.evaluate.evaluate` result dicts (`dataset`, `mode`, `n`, `accuracy`, ...).
     """
     args = model.args
-    settings = getattr(model, "loss_settings", None)
-    method = method or getattr(model, "training_method", None) or getattr(settings, "method", None) or "codi"
+    objective = getattr(model, "objective", None)
+    settings = getattr(objective, "loss", None)
+    method = method or getattr(objective, "method", None) or "codi"
     info = {
         "name": name,
         "base_model": args.model_name_or_path,
