@@ -1,7 +1,7 @@
-"""Evaluation sets (SPEC §5): GSM8k test, SVAMP, GSM-Hard, MultiArith, CommonsenseQA-CoT, GSM8k-Aug.
+"""Evaluation sets (docs/method.md#evaluation): GSM8k test, SVAMP, GSM-Hard, MultiArith, CommonsenseQA-CoT, GSM8k-Aug.
 
 Each set loads from its hub id (needs network or the HF cache) or from the plain file copies in a data
-directory (`../shared/data/`). Questions are normalised as the reference does (`strip()`, double
+directory (`--data_dir`, file names in `EVAL_SETS`). Questions are normalised as the reference does (`strip()`, double
 spaces collapsed once) and gold answers become floats (commas removed, the part after `####`), or an
 upper-case letter for CommonsenseQA.
 """
@@ -207,7 +207,7 @@ def _read_rows(path: str) -> list[tuple[dict, str]]:
 def load_eval_set(name: str, path: str | None = None, limit: int | None = None) -> list[EvalItem]:
     """Items of benchmark `name`, in file order, the first `limit` of them when given.
 
-    path: None -> the hub id (SPEC §5); a directory -> its plain-file copy (e.g. `svamp.json`); a file
+    path: None -> the hub id (docs/method.md#evaluation); a directory -> its plain-file copy (e.g. `svamp.json`); a file
     -> that file, read with `name`'s field layout.
     """
     spec = eval_set_spec(name)

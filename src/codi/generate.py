@@ -1,4 +1,4 @@
-"""Batched, KV-cached generation in both of a CODI model's modes (SPEC §5).
+"""Batched, KV-cached generation in both of a CODI model's modes (docs/method.md#evaluation).
 
 latent (student):  Q ++ [bot] -> num_latent latent thoughts -> [eot] -> answer tokens until EOS
 cot (teacher):     Q -> explicit chain of thought ++ "The answer is: N" -> EOS
