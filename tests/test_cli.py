@@ -171,3 +171,31 @@ def test_version_and_unknown_commands(capsys):
     assert status == 2 and "Did you mean: data synth?" in one_line_error(err)
     status, _, err = run(["data"], capsys)
     assert status == 2 and "data synth" in err
+
+
+def test_settings_made_ineffective_by_another_are_named(tmp_path):
+    import torch
+
+    from codi.cli.train import ineffective_settings
+    from codi.config import parse_args
+
+    argv = [
+        "--use_lora",
+        "False",
+        "--lora_r",
+        "8",
+        "--fix_attn_mask",
+        "--fp16",
+        "True",
+        "--output_dir",
+        str(tmp_path),
+    ]
+    model_args, _, training_args = parse_args(argv)
+    notes = ineffective_settings(model_args, training_args)
+    assert "lora_r ignored: use_lora is False (full fine-tuning)" in notes
+    assert "fix_attn_mask has no effect without reference_compat" in notes
+    assert (
+        any(note.startswith("fp16 has no effect on the CPU") for note in notes) != torch.cuda.is_available()
+    )
+    model_args, _, training_args = parse_args(["--output_dir", str(tmp_path)])
+    assert ineffective_settings(model_args, training_args) == []

@@ -71,6 +71,8 @@ class EvalArguments:
 
 def main(argv: list[str]) -> int:
     (args,) = parse("codi eval", (EvalArguments,), argv)
+    if args.fix_attn_mask and not args.reference_compat:
+        logger.warning("--fix_attn_mask has no effect without --reference_compat")
     from .. import distributed
     from ..evaluate import evaluate_sets, format_table, load_eval_sets, write_results
     from ..model import CODIModel

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+
 from .args import UsageError, unknown_name_error
+
+logger = logging.getLogger(__name__)
 
 _UNCHECKED = {"none", "all", "flyte"}  # transformers has no availability check for flyte
 
@@ -25,16 +30,40 @@ def check_reporting(report_to: list[str] | str | None) -> None:
             )
 
 
+def ineffective_settings(model_args, training_args) -> list[str]:
+    """Settings that another setting makes ineffective (each is logged as a warning; the run goes on)."""
+    import torch
+
+    notes = []
+    defaults = {f.name: f.default for f in dataclasses.fields(model_args)}
+    lora = [
+        name
+        for name in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+        if getattr(model_args, name) != defaults[name]
+    ]
+    if not model_args.use_lora and lora:
+        notes.append(f"{', '.join(lora)} ignored: use_lora is False (full fine-tuning)")
+    if model_args.fix_attn_mask and not model_args.reference_compat:
+        notes.append("fix_attn_mask has no effect without reference_compat")
+    has_gpu = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+    if training_args.fp16 and (training_args.use_cpu or not has_gpu):
+        notes.append("fp16 has no effect on the CPU (the run is float32): use --bf16 True for CPU autocast")
+    return notes
+
+
 def main(argv: list[str]) -> int:
     from ..config import parse_args
     from ..distributed import close_process_group
 
     model_args, data_args, training_args = parse_args(argv)
     check_reporting(training_args.report_to)
+    for note in ineffective_settings(model_args, training_args):
+        logger.warning(note)
     from ..train import train  # the one place the CLI names the training module
 
     result = train(model_args, data_args, training_args)
     if result.trainer.is_world_process_zero():
         print({key: value for key, value in result.metrics.items() if isinstance(value, (int, float))})
+        print(f"model saved to {training_args.output_dir}")
     close_process_group()
     return 0
