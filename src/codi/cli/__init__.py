@@ -100,7 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return getattr(importlib.import_module(f"codi.cli.{module}"), function)(rest) or 0
     except SystemExit as done:  # `--help`: argparse printed the flags and exits
-        return done.code if isinstance(done.code, int) else 0 if done.code is None else 1
+        if isinstance(done.code, str):
+            print(done.code, file=sys.stderr)
+            return 1
+        return done.code or 0
     except (ValueError, OSError) as error:  # bad input, wrong path, unreachable hub: one clear line
         print(f"codi {name}: error: {error}", file=sys.stderr)
         return 2
