@@ -10,7 +10,7 @@ import pytest
 
 from codi.cli.demo import main
 from codi.demo.offline_models import build_tokenizer
-from codi.demo.pipeline import PRESETS, claim_check, fresh_out_dir, run_demo
+from codi.demo.pipeline import DEMO_MARKER, PRESETS, claim_check, fresh_out_dir, run_demo
 from codi.demo.synth import SynthConfig, make_splits, to_icot_line
 
 
@@ -33,7 +33,7 @@ def test_fresh_out_dir_never_reuses_silently(tmp_path):
     with pytest.raises(FileExistsError, match="--overwrite"):
         fresh_out_dir(str(path), overwrite=False)
     fresh_out_dir(str(path), overwrite=True)
-    assert os.listdir(path) == []
+    assert os.listdir(path) == [DEMO_MARKER]  # the old content is gone; the new run's marker is there
 
 
 def test_smoke_run_writes_table_json_and_chart(tmp_path, capsys):

@@ -149,6 +149,7 @@ def probe(
     if num_latent < 0:
         raise ValueError(f"num_latent must be >= 0, got {num_latent}")
     items = [_as_item(item) for item in records_or_questions]
+    items = _fitting(model, items, num_latent)
     decoder = _Decoder(model, top_k)
     norm = find_final_norm(model.hf_model) if logit_lens else None
     was_training = model.training
@@ -180,6 +181,18 @@ def probe(
         _make_record(index, item, positions, cosine, output, model.tokenizer)
         for index, (item, (positions, cosine), output) in enumerate(zip(items, probed, outputs))
     ]
+
+
+def _fitting(model, items: list, num_latent: int) -> list:
+    """The items whose question fits the model's positions with its latents; the others are dropped,
+    counted and named in a warning (a learned position table fails past its size)."""
+    from .generate import unfit_questions
+
+    unfit = unfit_questions(model, [question for question, _, _ in items], num_latent=num_latent)
+    if unfit:
+        first = next(iter(unfit.items()))
+        logger.warning("probe: %d question(s) skipped (first: #%d, %s)", len(unfit), first[0], first[1])
+    return [item for index, item in enumerate(items) if index not in unfit]
 
 
 def _make_record(index, item, positions, cosine, output, tokenizer) -> ProbeRecord:

@@ -211,11 +211,8 @@ def score(model, records: list[dict], mode: str, preset: Preset, name: str, timi
 
 def run_probe(model, records: list[dict], out_dir: str) -> dict | None:
     """The latent probe (paper §5, Table 3) when `codi.probe` is installed; its summary, or None."""
-    try:
-        from ..probe import run_probe as probe_and_report
-    except ImportError:
-        logger.info("codi.probe is not installed: skipping the latent probe")
-        return None
+    from ..probe import run_probe as probe_and_report
+
     try:
         summary = probe_and_report(
             model, records, out_dir, title="codi demo: latent probe", batch_size=100, max_new_tokens=64
@@ -313,16 +310,27 @@ def parse_overrides(items: list[str], preset: Preset) -> dict:
     return overrides
 
 
+DEMO_MARKER = ".codi-demo"  # written first into every demo folder: `--overwrite` deletes only those
+
+
 def fresh_out_dir(requested: str | None, overwrite: bool) -> str:
-    """A new folder per run (runs/demo-YYYYmmdd-HHMMSS), or the requested one if empty / --overwrite."""
+    """A new folder per run (runs/demo-YYYYmmdd-HHMMSS), or the requested one if empty; `--overwrite`
+    replaces a folder only when an earlier demo wrote it (its marker file), never anything else."""
     path = requested or time.strftime("runs/demo-%Y%m%d-%H%M%S")
-    if os.path.isdir(path) and os.listdir(path) and not overwrite:
-        raise FileExistsError(f"{path} exists and is not empty: pass --overwrite or another --out")
-    if os.path.isdir(path) and overwrite:
+    if os.path.isdir(path) and os.listdir(path):
+        if not overwrite:
+            raise FileExistsError(f"{path} exists and is not empty: pass --overwrite or another --out")
+        if not os.path.isfile(os.path.join(path, DEMO_MARKER)):
+            raise FileExistsError(
+                f"{path} was not written by codi demo (no {DEMO_MARKER} file): --overwrite refuses to delete it; "
+                "pass another --out"
+            )
         import shutil
 
         shutil.rmtree(path)
-    os.makedirs(path)
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, DEMO_MARKER), "w") as handle:
+        handle.write("written by codi demo; codi demo --overwrite may replace this folder\n")
     return path
 
 
