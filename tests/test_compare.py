@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import random
+from pathlib import Path
 
 import pytest
 
@@ -115,3 +116,34 @@ def test_icot_step_schedule_fits_the_budget():
     assert icot_step_schedule(100, 10, 0.5) == {"remove_every_steps": 5}  # 10 tokens gone by step 50
     assert icot_step_schedule(100, 80, 0.5) == {"remove_every_steps": 1, "remove_all_when_remove_beyond": 50}
     assert icot_step_schedule(4, 3, 0.5) == {"remove_every_steps": 1, "remove_all_when_remove_beyond": 2}
+
+
+@pytest.mark.parametrize("method", ["cot_sft", "no_cot_sft", "icot"])
+def test_gsm8k_baseline_presets_parse_with_the_global_batch_stated(method, tmp_path, monkeypatch):
+    from codi import config
+    from codi.methods.icot import ICoTArguments
+
+    path = Path(__file__).resolve().parents[1] / "configs" / f"gpt2_gsm8k-aug_{method}.yaml"
+    header = "\n".join(path.read_text().splitlines()[:12])
+    monkeypatch.setattr(config, "METHODS", (*config.METHODS, "icot"))  # until `codi train` knows icot
+    classes = (*config.ARGUMENT_CLASSES, ICoTArguments) if method == "icot" else config.ARGUMENT_CLASSES
+    parsed = config.parse_args(["--config", str(path), "--output_dir", str(tmp_path)], classes)
+    model, data, training = parsed[:3]
+    batch = training.per_device_train_batch_size * training.gradient_accumulation_steps
+    assert f"GLOBAL BATCH {batch}" in header and training.method == method
+    assert model.model_name_or_path == "gpt2" and not model.use_lora and data.include_last_cot
+    assert training.lr_scheduler_type.value == "constant"
+    if method == "icot":
+        icot = parsed[3]
+        assert batch == 32 and training.learning_rate == pytest.approx(5e-5)
+        assert (icot.remove_per_epoch, icot.remove_all_when_remove_beyond, icot.removal_smoothing_lambda) == (
+            8,
+            39,
+            4,
+        )
+        assert icot.reset_optimizer and icot.max_len_train == 150 and icot.removal_side == "left"
+    else:
+        assert (
+            batch == 128 and training.learning_rate == pytest.approx(1e-4) and training.num_train_epochs == 25
+        )
+        assert training.weight_decay == pytest.approx(0.01) and training.max_grad_norm == 0
