@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import math
 import random
 from pathlib import Path
@@ -147,3 +148,26 @@ def test_gsm8k_baseline_presets_parse_with_the_global_batch_stated(method, tmp_p
             batch == 128 and training.learning_rate == pytest.approx(1e-4) and training.num_train_epochs == 25
         )
         assert training.weight_decay == pytest.approx(0.01) and training.max_grad_norm == 0
+
+
+@pytest.mark.slow
+def test_gpu_table1_script_smoke_run_on_cpu(tmp_path):
+    """bench/gpu_table1.py --smoke: the GPU script's whole path (table + both benchmarks) at a tiny size
+    (~1-2 min on the shared 2-core machine)."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "bench/gpu_table1.py", "--smoke", "--device", "cpu", "--out", str(tmp_path)],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(repo / "src")},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "accuracy % [95% CI]" in done.stdout and "CoT-SFT" in done.stdout
+    summary = json.loads((tmp_path / "gpu_table1.json").read_text())
+    assert set(summary["bench"]) == {"train_step", "decode"}
+    assert not any("error" in result for result in summary["bench"].values()), summary["bench"]
