@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import math
+import os
 import random
 from pathlib import Path
 
