@@ -171,3 +171,16 @@ def test_gpu_table1_script_smoke_run_on_cpu(tmp_path):
     summary = json.loads((tmp_path / "gpu_table1.json").read_text())
     assert set(summary["bench"]) == {"train_step", "decode"}
     assert not any("error" in result for result in summary["bench"].values()), summary["bench"]
+
+
+def test_a_pretrained_model_the_user_names_with_lora_and_a_cot_warmup(tmp_path, tiny_gpt2):
+    """`ModelSpec(path=...)`: no tokenizer is built; a LoRA warm-up is merged so CODI starts from it."""
+    paths = write_pair(tmp_path, n_train=16, n_test=4)
+    spec = ModelSpec(path=tiny_gpt2, use_lora=True, lora_r=4, lora_alpha=8, num_latent=2, prj_dim=16)
+    budget = Budget(max_steps=3, batch_size=4, cot_warmup_steps=1, eval_batch_size=4, max_new_tokens=6)
+    result = compare(["codi"], paths["train"], paths["test"], spec, budget, [0], str(tmp_path / "out"))
+    assert (tmp_path / "out" / "seed0" / "cot_warmup" / "merged" / "config.json").is_file()
+    assert not (tmp_path / "out" / "seed0" / "base").exists()
+    assert result.rows[0].n == 4 and result.runs[0].cot_warmup_s > 0
+    saved = json.loads((tmp_path / "out" / "seed0" / "codi" / "codi_config.json").read_text())
+    assert saved["model_args"]["use_lora"] and saved["model_args"]["model_name_or_path"].endswith("merged")
