@@ -182,6 +182,9 @@ def compare(
 
     options: per method name (or "all"), argument overrides: training (`CODITrainingArguments`), model
     (`CODIModelArguments`), data (`CODIDataArguments`) or the method's own (e.g. `ICoTArguments`) fields.
+    iCoT without a schedule in its options removes the longest CoT by half of its steps
+    (`removal_done_at`, see `compare_methods.icot_step_schedule`): the reference's 8 tokens per epoch
+    would not fit a step budget.
     Writes `out_dir/results.json`, `results.png`, `table.txt`; each run in `out_dir/seed<S>/<method>`.
     """
     model, budget, options = model or ModelSpec(), budget or Budget(), dict(options or {})
@@ -202,8 +205,8 @@ def compare(
         for method in chosen:
             merged = {**options.get("all", {}), **method.defaults, **options.get(method.name, {})}
             ctx = RunContext(
-                method, seed, base, train_file, None, os.path.join(seed_dir, method.name), budget, model, merged,
-                device, budget.max_steps,
+                method, seed, base, train_file, os.path.join(seed_dir, method.name), budget, model, merged, device,
+                budget.max_steps,
             )  # fmt: skip
             if method.starts_from_cot and budget.cot_warmup_steps:
                 if warm is None:

@@ -76,7 +76,6 @@ class RunContext:
     seed: int
     base: str  # the model folder / id the method starts from
     train_file: str
-    validation_file: str | None
     out_dir: str
     budget: Budget
     model: ModelSpec
@@ -187,7 +186,7 @@ def training_arguments(
 
 
 def data_arguments(ctx: RunContext, **overrides) -> CODIDataArguments:
-    return CODIDataArguments(train_file=ctx.train_file, validation_file=None, **overrides)
+    return CODIDataArguments(train_file=ctx.train_file, **overrides)
 
 
 # --------------------------------------------------------------------------------------------------
