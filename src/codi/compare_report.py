@@ -172,7 +172,8 @@ def save_chart(rows: Sequence[Row], path: str, title: str = "") -> None:
         axis.set_xticks(list(positions), names, rotation=25, ha="right", fontsize=8)
         axis.set_title(name, fontsize=10)
         for index, value in enumerate(values):
-            axis.text(index, value, f"{value:.1f}", ha="center", va="bottom", fontsize=7)
+            top = value + (error[1][index] if error else 0)  # above the interval's bar
+            axis.text(index, top, f"{value:.1f}", ha="center", va="bottom", fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
