@@ -29,7 +29,7 @@ ALIASES = {
     "mse_loss_type": "distill_loss_type",
     "mse_loss_factor": "distill_loss_factor",
 }
-METHODS = ("codi", "cot_sft", "no_cot_sft")
+METHODS = ("codi", "cot_sft", "no_cot_sft", "icot", "coconut")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 ANSWER_PROMPT = "The answer is:"  # precedes the answer value in every training target
 

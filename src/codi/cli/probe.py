@@ -33,10 +33,10 @@ def main(argv: list[str]) -> int:
     (args,) = parse("codi probe", (ProbeArguments,), argv)
     import torch
 
-    from ..data import read_records
     from ..model import CODIModel
     from ..probe import run_probe
-    from ..report import format_summary
+    from ..probe_metric import format_summary
+    from ..records import read_records
 
     records = read_records(args.data)[: args.limit]
     model = CODIModel.from_pretrained(args.model, base_model_name_or_path=args.base_model)

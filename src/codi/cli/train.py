@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 
 from .args import UsageError, unknown_name_error
 
@@ -51,17 +52,52 @@ def ineffective_settings(model_args, training_args) -> list[str]:
     return notes
 
 
+# Methods with settings of their own: (module, arguments class, training function), imported on use.
+METHOD_ARGUMENTS = {
+    "icot": ("codi.methods.icot", "ICoTArguments", "train_icot"),
+    "coconut": ("codi.methods.coconut", "CoconutArguments", "train_coconut"),
+}
+
+
+def requested_method(argv: list[str]) -> str | None:
+    """The `--method` of a command line: the last flag, else the last `--config` YAML that sets it."""
+    import yaml
+
+    method = None
+    for index, token in enumerate(argv):
+        value = argv[index + 1] if index + 1 < len(argv) else None
+        if token == "--config" and value and os.path.isfile(value):
+            with open(value) as handle:
+                loaded = yaml.safe_load(handle)
+            if isinstance(loaded, dict) and loaded.get("method"):
+                method = str(loaded["method"])
+    for index, token in enumerate(argv):
+        if token == "--method" and index + 1 < len(argv):
+            method = argv[index + 1]
+        elif token.startswith("--method="):
+            method = token.split("=", 1)[1]
+    return method
+
+
 def main(argv: list[str]) -> int:
-    from ..config import parse_args
+    import importlib
+
+    from ..config import ARGUMENT_CLASSES, parse_args
     from ..distributed import close_process_group
 
-    model_args, data_args, training_args = parse_args(argv)
+    extra = METHOD_ARGUMENTS.get(requested_method(argv) or "")
+    module = importlib.import_module(extra[0]) if extra else None
+    classes = ARGUMENT_CLASSES + ((getattr(module, extra[1]),) if extra else ())
+    model_args, data_args, training_args, *method_args = parse_args(argv, classes)
     check_reporting(training_args.report_to)
     for note in ineffective_settings(model_args, training_args):
         logger.warning(note)
     from ..training import train
 
-    result = train(model_args, data_args, training_args)
+    if extra:
+        result = getattr(module, extra[2])(model_args, data_args, training_args, *method_args)
+    else:
+        result = train(model_args, data_args, training_args)
     if result.trainer.is_world_process_zero():
         print({key: value for key, value in result.metrics.items() if isinstance(value, (int, float))})
         print(f"model saved to {training_args.output_dir}")

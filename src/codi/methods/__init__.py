@@ -1,1 +1,2 @@
-"""Baselines of the paper's comparison beside CODI (Coconut; see docs/method.md)."""
+"""Baselines trained beside CODI for the paper's comparison (Table 1): `icot` (stepwise internalisation)
+and `coconut` (continuous thoughts with a stage curriculum). `codi.compare` trains and evaluates them."""

@@ -1,0 +1,297 @@
+"""The paper's comparison (Table 1) in one harness: train several methods with the same budget, model,
+tokenizer and data, evaluate them on the same test questions, one table (+ results.json, results.png).
+
+    from codi.compare import Budget, ModelSpec, compare
+    result = compare(["codi", "icot", "no_cot_sft"], "train.jsonl", "test.jsonl",
+                     ModelSpec(), Budget(max_steps=600), seeds=[0, 1], out_dir="runs/compare")
+    print(result.table)
+
+Data: any file `codi train` reads (ICoT text `question||cot #### answer`, JSONL {question, cot, answer},
+GSM8k JSONL). Model: from scratch (`ModelSpec()`: the demo's word/digit tokenizer built from the training
+file and a small random GPT-2 or Llama, one per seed) or a pretrained causal LM (`ModelSpec(path=...)`,
+LoRA optional). Every method gets `budget.max_steps` optimizer steps; codi, codi_s and coconut start
+from a CoT-SFT warm-up of `budget.cot_warmup_steps` steps counted inside their budget (Coconut's
+reference starts from a CoT-SFT checkpoint; the demo found CODI needs it from scratch).
+
+A method is an entry of `METHODS` (name -> how to train, how to evaluate): add one with `register`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from .compare_methods import (
+    METHODS,
+    TABLE1_METHODS,
+    Budget,
+    Method,
+    MethodUnavailable,
+    ModelSpec,
+    RunContext,
+    data_arguments,
+    evaluate_generation,
+    model_arguments,
+    register,
+    split_options,
+    training_arguments,
+)
+from .compare_report import RunRecord, aggregate, format_table, save_chart, write_results
+from .data import answer_value, read_records
+from .eval_data import EvalItem, parse_gold
+
+logger = logging.getLogger(__name__)
+__all__ = [
+    "METHODS",
+    "TABLE1_METHODS",
+    "Budget",
+    "CompareResult",
+    "Method",
+    "MethodUnavailable",
+    "ModelSpec",
+    "compare",
+    "register",
+    "run_synthetic",
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# Data, base model, warm-up, evaluation
+
+
+def read_test_items(path: str, limit: int | None = None) -> list[EvalItem]:
+    """Test questions and gold answers from a file in any training format (the CoT is not used)."""
+    records = read_records(path)
+    if limit is not None:
+        records = records[:limit]
+    if not records:
+        raise ValueError(f"{path}: no test records")
+    return [
+        EvalItem(record.question, parse_gold(answer_value(record.answer), record.where), record.where)
+        for record in records
+    ]
+
+
+def prepare_base(spec: ModelSpec, train_file: str, directory: str, seed: int) -> str:
+    """The model every method of one seed starts from: `spec.path`, or a fresh from-scratch model whose
+    word/digit tokenizer is built from the training file (saved in `directory`)."""
+    if spec.path is not None:
+        return spec.path
+    from .offline_models import build_base_model
+    from .synth import to_icot_line
+
+    texts = [
+        to_icot_line({"question": r.question, "cot": r.cot, "answer": r.answer})
+        for r in read_records(train_file)
+    ]
+    return build_base_model(directory, texts, spec.arch, spec.n_layer, spec.n_embd, spec.n_head, seed)
+
+
+def cot_warmup(ctx: RunContext, steps: int) -> str:
+    """Train CoT-SFT for `steps` steps into `ctx.out_dir`; returns a folder later runs start from (a
+    LoRA run is merged into its base first, so that it loads as a plain causal LM)."""
+    from .training import train
+
+    training, model, data = split_options("cot warm-up", ctx.options)
+    result = train(
+        model_arguments(ctx, ctx.base, **model),
+        data_arguments(ctx, **data),
+        training_arguments(ctx, "cot_sft", steps, ctx.out_dir, **training),
+    )
+    if not result.model.is_lora:
+        return ctx.out_dir
+    merged = os.path.join(ctx.out_dir, "merged")
+    result.model.lm.merge_and_unload().save_pretrained(merged)
+    result.model.tokenizer.save_pretrained(merged)
+    return merged
+
+
+def _run_one(ctx: RunContext, items: Sequence[EvalItem], warmup_s: float) -> RunRecord:
+    start = time.perf_counter()
+    model = ctx.method.train(ctx)
+    train_s = time.perf_counter() - start + warmup_s
+    if ctx.device != "cpu":
+        model.to(ctx.device)
+    result = (ctx.method.evaluate or evaluate_generation)(model, items, ctx)
+    del model
+    gc.collect()
+    n = result["n"]
+    return RunRecord(
+        method=ctx.method.name,
+        label=ctx.method.label,
+        mode=ctx.method.eval_mode,
+        seed=ctx.seed,
+        steps=ctx.budget.max_steps,
+        train_wall_s=train_s,
+        n=n,
+        correct=round(result["accuracy"] * n / 100),
+        accuracy=result["accuracy"],
+        tokens_per_answer=result["mean_generated_tokens"],
+        positions_per_answer=result["mean_positions_before_answer_end"],
+        questions_per_s=result["questions_per_s"],
+        cot_warmup_s=warmup_s,
+        extra={"strict_accuracy": result.get("strict_accuracy"), "samples": result.get("samples_files")},
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# The harness
+
+
+@dataclass
+class CompareResult:
+    rows: list
+    runs: list[RunRecord]
+    table: str
+    paths: dict[str, str]
+
+
+def check_methods(methods: Sequence[str]) -> list[Method]:
+    """The registry entries of `methods`, or one error naming every unknown or unavailable one."""
+    unknown = [name for name in methods if name not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; known: {', '.join(METHODS)}")
+    missing = [f"{name} ({METHODS[name].available()})" for name in methods if METHODS[name].available()]
+    if missing:
+        raise MethodUnavailable(f"method(s) not available here: {', '.join(missing)}")
+    if len(set(methods)) != len(methods) or not methods:
+        raise ValueError(f"methods must be distinct and non-empty, got {list(methods)}")
+    return [METHODS[name] for name in methods]
+
+
+def compare(
+    methods: Sequence[str],
+    train_file: str,
+    test_file: str,
+    model: ModelSpec | None = None,
+    budget: Budget | None = None,
+    seeds: Sequence[int] = (0,),
+    out_dir: str = "runs/compare",
+    *,
+    options: Mapping[str, Mapping] | None = None,
+    device: str = "cpu",
+    test_limit: int | None = None,
+    title: str = "",
+) -> CompareResult:
+    """Train `methods` on `train_file` for each seed, evaluate on `test_file`, one table.
+
+    options: per method name (or "all"), argument overrides: training (`CODITrainingArguments`), model
+    (`CODIModelArguments`), data (`CODIDataArguments`) or the method's own (e.g. `ICoTArguments`) fields.
+    iCoT without a schedule in its options removes the longest CoT by half of its steps
+    (`removal_done_at`, see `compare_methods.icot_step_schedule`): the reference's 8 tokens per epoch
+    would not fit a step budget.
+    Writes `out_dir/results.json`, `results.png`, `table.txt`; each run in `out_dir/seed<S>/<method>`.
+    """
+    model, budget, options = model or ModelSpec(), budget or Budget(), dict(options or {})
+    chosen = check_methods(methods)
+    bad = set(options) - set(METHODS) - {"all"}
+    if bad:
+        raise ValueError(f"options given for unknown method(s) {sorted(bad)}")
+    for method in chosen:
+        method.check_options({**options.get("all", {}), **method.defaults, **options.get(method.name, {})})
+    items = read_test_items(test_file, test_limit)
+    read_records(train_file)  # a bad training file fails before anything trains
+    os.makedirs(out_dir, exist_ok=True)
+    runs = []
+    for seed in seeds:
+        seed_dir = os.path.join(out_dir, f"seed{seed}")
+        base = prepare_base(model, train_file, os.path.join(seed_dir, "base"), seed)
+        warm, warm_s = None, 0.0
+        for method in chosen:
+            merged = {**options.get("all", {}), **method.defaults, **options.get(method.name, {})}
+            ctx = RunContext(
+                method, seed, base, train_file, os.path.join(seed_dir, method.name), budget, model, merged, device,
+                budget.max_steps,
+            )  # fmt: skip
+            if method.starts_from_cot and budget.cot_warmup_steps:
+                if warm is None:
+                    start = time.perf_counter()
+                    common = {**options.get("all", {})}
+                    warm_ctx = dataclasses.replace(
+                        ctx, out_dir=os.path.join(seed_dir, "cot_warmup"), options=common
+                    )
+                    warm = cot_warmup(warm_ctx, budget.cot_warmup_steps)
+                    warm_s = time.perf_counter() - start
+                ctx = dataclasses.replace(
+                    ctx, init_from=warm, steps=budget.max_steps - budget.cot_warmup_steps
+                )
+            logger.info("seed %d: training %s (%d steps)", seed, method.name, ctx.steps)
+            runs.append(_run_one(ctx, items, warm_s if method.starts_from_cot and warm else 0.0))
+    rows = aggregate(runs, [method.name for method in chosen])
+    table = format_table(rows)
+    paths = {name: os.path.join(out_dir, name) for name in ("results.json", "results.png", "table.txt")}
+    config = {
+        "methods": list(methods),
+        "train_file": train_file,
+        "test_file": test_file,
+        "model": dataclasses.asdict(model),
+        "budget": dataclasses.asdict(budget),
+        "seeds": list(seeds),
+        "options": options,
+        "device": device,
+    }
+    write_results(paths["results.json"], config, rows, runs, table)
+    save_chart(rows, paths["results.png"], title)
+    with open(paths["table.txt"], "w") as handle:
+        handle.write(table + "\n")
+    print(f"\n{title or 'comparison'}: {len(items)} test questions, {budget.max_steps} steps per method\n")
+    print(table)
+    return CompareResult(rows, runs, table, paths)
+
+
+# --------------------------------------------------------------------------------------------------
+# The demo's synthetic data (what `codi demo --preset table1` needs)
+
+TABLE1_MODEL = ModelSpec(arch="gpt2", n_layer=4, n_embd=64, n_head=4, num_latent=4)
+TABLE1_BUDGET = Budget(
+    max_steps=2400, cot_warmup_steps=400, batch_size=32, learning_rate=3e-3, eval_batch_size=250
+)
+
+
+def synthetic_data(out_dir: str, synth=None) -> dict[str, str]:
+    """Write the demo's data (default: its default preset's: 3-step mod-10 chains, uniform wording,
+    20000 / 200 / 500 records, data seed 0) into `out_dir`; returns the `.txt` path of each split."""
+    from .synth import SynthConfig, synthesize
+
+    config = synth or SynthConfig(
+        n_train=20000, n_validation=200, n_test=500, min_steps=3, max_steps=3, wording="uniform", seed=0
+    )
+    return synthesize(out_dir, config)
+
+
+def run_synthetic(
+    methods: Sequence[str] = TABLE1_METHODS,
+    budget: Budget = TABLE1_BUDGET,
+    seeds: Sequence[int] = (0, 1),
+    out_dir: str = "runs/table1",
+    *,
+    model: ModelSpec = TABLE1_MODEL,
+    synth=None,
+    options: Mapping[str, Mapping] | None = None,
+    device: str = "cpu",
+    test_limit: int | None = None,
+) -> CompareResult:
+    """Every row of Table 1 on the demo's synthetic data (one data set; seeds vary the models), with
+    the demo's from-scratch model and budget by default. Unavailable methods are left out, with a note."""
+    usable = [name for name in methods if not (name in METHODS and METHODS[name].available())]
+    for name in set(methods) - set(usable):
+        print(f"note: {name} left out: {METHODS[name].available()}")
+    paths = synthetic_data(os.path.join(out_dir, "data"), synth)
+    return compare(
+        usable,
+        paths["train"],
+        paths["test"],
+        model,
+        budget,
+        seeds,
+        out_dir,
+        options=options,
+        device=device,
+        test_limit=test_limit,
+        title=f"Table 1 on synthetic data ({budget.max_steps} steps, seeds {list(seeds)})",
+    )

@@ -1,0 +1,186 @@
+"""codi.compare: the one-table harness on a user's JSONL train/test pair, its statistics and errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import random
+from pathlib import Path
+
+import pytest
+from codi.synth import SynthConfig, make_splits
+
+from codi.compare import METHODS, Budget, MethodUnavailable, ModelSpec, compare
+from codi.compare_methods import icot_step_schedule
+from codi.compare_report import t_interval, wilson_interval
+
+TINY = ModelSpec(n_layer=1, n_embd=16, n_head=2, num_latent=2)
+
+
+def write_pair(directory, n_train=48, n_test=8):
+    """A small JSONL train/test pair, as a user would bring it ({question, cot, answer})."""
+    splits = make_splits(
+        SynthConfig(n_train=n_train, n_validation=0, n_test=n_test, wording="uniform", seed=3)
+    )
+    paths = {}
+    for name in ("train", "test"):
+        paths[name] = str(directory / f"{name}.jsonl")
+        with open(paths[name], "w") as handle:
+            for record in splits[name]:
+                handle.write(json.dumps(record) + "\n")
+    return paths
+
+
+def test_two_methods_one_table_on_a_user_jsonl_pair(tmp_path, capsys):
+    paths = write_pair(tmp_path)
+    budget = Budget(max_steps=4, batch_size=8, cot_warmup_steps=2, eval_batch_size=8, max_new_tokens=12)
+    result = compare(
+        ["codi", "no_cot_sft"], paths["train"], paths["test"], TINY, budget, [0], str(tmp_path / "out")
+    )
+    assert [row.method for row in result.rows] == ["codi", "no_cot_sft"]
+    codi, no_cot = result.rows
+    assert (codi.mode, no_cot.mode) == ("latent", "cot")
+    assert codi.n == no_cot.n == 8
+    for row in result.rows:
+        assert row.ci_kind == "wilson" and 0 <= row.ci_low <= row.accuracy <= row.ci_high <= 100
+        assert row.train_wall_s > 0 and row.questions_per_s > 0 and row.steps == 4
+    # latent mode decodes <bot>, the latents and <eot> besides the answer tokens
+    assert codi.positions_per_answer == pytest.approx(codi.tokens_per_answer + TINY.num_latent + 2)
+    assert no_cot.positions_per_answer == pytest.approx(no_cot.tokens_per_answer)
+    assert result.runs[0].cot_warmup_s > 0 and result.runs[1].cot_warmup_s == 0
+    saved = json.loads(open(result.paths["results.json"]).read())
+    assert [row["label"] for row in saved["rows"]] == ["CODI", "No-CoT-SFT"]
+    assert saved["config"]["budget"]["max_steps"] == 4
+    assert open(result.paths["results.png"], "rb").read(4) == b"\x89PNG"
+    printed = capsys.readouterr().out
+    assert "CODI" in printed and "No-CoT-SFT" in printed and "accuracy % [95% CI]" in printed
+
+
+def test_icot_row_and_seeds_give_a_t_interval(tmp_path):
+    paths = write_pair(tmp_path, n_train=32, n_test=6)
+    budget = Budget(max_steps=3, batch_size=8, eval_batch_size=8, max_new_tokens=10)
+    result = compare(["icot"], paths["train"], paths["test"], TINY, budget, [0, 1], str(tmp_path / "out"))
+    (row,) = result.rows
+    assert row.label == "iCoT-SI" and row.mode == "cot" and row.seeds == [0, 1]
+    assert row.ci_kind == "t over seeds" and len(row.seed_accuracies) == 2
+    state = json.loads((tmp_path / "out" / "seed1" / "icot" / "icot_state.json").read_text())
+    assert state["icot_args"]["removal_smoothing_lambda"] == "4.0"
+
+
+def test_errors_name_the_method_or_key(tmp_path):
+    paths = write_pair(tmp_path, n_train=8, n_test=2)
+    with pytest.raises(ValueError, match="unknown method"):
+        compare(["codi", "nope"], paths["train"], paths["test"], TINY, out_dir=str(tmp_path / "a"))
+    with pytest.raises(ValueError, match="unknown key 'nonsense'"):
+        compare(
+            ["icot"],
+            paths["train"],
+            paths["test"],
+            TINY,
+            options={"icot": {"nonsense": 1}},
+            out_dir=str(tmp_path),
+        )
+    with pytest.raises(ValueError, match="cot_warmup_steps"):
+        Budget(max_steps=10, cot_warmup_steps=10)
+    if importlib.util.find_spec("codi.methods.coconut") is None:
+        with pytest.raises(MethodUnavailable, match="coconut"):
+            compare(["coconut"], paths["train"], paths["test"], TINY, out_dir=str(tmp_path / "b"))
+    assert {"codi", "codi_s", "cot_sft", "no_cot_sft", "icot", "coconut"} <= set(METHODS)
+
+
+def test_wilson_interval_by_hand():
+    low, high = wilson_interval(0, 10)
+    assert low == 0 and high == pytest.approx(1.959964**2 / (10 + 1.959964**2))  # 0.2775
+    low, high = wilson_interval(5, 10)
+    assert (low, high) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    low, high = wilson_interval(10, 10)
+    assert high == pytest.approx(1.0) and low == pytest.approx(10 / (10 + 1.959964**2))
+    # it covers the true proportion ~95 % of the time
+    rng, hits = random.Random(0), 0
+    for _ in range(2000):
+        correct = sum(rng.random() < 0.3 for _ in range(50))
+        low, high = wilson_interval(correct, 50)
+        hits += low <= 0.3 <= high
+    assert 0.92 < hits / 2000 < 0.98
+
+
+def test_t_interval_by_hand():
+    mean, low, high = t_interval([40.0, 50.0])
+    assert mean == 45 and high - mean == pytest.approx(12.706 * math.sqrt(50) / math.sqrt(2), rel=1e-4)
+    mean, low, high = t_interval([1.0, 2.0, 3.0])
+    assert (low, high) == pytest.approx((2 - 4.303 / math.sqrt(3), 2 + 4.303 / math.sqrt(3)))
+
+
+def test_icot_step_schedule_fits_the_budget():
+    assert icot_step_schedule(100, 10, 0.5) == {"remove_every_steps": 5}  # 10 tokens gone by step 50
+    assert icot_step_schedule(100, 80, 0.5) == {"remove_every_steps": 1, "remove_all_when_remove_beyond": 50}
+    assert icot_step_schedule(4, 3, 0.5) == {"remove_every_steps": 1, "remove_all_when_remove_beyond": 2}
+
+
+@pytest.mark.parametrize("method", ["cot_sft", "no_cot_sft", "icot"])
+def test_gsm8k_baseline_presets_parse_with_the_global_batch_stated(method, tmp_path, monkeypatch):
+    from codi import config
+    from codi.methods.icot import ICoTArguments
+
+    path = Path(__file__).resolve().parents[1] / "configs" / f"gpt2_gsm8k-aug_{method}.yaml"
+    header = "\n".join(path.read_text().splitlines()[:12])
+    monkeypatch.setattr(config, "METHODS", (*config.METHODS, "icot"))  # until `codi train` knows icot
+    classes = (*config.ARGUMENT_CLASSES, ICoTArguments) if method == "icot" else config.ARGUMENT_CLASSES
+    parsed = config.parse_args(["--config", str(path), "--output_dir", str(tmp_path)], classes)
+    model, data, training = parsed[:3]
+    batch = training.per_device_train_batch_size * training.gradient_accumulation_steps
+    assert f"GLOBAL BATCH {batch}" in header and training.method == method
+    assert model.model_name_or_path == "gpt2" and not model.use_lora and data.include_last_cot
+    assert training.lr_scheduler_type.value == "constant"
+    if method == "icot":
+        icot = parsed[3]
+        assert batch == 32 and training.learning_rate == pytest.approx(5e-5)
+        assert (icot.remove_per_epoch, icot.remove_all_when_remove_beyond, icot.removal_smoothing_lambda) == (
+            8,
+            39,
+            4,
+        )
+        assert icot.reset_optimizer and icot.max_len_train == 150 and icot.removal_side == "left"
+    else:
+        assert (
+            batch == 128 and training.learning_rate == pytest.approx(1e-4) and training.num_train_epochs == 25
+        )
+        assert training.weight_decay == pytest.approx(0.01) and training.max_grad_norm == 0
+
+
+@pytest.mark.slow
+def test_gpu_table1_script_smoke_run_on_cpu(tmp_path):
+    """bench/gpu_table1.py --smoke: the GPU script's whole path (table + both benchmarks) at a tiny size
+    (~1-2 min on the shared 2-core machine)."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "bench/gpu_table1.py", "--smoke", "--device", "cpu", "--out", str(tmp_path)],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(repo / "src")},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "accuracy % [95% CI]" in done.stdout and "CoT-SFT" in done.stdout
+    summary = json.loads((tmp_path / "gpu_table1.json").read_text())
+    assert set(summary["bench"]) == {"train_step", "decode"}
+    assert not any("error" in result for result in summary["bench"].values()), summary["bench"]
+
+
+def test_a_pretrained_model_the_user_names_with_lora_and_a_cot_warmup(tmp_path, tiny_gpt2):
+    """`ModelSpec(path=...)`: no tokenizer is built; a LoRA warm-up is merged so CODI starts from it."""
+    paths = write_pair(tmp_path, n_train=16, n_test=4)
+    spec = ModelSpec(path=tiny_gpt2, use_lora=True, lora_r=4, lora_alpha=8, num_latent=2, prj_dim=16)
+    budget = Budget(max_steps=3, batch_size=4, cot_warmup_steps=1, eval_batch_size=4, max_new_tokens=6)
+    result = compare(["codi"], paths["train"], paths["test"], spec, budget, [0], str(tmp_path / "out"))
+    assert (tmp_path / "out" / "seed0" / "cot_warmup" / "merged" / "config.json").is_file()
+    assert not (tmp_path / "out" / "seed0" / "base").exists()
+    assert result.rows[0].n == 4 and result.runs[0].cot_warmup_s > 0
+    saved = json.loads((tmp_path / "out" / "seed0" / "codi" / "codi_config.json").read_text())
+    assert saved["model_args"]["use_lora"] and saved["model_args"]["model_name_or_path"].endswith("merged")
