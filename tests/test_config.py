@@ -16,8 +16,8 @@ from codi.config import (
     parse_args,
 )
 
-# SPEC §4: preset -> (base model, data, batch, accum, epochs, lr, prj_dim, beta, max_token_num)
-SPEC_TABLE = {
+# docs/method.md#presets: preset -> (base model, data, batch, accum, epochs, lr, prj_dim, beta, max_token_num)
+PRESET_TABLE = {
     "gpt2_gsm8k-aug": ("gpt2", "zen-E/GSM8k-Aug", 64, 2, 40, 3e-3, 768, 1.0, 1000),
     "gpt2_gsm8k-aug-nl": ("gpt2", "zen-E/GSM8k-Aug-NL", 64, 2, 40, 3e-3, 768, 1.0, 1000),
     "llama1b_gsm8k-aug": (
@@ -59,13 +59,13 @@ def write(tmp_path, text: str, name: str = "preset.yaml") -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("preset", sorted(SPEC_TABLE))
+@pytest.mark.parametrize("preset", sorted(PRESET_TABLE))
 def test_presets_match_the_spec_table(preset, tmp_path):
     path = REPO_ROOT / "configs" / f"{preset}.yaml"
     header = path.read_text().splitlines()[:4]
     assert any(REFERENCE_SCRIPT[preset] in line for line in header), header
     model, data, training = parse_args(["--config", str(path), "--output_dir", str(tmp_path)])
-    base, data_name, batch, accum, epochs, lr, prj_dim, beta, max_tok = SPEC_TABLE[preset]
+    base, data_name, batch, accum, epochs, lr, prj_dim, beta, max_tok = PRESET_TABLE[preset]
     assert model.model_name_or_path == base and data.data_name == data_name
     assert (training.per_device_train_batch_size, training.gradient_accumulation_steps) == (batch, accum)
     assert batch * accum == 128

@@ -1,4 +1,4 @@
-"""Loading the authors' reference checkpoints (SPEC §7) and `codi convert`.
+"""Loading the authors' reference checkpoints (docs/method.md#reference-checkpoints) and `codi convert`.
 
 Each test builds a checkpoint with EXACTLY the reference layout: a wrapper module whose `codi` child is
 the peft-wrapped base LM with V+3 embedding rows (pad, bot, eot appended) and whose `prj` child is the

@@ -1,4 +1,4 @@
-"""codi.data: loaders, the reference preprocessing (SPEC §1), distillation positions, collation."""
+"""codi.data: loaders, the reference preprocessing (docs/method.md#preprocessing), distillation positions, collation."""
 
 from __future__ import annotations
 

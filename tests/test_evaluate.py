@@ -278,3 +278,87 @@ def test_evaluate_feed_answer_prompt(checkpoint, tmp_path):
         for line in (tmp_path / "fed_latent.jsonl").read_text().splitlines()
     ]
     assert all(text.startswith(model.args.answer_prompt) for text in texts)
+
+
+# --------------------------------------------------------------------------------------------------
+# Robustness: questions the model cannot answer, failures in a multi-set run
+
+
+@pytest.fixture(scope="module")
+def short_model(tmp_path_factory) -> CODIModel:
+    """A model with 40 positions: a 60-word question does not fit it."""
+    base = save_tiny_model(str(tmp_path_factory.mktemp("short") / "base"), "gpt2", max_positions=40)
+    return CODIModel.from_base(CODIModelArguments(model_name_or_path=base, lora_r=4, prj_dim=16)).eval()
+
+
+def test_questions_that_do_not_fit_are_skipped_counted_and_named(short_model, tmp_path, caplog):
+    items = [
+        EvalItem("Tom has 12 apples.", 12.0, "toy.jsonl:1"),
+        EvalItem("word " * 60, 3.0, "toy.jsonl:2"),
+        EvalItem("A shop sells 7 pens.", 7.0, "toy.jsonl:3"),
+    ]
+    with caplog.at_level("WARNING", logger="codi.evaluate"):
+        result = evaluate(
+            short_model, items, "latent", name="toy", max_new_tokens=4, output_dir=str(tmp_path)
+        )
+    assert result["n"] == 3 and result["skipped"] == 1 and result["skipped_items"] == ["toy.jsonl:2"]
+    assert result["skipped_counted_as"] == "wrong"
+    assert "toy (latent): 1 of 3 questions skipped and counted wrong: toy.jsonl:2" in caplog.text
+    assert "does not fit" in caplog.text
+    records = [json.loads(line) for line in (tmp_path / "toy_latent.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in records] == [0, 1, 2] and records[1]["correct"] is False
+    assert "does not fit" in records[1]["skipped"] and "skipped" not in records[0]
+    assert (
+        "skipped questions (too long for the model, or empty in CoT mode; counted wrong): toy latent 1"
+        in format_table([result])
+    )
+    # every question skipped: a result, not a crash
+    alone = evaluate(short_model, items[1:2], "cot", name="toy", max_new_tokens=4)
+    assert alone["accuracy"] == 0.0 and alone["skipped"] == 1 and alone["questions_per_s"] == 0.0
+
+
+def test_bad_questions_are_one_line_errors_naming_the_index(short_model):
+    from codi.generate import generate, unfit_questions
+
+    with pytest.raises(ValueError, match=r"^questions\[0\] is None, not a string$"):
+        generate(short_model, [None])
+    with pytest.raises(ValueError, match=r"questions\[1\] is empty: CoT mode needs"):
+        generate(short_model, ["Hi", ""], mode="cot", max_new_tokens=2)
+    assert (
+        generate(short_model, [""], max_new_tokens=2)[0].num_latent_positions >= 0
+    )  # latent: [bot] is enough
+    with pytest.raises(ValueError, match=r"questions\[1\] does not fit.*\(and 1 more questions\)"):
+        generate(short_model, ["Hi", "word " * 60, "word " * 70], max_new_tokens=2)
+    assert sorted(unfit_questions(short_model, ["Hi", "", None], mode="cot")) == [1, 2]
+    result = evaluate(
+        short_model, [EvalItem("", 1.0, "e:1"), EvalItem("Hi", 2.0, "e:2")], "cot", max_new_tokens=2
+    )
+    assert result["skipped_items"] == ["e:1"]
+
+
+def test_a_failing_set_keeps_the_results_of_the_sets_done(checkpoint, tmp_path):
+    from codi.eval_data import eval_set_spec
+    from codi.evaluate import evaluate_sets
+
+    model = CODIModel.from_pretrained(checkpoint)
+    done = [EvalItem("Tom has 12 apples.", 12.0, "a:1"), EvalItem("Hi", 2.0, "a:2")]
+    sets = [(eval_set_spec("gsm8k"), done), (eval_set_spec("svamp"), done), (eval_set_spec("multiarith"), [])]
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="multiarith: no items"):
+        evaluate_sets(
+            model,
+            sets,
+            modes=("latent", "cot"),
+            output_dir=str(out),
+            summary={"model": "m"},
+            max_new_tokens=3,
+        )
+    summary = json.loads((out / "results.json").read_text())
+    assert [(r["dataset"], r["mode"]) for r in summary["results"]] == [
+        (name, mode) for name in ("gsm8k", "svamp") for mode in ("latent", "cot")
+    ]
+    assert summary["failed"]["dataset"] == "multiarith" and "no items" in summary["failed"]["error"]
+    assert summary["model"] == "m" and set(summary["speedups_vs_cot"]) == {"gsm8k", "svamp"}
+    assert "svamp" in (out / "results_table.txt").read_text()
+    ok = evaluate_sets(model, sets[:1], output_dir=str(tmp_path / "ok"), max_new_tokens=3)
+    assert "failed" not in ok and len(ok["results"]) == 1 and "gsm8k" in ok["table"]

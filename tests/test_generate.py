@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from transformers452 import first_forward_mask_452
 
 import codi.generate as generation
 from codi.config import CODIModelArguments
@@ -108,7 +109,8 @@ def test_finished_rows_stop_and_do_not_disturb_others(model, monkeypatch):
 
 
 def _reference_loop(model: CODIModel, questions: list[str], num_latent: int, max_new: int) -> list[list[int]]:
-    """The reference's test.py decoding, written out literally: left-padded Q ++ [bot] with a mask,
+    """The reference's test.py decoding, written out literally: left-padded Q ++ [bot] with the mask
+    transformers 4.52 on CUDA built for it (the authors' stack: its pad rows attend to every position),
     then latent steps and decoder steps with NO attention mask and default positions, greedy over
     logits[:, :vocab_size - 1], the token of a finished row still fed but not recorded."""
     from codi.data import encode_question, pad_sequences
@@ -118,6 +120,7 @@ def _reference_loop(model: CODIModel, questions: list[str], num_latent: int, max
     mask = pad_sequences([[1] * len(prompt) for prompt in prompts], 0, "left")
     lm = model.hf_model
     with torch.no_grad():
+        mask = first_forward_mask_452(mask, model.hf_model.get_input_embeddings().weight.dtype)
         out = lm(input_ids=ids, attention_mask=mask, use_cache=True, output_hidden_states=True)
         latent = model.project(out.hidden_states[-1][:, -1:])
         for _ in range(num_latent):

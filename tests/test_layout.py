@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 import pytest
-from test_train import quick_args, train_file  # noqa: F401 (fixture)
+from test_train import quick_args
 
 PACKAGE = Path(__file__).resolve().parent.parent / "src" / "codi"
 MAX_MODULE_LINES = 450
@@ -15,7 +15,7 @@ MAX_FUNCTION_LINES = 80
 LONG_FUNCTIONS_ALLOWED = {"demo"}
 
 
-def test_codi_train_is_callable_twice(tiny_gpt2, train_file, tmp_path):  # noqa: F811
+def test_codi_train_is_callable_twice(tiny_gpt2, train_file, tmp_path):
     import codi
     import codi.training  # importing the submodule must not rebind `codi.train`
 

@@ -1,4 +1,4 @@
-"""codi.losses against values computed by hand (SPEC §3)."""
+"""codi.losses against values computed by hand (docs/method.md#losses)."""
 
 from __future__ import annotations
 

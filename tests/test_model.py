@@ -238,7 +238,7 @@ def test_gradients_equal_a_reference_with_a_no_grad_teacher_target(make_model, a
 
 
 # --------------------------------------------------------------------------------------------------
-# Padding: an example's results must not depend on the batch it is in (SPEC §3, fix_attn_mask bug)
+# Padding: an example's results must not depend on the batch it is in (docs/method.md#losses, fix_attn_mask bug)
 
 
 def _student_view(model: CODIModel, batch, row: int):

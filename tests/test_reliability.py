@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
 from conftest import RECORDS
+from test_train import logged, quick_args
+from transformers import TrainerCallback
 
+from codi.checkpoint import CheckpointError
 from codi.data import build_dataset
+from codi.model import CODIModel
 from codi.records import DataError, RawRecord
+from codi.testing import save_tiny_model
+from codi.training import CODITrainer, TrainingInterrupted, train
 
 
 def _build(model, records, **kwargs):
@@ -58,3 +65,164 @@ def test_records_longer_than_the_model_positions_are_dropped_and_counted(make_mo
     assert stats.kept >= 1
     with pytest.raises(DataError, match="no usable records.*longer_than_model_positions"):
         _build(model, RECORDS[:1], position_limit=student - 1, num_latent=50)
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints: trust, integrity, provenance
+
+
+def _saved_lora_checkpoint(make_model, directory) -> str:
+    model = make_model("gpt2")
+    model.save_pretrained(str(directory))
+    return str(directory)
+
+
+def test_checkpoint_cannot_grant_itself_remote_code(make_model, tmp_path):
+    path = _saved_lora_checkpoint(make_model, tmp_path / "ckpt")
+    marker = tmp_path / "remote_code_ran"
+    (tmp_path / "ckpt" / "evil.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\n"
+        "from transformers import PreTrainedTokenizerFast\n"
+        "class EvilTokenizer(PreTrainedTokenizerFast):\n    pass\n"
+    )
+    config_path = tmp_path / "ckpt" / "codi_config.json"
+    config = json.loads(config_path.read_text())
+    config["model_args"]["trust_remote_code"] = True
+    config_path.write_text(json.dumps(config))
+    tokenizer_config = tmp_path / "ckpt" / "tokenizer_config.json"
+    values = json.loads(tokenizer_config.read_text())
+    values["auto_map"] = {"AutoTokenizer": [None, "evil.EvilTokenizer"]}
+    tokenizer_config.write_text(json.dumps(values))
+    try:
+        model = CODIModel.from_pretrained(path)
+    except (ValueError, OSError) as error:  # refusing is fine too; running the file is not
+        assert "\n" not in str(error).strip()
+    else:
+        assert model.args.trust_remote_code is False
+    assert not marker.exists()
+
+
+def test_saved_config_never_carries_code_execution_or_machine_options(make_model, tmp_path):
+    model = make_model("gpt2", trust_remote_code=True, dtype="float32")
+    model.save_pretrained(str(tmp_path))
+    saved = json.loads((tmp_path / "codi_config.json").read_text())
+    assert not {"trust_remote_code", "dtype", "attn_implementation"} & set(saved["model_args"])
+    assert saved["objective"]["method"] == "codi" and saved["produced_by"]["codi"]
+
+
+def test_lora_checkpoint_refuses_another_base_of_the_same_shape(make_model, tmp_path):
+    path = _saved_lora_checkpoint(make_model, tmp_path / "ckpt")
+    other = tmp_path / "other_base"
+    save_tiny_model(str(other), arch="gpt2", seed=1)  # same shapes, other weights
+    with pytest.raises(CheckpointError, match="not the one this LoRA checkpoint was trained on"):
+        CODIModel.from_pretrained(path, base_model_name_or_path=str(other))
+    loaded = CODIModel.from_pretrained(path, base_model_name_or_path=str(other), allow_base_mismatch=True)
+    assert loaded.is_lora
+    CODIModel.from_pretrained(path)  # the recorded base still matches
+
+
+def test_checkpoint_records_the_training_method(make_model, tmp_path):
+    make_model("gpt2", method="no_cot_sft").save_pretrained(str(tmp_path))
+    assert CODIModel.from_pretrained(str(tmp_path)).objective.method == "no_cot_sft"
+
+
+@pytest.mark.parametrize("damage", ["truncate_extra", "truncate_adapter", "corrupt_config", "empty_config"])
+def test_damaged_checkpoint_files_are_one_line_errors(make_model, tmp_path, damage):
+    path = _saved_lora_checkpoint(make_model, tmp_path)
+    target = {
+        "truncate_extra": "codi_extra.safetensors",
+        "truncate_adapter": "adapter_model.safetensors",
+        "corrupt_config": "codi_config.json",
+        "empty_config": "codi_config.json",
+    }[damage]
+    data = (tmp_path / target).read_bytes()
+    (tmp_path / target).write_bytes(b"" if damage == "empty_config" else data[: len(data) // 2])
+    with pytest.raises(CheckpointError) as error:
+        CODIModel.from_pretrained(path)
+    message = str(error.value)
+    assert target in message and "\n" not in message
+
+
+# --------------------------------------------------------------------------------------------------
+# Training runs: output folders, interrupted saves, resuming
+
+
+def test_training_into_an_earlier_runs_folder_is_refused_then_overwritten(tiny_gpt2, train_file, tmp_path):
+    common = ["--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2"]
+    train(*quick_args(tiny_gpt2, train_file, tmp_path, *common))
+    assert (tmp_path / "checkpoint-2").is_dir()
+    with pytest.raises(FileExistsError, match="holds an earlier run"):
+        train(*quick_args(tiny_gpt2, train_file, tmp_path, "--max_steps", "1"))
+    assert (tmp_path / "checkpoint-2").is_dir() and (tmp_path / "train.txt").is_file()  # nothing deleted
+    train(*quick_args(tiny_gpt2, train_file, tmp_path, "--max_steps", "1", "--overwrite_output_dir", "True"))
+    assert not (tmp_path / "checkpoint-2").exists()  # the earlier run's checkpoint is gone
+    assert (tmp_path / "train.txt").is_file()  # what we did not write stays
+
+
+def test_resume_with_other_arguments_is_refused_naming_them(tiny_gpt2, train_file, tmp_path):
+    common = ["--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1"]
+    train(*quick_args(tiny_gpt2, train_file, tmp_path, *common))
+    with pytest.raises(ValueError, match=r"lora_r: 8 -> 4.*learning_rate") as error:
+        train(*quick_args(tiny_gpt2, train_file, tmp_path, *common, "--resume_from_checkpoint", "last",
+                          "--lora_r", "4", "--learning_rate", "0.5"))  # fmt: skip
+    assert "\n" not in str(error.value)
+
+
+def test_interrupted_save_leaves_no_checkpoint_and_resume_skips_partial_ones(
+    tiny_gpt2, train_file, tmp_path, caplog
+):
+    common = ["--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2"]
+    full = train(*quick_args(tiny_gpt2, train_file, tmp_path / "full", *common))
+    run = tmp_path / "run"
+
+    # 1. a crash in the middle of writing checkpoint-2 (after the model, before the optimizer)
+    original = CODITrainer._save_optimizer_and_scheduler
+
+    def crash(self, output_dir):
+        raise OSError("No space left on device")
+
+    CODITrainer._save_optimizer_and_scheduler = crash
+    try:
+        with pytest.raises(OSError, match="No space left"):
+            train(*quick_args(tiny_gpt2, train_file, run, *common))
+    finally:
+        CODITrainer._save_optimizer_and_scheduler = original
+    assert not (run / "checkpoint-2").exists() and (run / ".staging").is_dir()
+
+    # 2. the run again (it resumes nothing: no complete checkpoint), then a kill -9 during checkpoint-6's
+    #    save and a truncated optimizer in checkpoint-4, as older versions could leave them
+    train(*quick_args(tiny_gpt2, train_file, run, *common, "--overwrite_output_dir", "True"))
+    (run / "checkpoint-6").mkdir()
+    optimizer = run / "checkpoint-4" / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])
+    for path in (run / "codi_config.json", run / "adapter_model.safetensors"):
+        path.unlink()  # the final model of the killed run was never written
+    with caplog.at_level(logging.WARNING, logger="codi.runs"):
+        resumed = train(*quick_args(tiny_gpt2, train_file, run, *common, "--resume_from_checkpoint", "last"))
+    assert "checkpoint-6" in caplog.text and "checkpoint-4" in caplog.text
+    assert logged(resumed.trainer).keys() == {1, 2, 3, 4}
+    for step in (3, 4):  # resumed from checkpoint-2: the same losses as the uninterrupted run
+        assert logged(resumed.trainer)[step] == pytest.approx(logged(full.trainer)[step], rel=1e-5)
+
+
+def test_ctrl_c_names_the_checkpoint_to_resume_from(tiny_gpt2, train_file, tmp_path):
+    class Interrupt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise KeyboardInterrupt
+
+    common = ["--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2"]
+    original = CODITrainer.__init__
+
+    def with_callback(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.add_callback(Interrupt())
+
+    CODITrainer.__init__ = with_callback
+    try:
+        with pytest.raises(
+            TrainingInterrupted, match=r"step 3; the last complete checkpoint is .*checkpoint-2"
+        ):
+            train(*quick_args(tiny_gpt2, train_file, tmp_path, *common))
+    finally:
+        CODITrainer.__init__ = original

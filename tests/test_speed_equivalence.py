@@ -1,4 +1,4 @@
-"""The speed optimisations change no result (issue 7).
+"""The speed optimisations change no result.
 
 Each fast path is compared with the straightforward computation on the same weights and batch:
 - sharing the question's keys/values between teacher and student (`TrainingObjective.share_question`):

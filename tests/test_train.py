@@ -34,15 +34,6 @@ def gpt2_1024(tmp_path_factory) -> str:
     return save_tiny_model(str(tmp_path_factory.mktemp("gpt2_1024")), arch="gpt2", max_positions=1024)
 
 
-@pytest.fixture
-def train_file(tmp_path) -> str:
-    """A small ICoT-format file (16 records), so these tests do not need ../shared/data."""
-    path = tmp_path / "train.txt"
-    lines = [f"{r.question}||{r.cot} {r.answer}" for r in RECORDS] * 4
-    path.write_text("\n".join(lines) + "\n")
-    return str(path)
-
-
 def quick_args(model_dir: str, train_file: str, output_dir: Path, *extra: str):
     return parse_args(
         [

@@ -2,27 +2,92 @@
 
     adapter_model.safetensors + adapter_config.json   (LoRA)   or   model.safetensors + config.json
     codi_extra.safetensors   projection, trainable <bot>/<eot> rows, the added token rows under LoRA
-    codi_config.json         format version, model arguments, vocabulary rows, special token ids
+    codi_config.json         format version, model arguments, training objective, vocabulary rows,
+                             special token ids, the LoRA base's fingerprint, the versions that wrote it
     tokenizer files
 
+`codi_config.json` is written last, atomically: a folder without it is not a (complete) checkpoint.
+Loading takes every option that grants code execution or depends on the machine (trust_remote_code,
+dtype, attention kernel) from the caller, never from the file: a downloaded checkpoint cannot run code.
+
 A mixin of `CODIModel` (like transformers' `PreTrainedModel`): it needs `lm`, `hf_model`, `prj`,
-`tokenizer`, `args`, `base_vocab_rows`, the special ids and `special_token_embeddings`.
+`tokenizer`, `args`, `objective`, `base_vocab_rows`, the special ids and `special_token_embeddings`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+from dataclasses import asdict
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from .config import CODIModelArguments
 from .hf import build_lm
+from .losses import LossSettings, TrainingObjective
+from .model_card import model_card_info, write_model_card
+
+logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "codi_config.json"
 EXTRA_WEIGHTS_NAME = "codi_extra.safetensors"
 FORMAT_VERSION = 1
+# Loading options of the machine that loads, never read from a checkpoint (code execution, hardware).
+CALLER_OPTIONS = {"trust_remote_code": False, "dtype": "float32", "attn_implementation": "sdpa"}
+_FINGERPRINT_SAMPLE = 4096  # values per tensor: enough to tell two trainings apart, cheap for 1B models
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, truncated, corrupt or does not fit; the message names the file."""
+
+
+def write_json_atomically(path: str, value: dict) -> None:
+    """Write JSON to a temporary file in the same folder, then rename it over `path` (never half-written)."""
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with open(temporary, "w") as handle:
+        json.dump(value, handle, indent=2)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def load_safetensors(path: str) -> dict[str, torch.Tensor]:
+    """`safetensors.torch.load_file` with one clear line for a missing, truncated or corrupt file."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: file not found (incomplete checkpoint?)")
+    try:
+        return load_file(path)
+    except Exception as error:  # safetensors raises its own error types for bad headers and sizes
+        raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({error})") from error
+
+
+def base_fingerprint(model, state_dict: dict[str, torch.Tensor] | None = None) -> str:
+    """A hash of the frozen base weights that a LoRA checkpoint is rebuilt from: every non-LoRA weight
+    but the embeddings (whose added rows the checkpoint stores), by name, shape and a strided sample of
+    values rounded to bfloat16 (the same whether the base is loaded in float32 or bfloat16)."""
+    embeddings = {id(model.hf_model.get_input_embeddings().weight)}
+    if model.hf_model.get_output_embeddings() is not None:
+        embeddings.add(id(model.hf_model.get_output_embeddings().weight))
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+        if not name.startswith("lm.") or "lora_" in name or id(param) in embeddings:
+            continue
+        tensor = (state_dict[name] if state_dict is not None else param).detach().reshape(-1)
+        sample = tensor[:: max(1, tensor.numel() // _FINGERPRINT_SAMPLE)][:_FINGERPRINT_SAMPLE]
+        digest.update(f"{name}{tuple(param.shape)}".encode())
+        digest.update(sample.to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def produced_by() -> dict[str, str]:
+    import transformers
+
+    from . import __version__
+
+    return {"codi": __version__, "transformers": transformers.__version__, "torch": torch.__version__}
 
 
 def read_config(path: str) -> dict:
@@ -31,9 +96,17 @@ def read_config(path: str) -> dict:
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{path} is not a CODI checkpoint: {CONFIG_NAME} not found")
     with open(config_path) as handle:
-        config = json.load(handle)
-    if config.get("format") != "codi" or config.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{config_path}: unsupported checkpoint format {config.get('format_version')}")
+        try:
+            config = json.load(handle)
+        except json.JSONDecodeError as error:
+            raise CheckpointError(f"{config_path}: truncated or corrupt JSON ({error})") from error
+    if not isinstance(config, dict) or config.get("format") != "codi":
+        raise CheckpointError(f"{config_path}: not a CODI checkpoint config")
+    if config.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{config_path}: unsupported checkpoint format {config.get('format_version')}")
+    for key in ("model_args", "vocab_rows", "base_vocab_rows", "special_token_ids"):
+        if key not in config:
+            raise CheckpointError(f"{config_path}: missing key {key!r}")
     return config
 
 
@@ -83,17 +156,21 @@ class CheckpointMixin:
             self.hf_model.save_pretrained(output_dir, state_dict=lm_state)
         save_file(self._extra_state(state_dict), os.path.join(output_dir, EXTRA_WEIGHTS_NAME))
         self.tokenizer.save_pretrained(output_dir)
+        write_model_card(output_dir, model_card_info(self))  # after peft's, which writes a template README
+        model_args = {key: value for key, value in self.args.to_dict().items() if key not in CALLER_OPTIONS}
         config = {
             "format": "codi",
             "format_version": FORMAT_VERSION,
-            "model_args": self.args.to_dict(),
+            "model_args": model_args,
+            "objective": {"method": self.objective.method, "loss": asdict(self.objective.loss)},
             "base_vocab_rows": self.base_vocab_rows,
             "vocab_rows": self.hf_model.get_input_embeddings().weight.shape[0],
             "special_token_ids": {"pad": self.pad_id, "bot": self.bot_id, "eot": self.eot_id},
             "model_type": getattr(self.hf_model.config, "model_type", None),
+            "base_fingerprint": base_fingerprint(self, state_dict) if self.is_lora else None,
+            "produced_by": produced_by(),
         }
-        with open(os.path.join(output_dir, CONFIG_NAME), "w") as handle:
-            json.dump(config, handle, indent=2)
+        write_json_atomically(os.path.join(output_dir, CONFIG_NAME), config)
 
     @staticmethod
     def read_config(path: str) -> dict:
@@ -101,20 +178,50 @@ class CheckpointMixin:
 
     @classmethod
     def from_pretrained(
-        cls, path: str, base_model_name_or_path: str | None = None, dtype: str | None = None, **overrides
+        cls,
+        path: str,
+        base_model_name_or_path: str | None = None,
+        dtype: str | None = None,
+        *,
+        trust_remote_code: bool = False,
+        attn_implementation: str | None = None,
+        allow_base_mismatch: bool = False,
+        **overrides,
     ):
         """Load a checkpoint written by `save_pretrained`. LoRA checkpoints need their base model:
-        the one recorded in `codi_config.json`, or `base_model_name_or_path`."""
+        the one recorded in `codi_config.json`, or `base_model_name_or_path`; its weights must be the
+        ones the checkpoint was trained on (fingerprint) unless `allow_base_mismatch`.
+
+        `trust_remote_code`, `dtype` and `attn_implementation` are the caller's: a value stored in the
+        file is ignored (a downloaded checkpoint must not be able to run its own code here).
+        `overrides`: other `CODIModelArguments` fields (e.g. `inf_latent_iterations`, `reference_compat`).
+        """
         config = read_config(path)
         values = dict(config["model_args"])
+        if values.pop("trust_remote_code", False) and not trust_remote_code:
+            logger.warning(
+                "%s: ignored trust_remote_code=true stored in %s (pass it yourself)", path, CONFIG_NAME
+            )
+        for key in CALLER_OPTIONS:
+            values.pop(key, None)
+        values.update(trust_remote_code=trust_remote_code, dtype=dtype or CALLER_OPTIONS["dtype"])
+        values["attn_implementation"] = attn_implementation or CALLER_OPTIONS["attn_implementation"]
         if base_model_name_or_path:
             values["model_name_or_path"] = base_model_name_or_path
-        if dtype:
-            values["dtype"] = dtype
         values.update(overrides)
-        args = CODIModelArguments(**values)
+        try:
+            args = CODIModelArguments(**values)
+        except TypeError as error:
+            raise CheckpointError(f"{os.path.join(path, CONFIG_NAME)}: bad model_args ({error})") from error
         tokenizer, lm, _ = build_lm(args, path=path, vocab_rows=config["vocab_rows"])
-        model = cls(lm, tokenizer, args, config["base_vocab_rows"])
+        model = cls(lm, tokenizer, args, config["base_vocab_rows"], _objective(config))
+        if model.is_lora and config.get("base_fingerprint") and not allow_base_mismatch:
+            if base_fingerprint(model) != config["base_fingerprint"]:
+                raise CheckpointError(
+                    f"{path}: the base model {args.model_name_or_path!r} is not the one this LoRA checkpoint "
+                    "was trained on (its frozen weights differ); pass the original with --base_model, or "
+                    "--allow_base_mismatch to load anyway"
+                )
         ids = config["special_token_ids"]
         if (model.pad_id, model.bot_id, model.eot_id) != (ids["pad"], ids["bot"], ids["eot"]):
             raise ValueError(
@@ -130,14 +237,14 @@ class CheckpointMixin:
             from peft import set_peft_model_state_dict
             from peft.utils import SAFETENSORS_WEIGHTS_NAME
 
-            adapter = load_file(os.path.join(path, SAFETENSORS_WEIGHTS_NAME))
+            adapter = load_safetensors(os.path.join(path, SAFETENSORS_WEIGHTS_NAME))
             result = set_peft_model_state_dict(self.lm, adapter)
             unexpected = getattr(result, "unexpected_keys", [])
             if unexpected:
                 raise ValueError(f"{path}: adapter keys not in this model: {unexpected[:5]}")
         else:
             self._load_full_weights(path)
-        extra = load_file(os.path.join(path, EXTRA_WEIGHTS_NAME))
+        extra = load_safetensors(os.path.join(path, EXTRA_WEIGHTS_NAME))
         with torch.no_grad():
             prj_state = {key[4:]: value for key, value in extra.items() if key.startswith("prj.")}
             self.prj.load_state_dict(prj_state, strict=True)
@@ -157,7 +264,7 @@ class CheckpointMixin:
             load_sharded_checkpoint(self.hf_model, path, strict=False)
             return
         result = self.hf_model.load_state_dict(
-            load_file(os.path.join(path, "model.safetensors")), strict=False
+            load_safetensors(os.path.join(path, "model.safetensors")), strict=False
         )
         # strict=False only for tied weights (the LM head is not saved); anything else missing or
         # unexpected means another model, which must not resume silently half-loaded.
@@ -170,3 +277,10 @@ class CheckpointMixin:
             )
         if self.hf_model.config.tie_word_embeddings:
             self.hf_model.tie_weights()
+
+
+def _objective(config: dict) -> TrainingObjective:
+    """The training objective a checkpoint records (checkpoints from before it was recorded: CODI's)."""
+    stored = config.get("objective") or {}
+    loss = LossSettings(**stored.get("loss", {}))
+    return TrainingObjective(method=stored.get("method", "codi"), loss=loss)

@@ -14,6 +14,8 @@ commands:
   convert   convert an authors' reference checkpoint to this project's format
   demo      the offline end-to-end demo (synthetic data, train, evaluate, probe)
   data      data utilities (`codi data synth`)
+  explore   a local web page to look at the latent thoughts of a checkpoint (needs the `explore` extra)
+  lm-eval   lm-evaluation-harness with the `codi` model registered (`--model codi --model_args pretrained=DIR`)
 
 `codi COMMAND --help` lists a command's flags."""
 
@@ -58,6 +60,8 @@ COMMANDS = {
     "convert": _delegate("convert"),
     "demo": _delegate("demo"),
     "data": _delegate("synth"),
+    "lm-eval": _delegate("lm_eval_model"),
+    "explore": _delegate("explore"),
 }
 
 

@@ -256,6 +256,13 @@ class CODITrainingArguments(TrainingArguments):
     print_ref_model_stats: bool = field(
         default=False, metadata={"help": "Reference flag: accepted, no effect."}
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Train into an --output_dir that holds an earlier run, deleting its checkpoint-* folders "
+            "(without it such a folder is refused unless resuming)."
+        },
+    )
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Must stay False: CODI batches carry several views."}
     )

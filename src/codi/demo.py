@@ -19,7 +19,6 @@ import argparse
 import json
 import logging
 import os
-import re
 import time
 from dataclasses import asdict, dataclass, replace
 
@@ -183,19 +182,10 @@ class Row:
     speedup_vs_cot: float = 1.0
 
 
-def _extract(text: str) -> float | None:
-    try:
-        from .evaluate import extract_answer
-    except ImportError:  # the reference rule (SPEC §5): the last number, commas removed
-        matches = re.findall(r"-?\d+\.?\d*", text.replace(",", ""))
-        return float(matches[-1]) if matches else None
-    value = extract_answer(text)
-    return None if value is None else float(value)
-
-
 def score(model, records: list[dict], mode: str, preset: Preset, name: str, timing_repeats: int = 3) -> Row:
-    """Greedy answers for `records`; accuracy by the reference's answer extraction."""
+    """Greedy answers for `records`; accuracy by `codi.scoring` (the rule `codi eval` uses)."""
     from .generate import generate
+    from .scoring import extract_answer, is_correct, parse_gold
 
     questions = [record["question"] for record in records]
     model.eval()
@@ -211,9 +201,7 @@ def score(model, records: list[dict], mode: str, preset: Preset, name: str, timi
         seconds = min(seconds, time.perf_counter() - start)
     correct = 0
     for output, record in zip(outputs, records):
-        predicted = _extract(output.text)
-        gold = float(record["answer"].replace("####", "").strip())
-        correct += predicted is not None and abs(predicted - gold) < 1e-6
+        correct += is_correct(extract_answer(output.text), parse_gold(record["answer"]))
     n = len(records)
     tokens = sum(output.num_generated_tokens for output in outputs) / n
     latent = sum(output.num_latent_positions for output in outputs) / n

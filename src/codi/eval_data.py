@@ -1,7 +1,7 @@
-"""Evaluation sets (the paper's benchmarks): GSM8k test, SVAMP, GSM-Hard, MultiArith, CommonsenseQA-CoT, GSM8k-Aug.
+"""Evaluation sets (docs/method.md#evaluation): GSM8k test, SVAMP, GSM-Hard, MultiArith, CommonsenseQA-CoT, GSM8k-Aug.
 
 Each set loads from its hub id (needs network or the HF cache) or from the plain file copies in a data
-directory (`../shared/data/`). Questions are normalised as the reference does (`strip()`, double
+directory (`--data_dir`, file names in `EVAL_SETS`). Questions are normalised as the reference does (`strip()`, double
 spaces collapsed once) and gold answers become floats (commas removed, the part after `####`), or an
 upper-case letter for CommonsenseQA.
 """
@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .records import DataError, load_hub_dataset, named_decode_errors, parse_icot_line, read_json_rows
+from .scoring import parse_gold
 
 logger = logging.getLogger(__name__)
 
@@ -39,22 +40,6 @@ class EvalSetSpec:
     hub_config: str | None = None
     answer_kind: str = "number"  # "number" or "choice"
     description: str = ""
-
-
-def parse_gold(value, where: str = "") -> float | None:
-    """Numeric gold: a number, or text whose part after the last `####` is one (commas removed)."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    text = str(value).rpartition("####")[2] if "####" in str(value) else str(value)
-    text = text.replace(",", "").strip()
-    try:
-        return float(text)
-    except ValueError:
-        # the reference uses float("inf") here: never correct. None is logged and counted wrong.
-        logger.warning("%s: gold answer %r is not a number; the item counts as wrong", where, value)
-        return None
 
 
 def normalize_question(question: str) -> str:
@@ -222,7 +207,7 @@ def _read_rows(path: str) -> list[tuple[dict, str]]:
 def load_eval_set(name: str, path: str | None = None, limit: int | None = None) -> list[EvalItem]:
     """Items of benchmark `name`, in file order, the first `limit` of them when given.
 
-    path: None -> the hub id; a directory -> its plain-file copy (e.g. `svamp.json`); a file
+    path: None -> the hub id (docs/method.md#evaluation); a directory -> its plain-file copy (e.g. `svamp.json`); a file
     -> that file, read with `name`'s field layout.
     """
     spec = eval_set_spec(name)

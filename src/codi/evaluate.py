@@ -12,76 +12,32 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
-import re
 import statistics
 import time
 from collections.abc import Sequence
+from dataclasses import asdict, replace
 
 from . import distributed
+from .decoding import DecodingConfig, make_config
 from .eval_data import EVAL_SETS, EvalItem, eval_set_spec, load_eval_set
-from .generate import generate
+from .generate import generate, generate_samples, unfit_questions
+
+# The scoring rule lives in `codi.scoring`; these names stay importable from here.
+from .scoring import (  # noqa: F401
+    ABS_TOLERANCE,
+    REL_TOLERANCE,
+    extract_answer,
+    extract_answer_strict,
+    extract_choice,
+    extract_choice_strict,
+    is_correct,
+    majority_vote,
+    sample_metrics,
+    score_text,
+)
 
 logger = logging.getLogger(__name__)
-
-_NUMBER = re.compile(r"-?\d+\.?\d*")
-ABS_TOLERANCE = 1e-4
-REL_TOLERANCE = 1e-9
-
-
-# --------------------------------------------------------------------------------------------------
-# Answer extraction and scoring
-
-
-def extract_answer(text: str) -> float | None:
-    """Reference extraction: remove commas, take the LAST match of `-?\\d+\\.?\\d*` as a float.
-
-    "$1,200." -> 1200.0; "x = -3.5" -> -3.5; no number -> None (scored wrong, as the reference's inf).
-    """
-    matches = _NUMBER.findall(text.replace(",", ""))
-    return float(matches[-1]) if matches else None
-
-
-def extract_answer_strict(text: str, answer_prompt: str = "The answer is:") -> float | None:
-    """The number right after the LAST `answer_prompt` (spaces and a `$` allowed between); else None."""
-    head, found, tail = text.rpartition(answer_prompt)
-    if not found:
-        return None
-    match = re.match(r"\s*\$?\s*(-?\d+\.?\d*)", tail.replace(",", ""))
-    return float(match.group(1)) if match else None
-
-
-def extract_choice(text: str) -> str | None:
-    """Reference extraction for CommonsenseQA: a number means wrong (None); otherwise the first
-    character after the last `The answer is:`, and the reference's guess "C" when it is not A-E."""
-    if _NUMBER.search(text.replace(",", "")):
-        return None
-    tail = text.split("The answer is:")[-1].strip()
-    return tail[0] if tail and tail[0] in "ABCDE" else "C"
-
-
-def extract_choice_strict(text: str, answer_prompt: str = "The answer is:") -> str | None:
-    """The letter A-E right after the last `answer_prompt`, else None."""
-    head, found, tail = text.rpartition(answer_prompt)
-    tail = tail.strip()
-    return tail[0] if found and tail and tail[0] in "ABCDE" else None
-
-
-def is_correct(prediction: float | str | None, gold: float | str | None) -> bool:
-    """Float compare: |p - g| <= 1e-4 absolute, or 1e-9 relative for huge values.
-
-    Why not the reference's exact `==`: both sides come from decimal text, so they only differ by
-    float noise (e.g. gold 0.30000000000000004 from a computed target). Why not 1e-4 RELATIVE:
-    GSM-Hard golds reach 1e7, where that would accept an off-by-one answer. Letters compare exactly;
-    a missing prediction or gold is wrong.
-    """
-    if prediction is None or gold is None:
-        return False
-    if isinstance(prediction, str) or isinstance(gold, str):
-        return prediction == gold
-    return math.isclose(prediction, gold, rel_tol=REL_TOLERANCE, abs_tol=ABS_TOLERANCE)
-
 
 # --------------------------------------------------------------------------------------------------
 # One evaluation
@@ -91,129 +47,248 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def _mean(values) -> float:
+    values = list(values)
+    return statistics.fmean(values) if values else 0.0
+
+
+def _evaluation_config(config, mode, batch_size, options) -> DecodingConfig:
+    """The decoding config of one evaluation; CoT drops the latent-only options (as `--compare_cot`
+    runs one config in both modes)."""
+    values = {name: getattr(config, name) for name in DecodingConfig.field_names()} if config else {}
+    values.update(options)
+    if batch_size is not None:
+        values["batch_size"] = batch_size
+    target = mode or values.get("mode", "latent")
+    values["mode"] = "latent"
+    return make_config(None, **values).for_mode(target)
+
+
+def _skipped(model, items: Sequence[EvalItem], config: DecodingConfig, name: str) -> dict[int, str]:
+    """{index: reason} of the items the model cannot answer, named in one warning."""
+    skipped = unfit_questions(model, [item.question for item in items], config)
+    if skipped:
+        named = ", ".join(f"{items[index].where or f'item {index}'}" for index in list(skipped)[:10])
+        more = f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""
+        first = next(iter(skipped.values()))
+        logger.warning(
+            "%s (%s): %d of %d questions skipped and counted wrong: %s%s (first: %s)",
+            name, config.mode, len(skipped), len(items), named, more, first,
+        )  # fmt: skip
+    return skipped
+
+
+def _answer(model, questions: list[str], config: DecodingConfig, progress: bool, samples: bool = False):
+    """Outputs (one per question, or k per question with `samples`) and the wall time in seconds."""
+    start = time.perf_counter()
+    # generate() copies the ids to the host at the end of each batch, so the clock includes the GPU.
+    # Under torchrun each rank answers its shard; all ranks get every output back in input order.
+    bar = progress and distributed.is_main_process()
+    function = generate_samples if samples else generate
+    outputs = distributed.map_sharded(lambda shard: function(model, shard, config, progress=bar), questions)
+    return outputs, time.perf_counter() - start
+
+
+def _record(index: int, item: EvalItem, output, verdict: dict | None, reason: str | None) -> dict:
+    record = {"index": index, "where": item.where, "question": item.question, "gold": item.gold}
+    if reason is not None:  # skipped: no answer, counted wrong
+        return record | {"skipped": reason, "prediction": None, "correct": False, "strict_correct": False}
+    return record | {
+        "prediction": verdict["prediction"],
+        "correct": verdict["correct"],
+        "strict_prediction": verdict["strict_prediction"],
+        "strict_correct": verdict["strict_correct"],
+        "generated_text": output.text,
+        "num_generated_tokens": output.num_generated_tokens,
+        "num_latent_positions": output.num_latent_positions,
+    }
+
+
+def _write_jsonl(output_dir: str | None, filename: str, records: list[dict]) -> list[str]:
+    if not output_dir or not distributed.is_main_process():
+        return []
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, filename)
+    with open(path, "w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return [path]
+
+
 def evaluate(
     model,
     items: Sequence[EvalItem],
-    mode: str = "latent",
-    batch_size: int = 32,
+    mode: str | None = None,
+    batch_size: int | None = None,
     *,
+    config: DecodingConfig | None = None,
     name: str = "eval",
     answer_kind: str = "number",
-    max_new_tokens: int = 256,
-    num_latent: int | None = None,
     num_runs: int = 1,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    seed: int = 0,
-    feed_answer_prompt: bool = False,
     output_dir: str | None = None,
     progress: bool = False,
     warmup: bool = True,
+    **options,
 ) -> dict:
     """Generate answers for `items` `num_runs` times; accuracy (%, mean and std), speed, files.
 
+    Decoding: `config` (a `DecodingConfig`) with any of its fields as keywords on top (`max_new_tokens=`,
+    `do_sample=`, ...); `mode` and `batch_size` too. Run r samples with seed `seed + r` (seed None: 0).
     Writes `{output_dir}/{name}_{mode}.jsonl` (one line per question; `_run{r}` added when
     num_runs > 1) with question, gold, generated text, both predictions and both verdicts.
-    Run r samples with seed `seed + r`. Timings exclude a 2-token warm-up call (CUDA init, kernels).
+    Timings exclude a 2-token warm-up call (CUDA init, kernels).
+
+    Questions the model cannot answer (longer than its positions, empty in CoT mode) are skipped,
+    named in a warning and counted WRONG: `n` and the denominator stay len(items); `skipped` counts
+    them and `skipped_items` names them (`where`, else the index), and their JSONL lines say why.
+
+    k samples (`num_samples` > 1, `latent_noise` > 0 or `latent_dropout`): the runs are greedy and
+    `evaluate_samples` adds pass@k, pass@1 and majority-vote accuracy beside them.
     """
+    config = _evaluation_config(config, mode, batch_size, options)
     if not items:
         raise ValueError(f"{name}: no items to evaluate")
     if num_runs < 1:
         raise ValueError(f"num_runs must be >= 1, got {num_runs}")
-    prompt = model.args.answer_prompt
-    if answer_kind == "choice":
-        reference_of, strict_of = extract_choice, (lambda text: extract_choice_strict(text, prompt))
-    else:
-        reference_of, strict_of = extract_answer, (lambda text: extract_answer_strict(text, prompt))
-    questions = [item.question for item in items]
-    options = dict(
-        mode=mode,
-        num_latent=num_latent,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        do_sample=do_sample,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-    )
-    if feed_answer_prompt and mode == "latent":
-        options["feed_answer_prompt"] = True
-    if warmup:
-        generate(model, questions[:1], **{**options, "max_new_tokens": 2})
+    sampled = config.num_samples > 1 or config.samples_latents
+    run_config = config.greedy() if sampled else config
+    skipped = _skipped(model, items, config, name)
+    kept = [index for index in range(len(items)) if index not in skipped]
+    questions = [items[index].question for index in kept]
+    if warmup and questions:
+        generate(model, questions[:1], replace(run_config, max_new_tokens=2, min_new_tokens=0))
     accuracies, strict_accuracies, times, tokens, latent_positions, files = [], [], [], [], [], []
+    base_seed = config.seed or 0
     for run in range(num_runs):
-        start = time.perf_counter()
-        # generate() copies the ids to the host at the end of each batch, so the clock includes the GPU.
-        # Under torchrun each rank answers its shard; all ranks get every output back in input order.
-        bar = progress and distributed.is_main_process()
-        outputs = distributed.map_sharded(
-            lambda shard, run=run, bar=bar: generate(model, shard, **options, seed=seed + run, progress=bar),
-            questions,
-        )
-        times.append(time.perf_counter() - start)
-        records, correct, strict_correct = [], 0, 0
-        for index, (item, output) in enumerate(zip(items, outputs)):
-            prediction, strict = reference_of(output.text), strict_of(output.text)
-            verdict, strict_verdict = is_correct(prediction, item.gold), is_correct(strict, item.gold)
-            correct += verdict
-            strict_correct += strict_verdict
-            records.append(
-                {
-                    "index": index,
-                    "where": item.where,
-                    "question": item.question,
-                    "gold": item.gold,
-                    "prediction": prediction,
-                    "correct": verdict,
-                    "strict_prediction": strict,
-                    "strict_correct": strict_verdict,
-                    "generated_text": output.text,
-                    "num_generated_tokens": output.num_generated_tokens,
-                    "num_latent_positions": output.num_latent_positions,
-                }
-            )
-        accuracies.append(100.0 * correct / len(items))
-        strict_accuracies.append(100.0 * strict_correct / len(items))
-        tokens.append(statistics.fmean(output.num_generated_tokens for output in outputs))
-        latent_positions.append(statistics.fmean(output.num_latent_positions for output in outputs))
-        if output_dir and distributed.is_main_process():
-            os.makedirs(output_dir, exist_ok=True)
-            suffix = f"_run{run}" if num_runs > 1 else ""
-            path = os.path.join(output_dir, f"{name}_{mode}{suffix}.jsonl")
-            with open(path, "w", encoding="utf-8") as handle:
-                for record in records:
-                    handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-            files.append(path)
+        seeded = replace(run_config, seed=base_seed + run)
+        outputs, seconds = _answer(model, questions, seeded, progress) if questions else ([], 0.0)
+        times.append(seconds)
+        by_index = dict(zip(kept, outputs))
+        records = [
+            _record(index, item, by_index.get(index), _verdict(by_index, index, item, model, answer_kind),
+                    skipped.get(index))
+            for index, item in enumerate(items)
+        ]  # fmt: skip
+        accuracies.append(100.0 * sum(record["correct"] for record in records) / len(items))
+        strict_accuracies.append(100.0 * sum(record["strict_correct"] for record in records) / len(items))
+        tokens.append(_mean(output.num_generated_tokens for output in outputs))
+        latent_positions.append(_mean(output.num_latent_positions for output in outputs))
+        suffix = f"_run{run}" if num_runs > 1 else ""
+        files += _write_jsonl(output_dir, f"{name}_{config.mode}{suffix}.jsonl", records)
+    result = _summary(name, config, run_config, items, skipped, accuracies, strict_accuracies, times)
+    result |= _speed(config.mode, len(kept), times, tokens, latent_positions) | {"samples_files": files}
+    if sampled:
+        result |= evaluate_samples(
+            model, items, config, name=name, answer_kind=answer_kind, output_dir=output_dir,
+            progress=progress, skipped=skipped,
+        )  # fmt: skip
+    return result
+
+
+def _verdict(by_index: dict, index: int, item: EvalItem, model, answer_kind: str) -> dict | None:
+    output = by_index.get(index)
+    if output is None:
+        return None
+    return score_text(output.text, item.gold, answer_kind, model.args.answer_prompt)
+
+
+def _summary(name, config, run_config, items, skipped, accuracies, strict_accuracies, times) -> dict:
     accuracy, accuracy_std = _mean_std(accuracies)
     strict_accuracy, strict_std = _mean_std(strict_accuracies)
-    wall_time = statistics.fmean(times)
     return {
         "dataset": name,
-        "mode": mode,
+        "mode": config.mode,
         "n": len(items),
-        "num_runs": num_runs,
+        "num_runs": len(accuracies),
         "accuracy": accuracy,
         "accuracy_std": accuracy_std,
         "strict_accuracy": strict_accuracy,
         "strict_accuracy_std": strict_std,
         "run_accuracies": accuracies,
         "run_strict_accuracies": strict_accuracies,
+        "skipped": len(skipped),
+        "skipped_items": [items[index].where or f"item {index}" for index in skipped],
+        "skipped_counted_as": "wrong",
+        "batch_size": config.batch_size,
+        "max_new_tokens": config.max_new_tokens,
+        "do_sample": run_config.do_sample,
+        "decoding": asdict(config),
+    }
+
+
+def _speed(mode: str, answered: int, times, tokens, latent_positions) -> dict:
+    wall_time = statistics.fmean(times)
+    return {
         "wall_time_s": wall_time,
         "run_wall_times_s": times,
-        "questions_per_s": len(items) / wall_time if wall_time > 0 else float("inf"),
+        "questions_per_s": (answered / wall_time if wall_time > 0 else float("inf")) if answered else 0.0,
         "mean_generated_tokens": statistics.fmean(tokens),
         "mean_latent_positions": statistics.fmean(latent_positions),
         # <bot> and <eot> are two more positions in latent mode (the paper's "8 positions" for 6)
         "mean_positions_before_answer_end": statistics.fmean(tokens)
         + statistics.fmean(latent_positions)
         + (2 if mode == "latent" else 0),
-        "batch_size": batch_size,
-        "max_new_tokens": max_new_tokens,
-        "do_sample": do_sample,
-        "samples_files": files,
     }
+
+
+def evaluate_samples(
+    model,
+    items: Sequence[EvalItem],
+    config: DecodingConfig | None = None,
+    *,
+    name: str = "eval",
+    answer_kind: str = "number",
+    output_dir: str | None = None,
+    progress: bool = False,
+    skipped: dict[int, str] | None = None,
+    **options,
+) -> dict:
+    """k = `num_samples` answers per question (`codi.generate.generate_samples`): pass@k (%, some sample
+    correct), pass@1 (mean sample accuracy), majority-vote accuracy, and their strict versions.
+
+    Skipped questions count wrong, as in `evaluate`. Writes `{name}_{mode}_samples.jsonl`: per question
+    every sample's text, predictions and verdicts, and the majority answer. Seed None: 0.
+    """
+    config = _evaluation_config(config, None, None, options)
+    config = replace(config, seed=config.seed or 0)
+    if skipped is None:
+        skipped = _skipped(model, items, config, name)
+    kept = [index for index in range(len(items)) if index not in skipped]
+    questions = [items[index].question for index in kept]
+    samples, seconds = _answer(model, questions, config, progress, samples=True) if questions else ([], 0.0)
+    by_index = dict(zip(kept, samples))
+    records, verdicts, strict_verdicts, majority, strict_majority = [], [], [], [], []
+    for index, item in enumerate(items):
+        outputs = by_index.get(index, [])
+        scored = [score_text(o.text, item.gold, answer_kind, model.args.answer_prompt) for o in outputs]
+        vote = majority_vote([s["prediction"] for s in scored])
+        strict_vote = majority_vote([s["strict_prediction"] for s in scored])
+        verdicts.append([s["correct"] for s in scored] or [False])
+        strict_verdicts.append([s["strict_correct"] for s in scored] or [False])
+        majority.append(is_correct(vote, item.gold))
+        strict_majority.append(is_correct(strict_vote, item.gold))
+        samples_field = [{"generated_text": o.text} | s for o, s in zip(outputs, scored)]
+        records.append(
+            {"index": index, "where": item.where, "question": item.question, "gold": item.gold}
+            | ({"skipped": skipped[index]} if index in skipped else {})
+            | {"majority_prediction": vote, "majority_correct": majority[-1], "samples": samples_field}
+        )
+    metrics = sample_metrics(verdicts, majority)
+    strict = sample_metrics(strict_verdicts, strict_majority)
+    files = _write_jsonl(output_dir, f"{name}_{config.mode}_samples.jsonl", records)
+    return (
+        metrics
+        | {f"strict_{key}": value for key, value in strict.items()}
+        | {
+            "num_samples": config.num_samples,
+            "latent_noise": config.latent_noise,
+            "latent_dropout": config.latent_dropout,
+            "sample_do_sample": config.do_sample,
+            "sample_temperature": config.temperature,
+            "sample_wall_time_s": seconds,
+            "samples_file": files[0] if files else None,
+        }
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -238,7 +313,83 @@ def format_table(results: Sequence[dict], speedups: dict[str, float] | None = No
         )
     for dataset, speedup in (speedups or {}).items():
         lines.append(f"{dataset}: speedup of CODI (latent) over teacher-mode CoT: {speedup:.2f}x (wall time)")
+    for result in results:
+        if "pass_at_k" in result:
+            lines.append(
+                f"{result['dataset']} {result['mode']}: k={result['num_samples']} samples "
+                f"(latent_noise {result['latent_noise']}, dropout {result['latent_dropout']}, "
+                f"do_sample {result['sample_do_sample']}): pass@k {result['pass_at_k']:.2f} %, majority vote "
+                f"{result['majority_accuracy']:.2f} %, pass@1 {result['pass_at_1']:.2f} % (greedy {result['accuracy']:.2f} %)"
+            )
+    if any(result.get("skipped") for result in results):
+        skipped = ", ".join(f"{r['dataset']} {r['mode']} {r['skipped']}" for r in results if r.get("skipped"))
+        lines.append(
+            f"skipped questions (too long for the model, or empty in CoT mode; counted wrong): {skipped}"
+        )
     return "\n".join(lines)
+
+
+def write_results(output_dir: str, summary: dict) -> str:
+    """`results.json` (the summary) and `results_table.txt` (its table) in `output_dir`; the JSON path."""
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, "results.json")
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(summary, handle, indent=2)
+    with open(os.path.join(output_dir, "results_table.txt"), "w", encoding="utf-8") as handle:
+        handle.write(summary["table"] + "\n")
+    return path
+
+
+def evaluate_sets(
+    model,
+    sets: Sequence[tuple],
+    config: DecodingConfig | None = None,
+    *,
+    modes: Sequence[str] = ("latent",),
+    num_runs: int = 1,
+    output_dir: str | None = None,
+    progress: bool = False,
+    summary: dict | None = None,
+    **options,
+) -> dict:
+    """Evaluate each `(EvalSetSpec, items)` of `sets` in every mode; returns `summary` (e.g. model and
+    settings) plus `results`, `speedups_vs_cot` and the printed `table`. Decoding: `config` and
+    `options` as in `evaluate`.
+
+    The results files are rewritten after every set (main process), so what is done survives a later
+    failure: the failing set is recorded under `failed` (dataset, mode, error) and the error re-raised.
+    With both modes, `speedups_vs_cot` holds each set's CoT / latent wall-time ratio.
+    """
+    summary = dict(summary or {})
+    results: list[dict] = []
+    speedups: dict[str, float] = {}
+
+    def save(failed: dict | None = None) -> None:
+        summary.update(results=results, speedups_vs_cot=speedups, table=format_table(results, speedups))
+        if failed is not None:
+            summary["failed"] = failed
+        if output_dir and distributed.is_main_process():
+            write_results(output_dir, summary)
+
+    for spec, items in sets:
+        by_mode = {}
+        for mode in modes:
+            try:
+                by_mode[mode] = evaluate(
+                    model, items, mode, config=config, name=spec.name, answer_kind=spec.answer_kind,
+                    num_runs=num_runs, output_dir=output_dir, progress=progress, **options,
+                )  # fmt: skip
+            except Exception as error:
+                save({"dataset": spec.name, "mode": mode, "error": f"{type(error).__name__}: {error}"})
+                raise
+            results.append(by_mode[mode])
+        if len(by_mode) == 2:
+            speedups[spec.name] = by_mode["cot"]["wall_time_s"] / max(by_mode["latent"]["wall_time_s"], 1e-9)
+            by_mode["latent"]["speedup_vs_cot"] = speedups[spec.name]
+        save()
+    if output_dir and distributed.is_main_process():
+        logger.info("results written to %s", os.path.join(output_dir, "results.json"))
+    return summary
 
 
 def build_parser() -> argparse.ArgumentParser:

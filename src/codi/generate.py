@@ -1,4 +1,4 @@
-"""Batched, KV-cached generation in both of a CODI model's modes (SPEC §5).
+"""Batched, KV-cached generation in both of a CODI model's modes (docs/method.md#evaluation).
 
 latent (student):  Q ++ [bot] -> num_latent latent thoughts -> [eot] -> answer tokens until EOS
 cot (teacher):     Q -> explicit chain of thought ++ "The answer is: N" -> EOS
@@ -7,10 +7,13 @@ Questions are sorted by length and cut into batches (less padding), left-padded,
 returned in input order. Padding is masked at every step (question, latents, decoder) and position
 ids skip the pads, so the greedy output of an example does not depend on which batch it is in. With
 the reference policy (`codi.reference`) the latent path instead reproduces the reference's unmasked steps.
+Options: one `codi.decoding.DecodingConfig`; k answers per question (pass@k, majority vote):
+`generate_samples`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +22,17 @@ import torch
 from transformers import DynamicCache
 
 from .data import encode_answer, encode_question, pad_sequences
+from .decoding import (
+    DecodingConfig,
+    apply_processors,
+    dropout_on,
+    latent_noise,
+    make_config,
+    noisy_latents,
+    row_seed,
+    sample_next,
+    token_processors,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -62,32 +76,6 @@ def suppressed_token_ids(model) -> list[int]:
     return sorted(ids)
 
 
-def sample_next(
-    logits: torch.Tensor,
-    *,
-    do_sample: bool,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Next token ids (B,) from last-position logits (B, V): argmax, or temperature/top-k/top-p sampling."""
-    if not do_sample:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / max(temperature, 1e-6)
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, sorted_index = torch.sort(logits, descending=True, dim=-1)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # drop a token once the mass BEFORE it already reaches top_p (the most likely one always stays)
-        drop = (probs.cumsum(-1) - probs) >= top_p
-        logits = logits.scatter(-1, sorted_index, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
 class _CoTState:
     """KV cache, padding mask (B, past) and next position ids (B,) of a teacher-mode decode."""
 
@@ -122,17 +110,44 @@ class _CoTState:
         return out.logits[:, -1]
 
 
-def _generate_batch(
+@dataclass
+class _LatentPlan:
+    """The latent sampling of one batch: the transform applied to each latent, the dropout seed."""
+
+    latent_transform: object = None
+    dropout_seed: int | None = None
+
+
+def _start_latent(model, input_ids, attention_mask, config: DecodingConfig, num_latent, max_new_tokens, plan):
+    """Encode Q ++ [bot] and the latents, feed `<eot>` (+ the answer prompt); returns (step, first logits,
+    forced prompt ids, latents)."""
+    device = model.device
+    dropout = dropout_on(model, plan.dropout_seed, device) if config.latent_dropout else None
+    with dropout or contextlib.nullcontext():
+        prefix = model.encode_latents(
+            input_ids, attention_mask, num_latent, latent_transform=plan.latent_transform
+        )
+
+    def step(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        out = model.decode_step(prefix, ids, mask, hidden_states=False, last_logits_only=True)
+        return out.logits[:, -1]
+
+    forced = answer_prompt_ids(model) if config.feed_answer_prompt else []
+    forced = forced[: max_new_tokens - 1]  # at least one free token after the prompt
+    batch = input_ids.shape[0]
+    first = torch.tensor([[model.eot_id] + forced], device=device).expand(batch, -1)
+    logits = step(first, attention_mask.new_ones(batch, first.shape[1]))
+    return step, logits, forced, prefix.latents
+
+
+def _decode_batch(
     model,
     prompts: list[list[int]],
-    mode: str,
+    config: DecodingConfig,
     num_latent: int,
-    max_new_tokens: int,
     sampling: dict,
     return_latents: bool,
-    min_new_tokens: int = 0,
-    feed_answer_prompt: bool = False,
-    latent_transform=None,
+    plan: _LatentPlan,
 ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
     """Generated ids (B, steps) padded after EOS, and the latents [(B, d)] when asked for.
 
@@ -144,42 +159,35 @@ def _generate_batch(
     """
     device = model.device
     max_new_tokens = _fit_position_limit(
-        model, max(len(p) for p in prompts), mode, num_latent, max_new_tokens
+        model, max(len(p) for p in prompts), config.mode, num_latent, config.max_new_tokens
     )
-    min_new_tokens = min(min_new_tokens, max_new_tokens)
+    min_new_tokens = min(config.min_new_tokens, max_new_tokens)
     input_ids = pad_sequences(prompts, model.pad_id, "left").to(device)
     attention_mask = (pad_sequences([[1] * len(p) for p in prompts], 0, "left")).to(device)
     batch = input_ids.shape[0]
     eos = model.tokenizer.eos_token_id
-    suppress = torch.tensor(suppressed_token_ids(model), device=device)
-    latents = None
-    if mode == "latent":
-        prefix = model.encode_latents(
-            input_ids, attention_mask, num_latent, latent_transform=latent_transform
+    latents = None  # CoT mode has none
+    if config.mode == "latent":
+        step, logits, forced, latents = _start_latent(
+            model, input_ids, attention_mask, config, num_latent, max_new_tokens, plan
         )
-        latents = prefix.latents if return_latents else None
-
-        def step(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-            out = model.decode_step(prefix, ids, mask, hidden_states=False, last_logits_only=True)
-            return out.logits[:, -1]
-
-        forced = answer_prompt_ids(model) if feed_answer_prompt else []
-        forced = forced[: max_new_tokens - 1]  # at least one free token after the prompt
-        first = torch.tensor([[model.eot_id] + forced], device=device).expand(batch, -1)
-        logits = step(first, attention_mask.new_ones(batch, first.shape[1]))
     else:
         forced = []
         state = _CoTState(model, input_ids, attention_mask)
-        step = state.step
-        logits = state.first_logits
+        step, logits = state.step, state.first_logits
+    suppress = suppressed_token_ids(model)
+    early, late = (
+        token_processors(suppress, min_new_tokens, eos, device),
+        token_processors(suppress, 0, eos, device),
+    )
     generated = torch.full((batch, max_new_tokens), model.pad_id, dtype=torch.long, device=device)
     if forced:
         generated[:, : len(forced)] = torch.tensor(forced, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    suppress_eos = suppress if eos is None else torch.cat([suppress, suppress.new_tensor([eos])])
     steps = len(forced)
     for position in range(len(forced), max_new_tokens):
-        logits = logits.index_fill(-1, suppress_eos if position < min_new_tokens else suppress, float("-inf"))
+        processors = early if position < min_new_tokens else late
+        logits = apply_processors(processors, generated[:, :position], logits)
         next_ids = sample_next(logits, **sampling)
         next_ids = next_ids.masked_fill(finished, model.pad_id)
         generated[:, position] = next_ids
@@ -192,7 +200,31 @@ def _generate_batch(
             break
         # Finished rows keep feeding pad with mask 0: nothing attends to it and positions stay put.
         logits = step(next_ids.unsqueeze(1), (~finished).long().unsqueeze(1))
-    return generated[:, :steps], latents
+    return generated[:, :steps], (latents if return_latents else None)
+
+
+def _generate_batch(
+    model,
+    prompts: list[list[int]],
+    mode: str,
+    num_latent: int,
+    max_new_tokens: int,
+    sampling: dict,
+    return_latents: bool,
+    min_new_tokens: int = 0,
+    feed_answer_prompt: bool = False,
+    latent_transform=None,
+) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """`_decode_batch` with the options of earlier versions as arguments (kept for callers of it)."""
+    config = DecodingConfig(
+        mode=mode,
+        num_latent=num_latent,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
+        feed_answer_prompt=feed_answer_prompt,
+    )
+    plan = _LatentPlan(latent_transform=latent_transform)
+    return _decode_batch(model, prompts, config, num_latent, sampling, return_latents, plan)
 
 
 def max_positions(model) -> int | None:
@@ -205,17 +237,21 @@ def max_positions(model) -> int | None:
     return None
 
 
+def _too_long(prompt_length: int, extra: int, limit: int) -> str:
+    return (
+        f"does not fit: a prompt of {prompt_length} tokens (+{extra} latent/<eot> positions) does not fit "
+        f"the model's {limit} positions; shorten the question or use fewer latents"
+    )
+
+
 def _fit_position_limit(model, prompt_length: int, mode: str, num_latent: int, max_new_tokens: int) -> int:
     """Shorten `max_new_tokens` so that prompt + latents + `<eot>` + answer fit the position limit."""
     limit = max_positions(model)
     if limit is None:
         return max_new_tokens
     used = prompt_length + (num_latent + 1 if mode == "latent" else 0)
-    if used >= limit:
-        raise ValueError(
-            f"a prompt of {prompt_length} tokens (+{used - prompt_length} latent/<eot> positions) does not fit "
-            f"the model's {limit} positions; shorten the question or use fewer latents"
-        )
+    if used >= limit:  # `_encode` rejects such prompts first; kept for direct callers
+        raise ValueError(_too_long(prompt_length, used - prompt_length, limit))
     if used + max_new_tokens > limit:
         logger.warning(
             "max_new_tokens=%d cut to %d: the model has %d positions", max_new_tokens, limit - used, limit
@@ -231,97 +267,169 @@ def answer_prompt_ids(model) -> list[int]:
     return ids[:value_index]
 
 
+def _num_latent(model, config: DecodingConfig) -> int:
+    return model.args.inf_latent_iterations if config.num_latent is None else config.num_latent
+
+
+def _encode(model, questions: Sequence, config: DecodingConfig) -> tuple[list[list[int]], dict[int, str]]:
+    """The prompt ids of each question, and why a question cannot be answered ({index: reason})."""
+    if isinstance(questions, str):
+        raise TypeError("questions must be a list of strings, not one string")
+    latent = config.mode == "latent"
+    limit = max_positions(model)
+    extra = _num_latent(model, config) + 1 if latent else 0
+    prompts, problems = [], {}
+    for index, question in enumerate(questions):
+        if not isinstance(question, str):
+            problems[index] = f"is {repr(question)[:40]}, not a string"
+            prompts.append([])
+            continue
+        prompt = encode_question(model.tokenizer, question) + ([model.bot_id] if latent else [])
+        if not prompt:
+            problems[index] = "is empty: CoT mode needs at least one question token"
+        elif limit is not None and len(prompt) + extra >= limit:
+            problems[index] = _too_long(len(prompt), extra, limit)
+        prompts.append(prompt)
+    return prompts, problems
+
+
+def unfit_questions(
+    model, questions: Sequence, config: DecodingConfig | None = None, **options
+) -> dict[int, str]:
+    """{index: reason} of the questions `generate` would refuse (not a string, empty in CoT mode, too
+    long for the model's positions), so that a caller can skip and count them instead."""
+    return _encode(model, questions, make_config(config, **options))[1]
+
+
 def generate(
     model,
     questions: list[str],
+    config: DecodingConfig | None = None,
     *,
-    mode: str = "latent",
-    num_latent: int | None = None,
-    max_new_tokens: int = 256,
-    min_new_tokens: int = 0,
-    feed_answer_prompt: bool = False,
-    batch_size: int = 32,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    seed: int | None = None,
     return_latents: bool = False,
     progress: bool = False,
     latent_transform=None,
+    **options,
 ) -> list[GenerationOutput]:
-    """Answer `questions` with a `CODIModel`, in input order.
+    """Answer `questions` with a `CODIModel`, in input order: one `GenerationOutput` per question.
 
+    `config` (a `DecodingConfig`), with any of its fields given as keywords on top (`mode="cot"`, ...):
     mode "latent": Q ++ [bot], `num_latent` latent thoughts (default `model.args.inf_latent_iterations`),
     then [eot] and greedy decoding (or sampling) until EOS or `max_new_tokens`.
     mode "cot": teacher-mode explicit chain-of-thought decoding from the question.
-    `seed` seeds a private generator for sampling (results then depend on the batch composition).
-    `min_new_tokens`: no EOS before that many tokens (benchmarks force fixed lengths with it).
-    `feed_answer_prompt` (latent mode): feed `<eot>` + the answer prompt in one forward instead of
-    decoding the prompt token by token (fewer sequential steps; the prompt is in the returned tokens).
+    `seed` seeds private generators for sampling (token sampling then depends on the batch composition;
+    latent noise does not). `min_new_tokens`: no EOS before that many tokens (benchmarks force fixed
+    lengths with it). `feed_answer_prompt` (latent mode): feed `<eot>` + the answer prompt in one forward
+    instead of decoding the prompt token by token (fewer sequential steps; the prompt is in the returned
+    tokens). k > 1 samples per question: `generate_samples`.
     `latent_transform(step, latent (B, d)) -> (B, d)` (latent mode): applied to each latent before it is
     fed, per batch (see `CODIModel.encode_latents`); batches follow length order, not input order.
     """
-    if mode not in ("latent", "cot"):
-        raise ValueError(f"mode must be 'latent' or 'cot', got {mode!r}")
-    if batch_size < 1 or max_new_tokens < 1:
-        raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size}, {max_new_tokens}")
-    if not 0 <= min_new_tokens <= max_new_tokens:
-        raise ValueError(f"min_new_tokens must be in [0, max_new_tokens], got {min_new_tokens}")
-    if feed_answer_prompt and mode != "latent":
-        raise ValueError("feed_answer_prompt applies to mode='latent' only")
-    if isinstance(questions, str):
-        raise TypeError("questions must be a list of strings, not one string")
-    num_latent = model.args.inf_latent_iterations if num_latent is None else num_latent
-    if num_latent < 0:
-        raise ValueError(f"num_latent must be >= 0, got {num_latent}")
+    config = make_config(config, **options)
+    if config.num_samples != 1:
+        raise ValueError("generate returns one answer per question: use generate_samples for num_samples > 1")
+    return _generate_rows(model, questions, config, return_latents, progress, latent_transform)
+
+
+def generate_samples(
+    model,
+    questions: list[str],
+    config: DecodingConfig | None = None,
+    *,
+    return_latents: bool = False,
+    progress: bool = False,
+    latent_transform=None,
+    **options,
+) -> list[list[GenerationOutput]]:
+    """`config.num_samples` answers per question ([question][sample]), drawn in the same batches.
+
+    Each question is repeated k times inside the batches. The samples differ by token sampling
+    (`do_sample`, `temperature`, ...; CoT and latent mode) and, in latent mode, by Gaussian noise on
+    each latent (`latent_noise` x the latent's RMS; the noise of sample j of question i depends only on
+    (seed, i, j)) and/or dropout left on while the latents are made (`latent_dropout`; seeded per batch).
+    Noise applies before `latent_transform`. Without any of these the k samples equal the greedy answer.
+    """
+    config = make_config(config, **options)
+    flat = _generate_rows(model, questions, config, return_latents, progress, latent_transform)
+    k = config.num_samples
+    return [flat[index * k : (index + 1) * k] for index in range(len(questions))]
+
+
+def _generate_rows(model, questions, config: DecodingConfig, return_latents, progress, latent_transform):
+    """Outputs of every (question, sample) row, question-major (row = question * k + sample)."""
+    prompts, problems = _encode(model, questions, config)
+    if problems:
+        index, reason = next(iter(problems.items()))
+        more = f" (and {len(problems) - 1} more questions)" if len(problems) > 1 else ""
+        raise ValueError(f"questions[{index}] {reason}{more}")
     if not questions:
         return []
-    tokenizer = model.tokenizer
-    prompts = [encode_question(tokenizer, question) for question in questions]
-    if mode == "latent":
-        prompts = [prompt + [model.bot_id] for prompt in prompts]
-    generator = None
-    if do_sample and seed is not None:
-        generator = torch.Generator(device=model.device).manual_seed(seed)
+    num_latent = _num_latent(model, config)
+    rows = [(question, sample) for question in range(len(prompts)) for sample in range(config.num_samples)]
+    row_prompts = [prompts[question] for question, _ in rows]
     sampling = dict(
-        do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
+        do_sample=config.do_sample,
+        temperature=config.temperature,
+        top_k=config.top_k,
+        top_p=config.top_p,
+        generator=None,
     )
-    batches = _batches([len(prompt) for prompt in prompts], batch_size)
+    if config.do_sample and config.seed is not None:
+        sampling["generator"] = torch.Generator(device=model.device).manual_seed(config.seed)
+    noise_seed = config.seed
+    if config.samples_latents and noise_seed is None:
+        noise_seed = int(torch.randint(0, 2**62, ()))  # follows torch.manual_seed
+    batches = _batches([len(prompt) for prompt in row_prompts], config.batch_size)
     if progress:
         from tqdm.auto import tqdm
 
-        batches = tqdm(batches, desc=f"generate ({mode})", unit="batch")
-    outputs: list[GenerationOutput | None] = [None] * len(questions)
+        batches = tqdm(batches, desc=f"generate ({config.mode})", unit="batch")
+    outputs: list[GenerationOutput | None] = [None] * len(rows)
     was_training = model.training
     model.eval()  # dropout (LoRA, projection) off: greedy decoding must be deterministic
     try:
         with torch.inference_mode():
-            for indices in batches:
-                ids, latents = _generate_batch(
+            for batch_number, indices in enumerate(batches):
+                batch_rows = [rows[r] for r in indices]
+                plan = _plan(
+                    model, config, num_latent, batch_rows, (noise_seed, batch_number), latent_transform
+                )
+                ids, latents = _decode_batch(
                     model,
-                    [prompts[index] for index in indices],
-                    mode,
+                    [row_prompts[r] for r in indices],
+                    config,
                     num_latent,
-                    max_new_tokens,
                     sampling,
                     return_latents,
-                    min_new_tokens=min_new_tokens,
-                    feed_answer_prompt=feed_answer_prompt,
-                    latent_transform=latent_transform,
+                    plan,
                 )
-                rows = ids.cpu().tolist()
+                rows_ids = ids.cpu().tolist()
                 stacked = torch.stack(latents, dim=1).float().cpu() if latents else None
                 for row_index, index in enumerate(indices):
                     outputs[index] = _make_output(
-                        tokenizer,
-                        rows[row_index],
-                        num_latent if mode == "latent" else 0,
+                        model.tokenizer,
+                        rows_ids[row_index],
+                        num_latent if config.mode == "latent" else 0,
                         stacked[row_index] if stacked is not None else None,
                     )
     finally:
         model.train(was_training)
-    return outputs  # type: ignore[return-value]
+    return outputs
+
+
+def _plan(model, config: DecodingConfig, num_latent: int, rows, seeds, latent_transform) -> _LatentPlan:
+    """The latent sampling of one batch of (question, sample) rows; seeds = (noise seed, batch number)."""
+    plan = _LatentPlan(latent_transform=latent_transform)
+    if config.mode != "latent":
+        return plan
+    noise_seed, batch_number = seeds
+    if config.latent_noise > 0 and num_latent > 0:
+        hidden = model.hf_model.get_input_embeddings().weight.shape[1]
+        noise = latent_noise(rows, noise_seed, num_latent, hidden).to(model.device)
+        plan.latent_transform = noisy_latents(noise, config.latent_noise, then=latent_transform)
+    if config.latent_dropout:
+        plan.dropout_seed = row_seed(noise_seed, -1, batch_number)
+    return plan
 
 
 def _make_output(tokenizer, row: list[int], latent_positions: int, latents) -> GenerationOutput:

@@ -38,7 +38,7 @@ from .losses import (
     latent_step_ce,
     next_token_ce,
 )
-from .reference import ReferencePolicy
+from .reference import ReferencePolicy, question_step_mask
 
 
 def build_projection(hidden_size: int, args: CODIModelArguments) -> nn.Module:
@@ -188,7 +188,8 @@ class CODIModel(CheckpointMixin, nn.Module):
         With `defer_last` (default mode only) the last latent is returned as `pending` and fed together
         with the decoder tokens, which saves one forward call. With `keep_hidden` (and not deferred)
         `prefix.hidden` holds num_latent + 1 states: after `<bot>` and after each latent. With
-        the reference policy, its latents are fed as the reference feeds them (`codi.reference`).
+        the reference policy, its latents are fed as the reference feeds them, and the question step's
+        pad rows are masked as transformers 4.52 on CUDA masked them (`codi.reference`).
         `keep_all_layers` (with `keep_hidden`) also fills `prefix.all_hidden` (logit lens).
         `latent_transform(step, latent)` replaces each projected latent (B, d) before it is fed
         (interventions, latent sampling); `step` counts from 0 (the latent made from `<bot>`).
@@ -196,9 +197,12 @@ class CODIModel(CheckpointMixin, nn.Module):
         positions = None
         if not self.policy.default_position_ids:
             positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        out = self._lm_step(
-            self.embed(input_ids), attention_mask, positions, DynamicCache(), all_logits=False
-        )
+        embeds = self.embed(input_ids)
+        step_mask = attention_mask
+        # 4.52 with sdpa dropped the mask of an unpadded batch (is_causal): the 2-D mask reproduces that
+        if self.policy.unmask_fully_masked_rows and not bool(attention_mask.all()):
+            step_mask = question_step_mask(attention_mask, embeds.dtype)
+        out = self._lm_step(embeds, step_mask, positions, DynamicCache(), all_logits=False)
         prefix = LatentPrefix(
             cache=out.cache,
             attention_mask=attention_mask,

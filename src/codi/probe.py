@@ -196,13 +196,13 @@ def _make_record(index, item, positions, cosine, output, tokenizer) -> ProbeReco
         latent_cosine=cosine,
     )
     if output is not None:
-        from .evaluate import extract_answer
+        from .scoring import extract_answer, is_correct
 
         record.predicted_text = output.text
         record.predicted = extract_answer(output.text)
         gold_value = as_number(gold) if gold else None
         if gold_value is not None:
-            record.correct = record.predicted is not None and abs(record.predicted - gold_value) < 1e-6
+            record.correct = is_correct(record.predicted, gold_value)
     return record
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 
 @dataclass(frozen=True)
 class ReferencePolicy:
@@ -29,6 +31,9 @@ class ReferencePolicy:
     l2_divided_by_std_twice: bool = False
     # At decoding only the last embedding row is suppressed (`logits[:, :vocab - 1]`), not <bot>/<eot>/<pad>.
     suppress_last_row_only: bool = False
+    # transformers 4.52 CUDA sdpa semantics for fully masked query rows: the question step's left-pad rows
+    # attend to every position of their row (`question_step_mask`); the latent steps attend to those rows.
+    unmask_fully_masked_rows: bool = False
 
     @classmethod
     def from_flags(cls, reference_compat: bool, fix_attn_mask: bool = False) -> ReferencePolicy:
@@ -44,9 +49,34 @@ class ReferencePolicy:
             second_teacher_forward=True,
             l2_divided_by_std_twice=True,
             suppress_last_row_only=True,
+            unmask_fully_masked_rows=True,
         )
 
     @property
     def is_reference(self) -> bool:
         """True when any reference behaviour is on (the question-sharing speed-up then does not apply)."""
         return self != ReferencePolicy()
+
+
+def question_step_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The additive mask transformers 4.52 with sdpa on CUDA gave the first forward of a padded batch.
+
+    attention_mask (B, L): 1 for tokens, 0 for pads -> (B, 1, L, L) of `dtype`: 0 where query i may attend
+    key j (j <= i and j not a pad), `torch.finfo(dtype).min` elsewhere; then every row with no attended
+    key (the query row of a left pad) becomes all 0, so it attends to every position of its row, later
+    ones included (4.52's `AttentionMaskConverter._unmask_unattended` multiplies an all-min row by 0).
+    Rows with an attended key are plain causal + padding. The pad rows' hidden states become the keys
+    and values the reference's unmasked latent steps (and, without `fix_attn_mask`, its decoder step)
+    attend to; 4.52 on CPU and transformers 5 compute those rows differently (a uniform average, zeros).
+
+    Applied on every device and kernel (the authors' numbers came from CUDA). Only this step needs it:
+    the other steps have no fully masked row (the teacher forward is right-padded, the latent steps and
+    the unmasked decoder step get no mask, the masked decoder step with `fix_attn_mask` sees the
+    question's tokens), so 4.52's rule changed nothing there.
+    """
+    length = attention_mask.shape[-1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=attention_mask.device).tril()
+    allowed = causal & attention_mask.bool()[:, None, None, :]
+    allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=attention_mask.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)

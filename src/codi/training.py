@@ -8,19 +8,30 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
 from transformers import Trainer, set_seed
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from .checkpoint import write_json_atomically
 from .config import CODIDataArguments, CODIModelArguments, CODITrainingArguments
 from .data import CODICollator, CODIDataset, DataStats, build_dataset
 from .generate import max_positions
 from .losses import TrainingObjective
 from .model import CODIModel
 from .records import load_records
+from .runs import (
+    RUN_FILE,
+    STAGING_DIR,
+    check_resume_compatible,
+    checkpoint_problem,
+    last_complete_checkpoint,
+    prepare_output_dir,
+    run_signature,
+)
 
 logger = logging.getLogger(__name__)
 COMPONENTS = ("student_ce", "teacher_ce", "distill_loss", "latent_step_ce")
@@ -33,8 +44,9 @@ class NonFiniteLossError(FloatingPointError):
 class CODITrainer(Trainer):
     """HF Trainer that logs every loss component and saves/loads CODI checkpoints."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, run_signature: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.run_signature = run_signature  # written into every checkpoint (see codi.runs)
         self._sums = {"train": defaultdict(float), "eval": defaultdict(float)}
         self._counts = {"train": 0, "eval": 0}
 
@@ -115,6 +127,36 @@ class CODITrainer(Trainer):
         # FSDP (FULL_STATE_DICT) and ZeRO-3 shard the live parameters; they pass the gathered `state_dict`.
         self.accelerator.unwrap_model(self.model).save_pretrained(output_dir, state_dict=state_dict)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        if self.run_signature is not None:
+            write_json_atomically(os.path.join(output_dir, RUN_FILE), self.run_signature)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint, written into `<run>/.staging/` and renamed into place when complete:
+        an interrupted save (kill, full disk) leaves no `checkpoint-N` behind (see codi.runs)."""
+        run_dir = self._get_output_dir(trial=trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging, final = os.path.join(run_dir, STAGING_DIR), os.path.join(run_dir, name)
+        self._get_output_dir = lambda trial=None: staging  # the Trainer derives the folder from it
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            del self._get_output_dir
+        self.accelerator.wait_for_everyone()  # every rank has written its files (RNG states, shards)
+        if self.args.should_save:
+            if os.path.isdir(final):
+                shutil.rmtree(final)  # a checkpoint of this run at the same step: replaced whole
+            os.replace(os.path.join(staging, name), final)
+            if (self.state.best_model_checkpoint or "").startswith(staging):
+                self.state.best_model_checkpoint = self.state.best_model_checkpoint.replace(
+                    staging, run_dir, 1
+                )
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=False,
+            )
+        self.accelerator.wait_for_everyone()
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
@@ -191,17 +233,22 @@ def _resume_path(training_args: CODITrainingArguments) -> str | None:
     if value is None or str(value).lower() in ("", "false", "no"):
         return None
     if str(value).lower() in ("true", "last", "latest"):
-        last = (
-            get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
-        )
+        last = last_complete_checkpoint(training_args.output_dir)
         if last is None:
             raise FileNotFoundError(
-                f"--resume_from_checkpoint {value}: no checkpoint-* in {training_args.output_dir}"
+                f"--resume_from_checkpoint {value}: no checkpoint-* to resume in {training_args.output_dir} (none complete)"
             )
         return last
     if not os.path.isdir(value):
         raise FileNotFoundError(f"--resume_from_checkpoint: no such directory {value}")
+    problem = checkpoint_problem(value)
+    if problem:
+        raise ValueError(f"--resume_from_checkpoint {value}: incomplete checkpoint ({problem})")
     return value
+
+
+class TrainingInterrupted(RuntimeError):
+    """Ctrl-C during training; the message says which checkpoint to resume from."""
 
 
 def train(
@@ -210,6 +257,10 @@ def train(
     """Train CODI (or a CoT-SFT / No-CoT-SFT baseline), then save the final model to `output_dir`."""
     set_seed(training_args.seed)
     resume = _resume_path(training_args)
+    prepare_output_dir(training_args.output_dir, resume is not None, training_args.overwrite_output_dir)
+    signature = run_signature(model_args, data_args, training_args)
+    if resume is not None:
+        check_resume_compatible(resume, signature)
     model = build_model(model_args, training_args)
     train_set, train_stats, eval_set, eval_stats = build_datasets(model, data_args, training_args)
     if eval_set is None and training_args.eval_strategy != "no":
@@ -223,8 +274,17 @@ def train(
         train_dataset=train_set,
         eval_dataset=eval_set,
         data_collator=CODICollator(model.pad_id),
+        run_signature=signature,
     )
-    output = trainer.train(resume_from_checkpoint=resume)
+    try:
+        output = trainer.train(resume_from_checkpoint=resume)
+    except KeyboardInterrupt:
+        last = last_complete_checkpoint(training_args.output_dir)
+        where = f"the last complete checkpoint is {last}" if last else "no checkpoint was saved yet"
+        raise TrainingInterrupted(
+            f"interrupted at step {trainer.state.global_step}; {where}: rerun with "
+            "--resume_from_checkpoint last to continue"
+        ) from None
     metrics = dict(output.metrics)
     if eval_set is not None:
         metrics.update(trainer.evaluate())
@@ -239,5 +299,7 @@ def train(
             },
         )
         trainer.save_state()
-    logger.info("trained %d optimiser steps", trainer.state.global_step)
+    logger.info(
+        "trained %d optimiser steps; model saved to %s", trainer.state.global_step, training_args.output_dir
+    )
     return TrainResult(model, trainer, train_stats, eval_stats, metrics)

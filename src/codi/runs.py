@@ -1,0 +1,143 @@
+"""A training run's output folder: complete checkpoints, what a resumed run must share, what may be replaced.
+
+- Checkpoints are staged in `<output_dir>/.staging/` and renamed into place once every file is written,
+  so a `checkpoint-N` folder is complete or absent; folders left incomplete by older versions or by
+  hand are skipped by `--resume_from_checkpoint last`, with a warning naming them.
+- Each checkpoint records the arguments that define the run (`codi_run.json`); resuming with different
+  ones is refused, naming the fields (a resumed optimizer and schedule belong to the run that wrote them).
+- A folder that holds an earlier run's outputs is refused unless the run resumes or `overwrite_output_dir`
+  is set; overwriting deletes only the earlier run's `checkpoint-*` folders.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import zipfile
+from dataclasses import asdict
+
+logger = logging.getLogger(__name__)
+
+RUN_FILE = "codi_run.json"
+STAGING_DIR = ".staging"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# Files an earlier run leaves in its output folder.
+_RUN_OUTPUTS = ("codi_config.json", "trainer_state.json", "all_results.json", RUN_FILE)
+# Arguments that do not change what a run computes (logging, saving, evaluation, loading options).
+_MODEL_FIELDS_IGNORED = {"inf_latent_iterations", "trust_remote_code", "attn_implementation"}
+_DATA_FIELDS = (
+    "data_name", "train_file", "cot_style", "include_last_cot", "max_token_num", "skip_negative_answers",
+    "max_train_samples",
+)  # fmt: skip
+_TRAINING_FIELDS = (
+    "method", "distill_loss_type", "distill_loss_factor", "distill_loss_div_std", "ref_loss_factor",
+    "latent_step_loss_factor", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay",
+    "per_device_train_batch_size", "gradient_accumulation_steps", "world_size", "seed", "data_seed",
+    "max_steps", "num_train_epochs", "max_grad_norm", "optim", "adam_beta1", "adam_beta2", "adam_epsilon",
+    "bf16", "fp16", "train_sampling_strategy",
+)  # fmt: skip
+
+
+def run_signature(model_args, data_args, training_args) -> dict:
+    """The arguments that define a run: a checkpoint resumes only a run with the same ones."""
+    model = {k: v for k, v in asdict(model_args).items() if k not in _MODEL_FIELDS_IGNORED}
+    data = {name: getattr(data_args, name) for name in _DATA_FIELDS}
+    training = {name: _plain(getattr(training_args, name, None)) for name in _TRAINING_FIELDS}
+    return json.loads(json.dumps({"model": model, "data": data, "training": training}, default=str))
+
+
+def _plain(value):
+    return getattr(value, "value", value)  # enums (lr_scheduler_type, optim) as their string
+
+
+def signature_differences(saved: dict, current: dict) -> list[str]:
+    """`group.field: saved -> current` for every field that differs."""
+    differences = []
+    for group in sorted(set(saved) | set(current)):
+        old, new = saved.get(group, {}), current.get(group, {})
+        for name in sorted(set(old) | set(new)):
+            if old.get(name) != new.get(name):
+                differences.append(f"{name}: {old.get(name)!r} -> {new.get(name)!r}")
+    return differences
+
+
+def check_resume_compatible(checkpoint: str, signature: dict) -> None:
+    path = os.path.join(checkpoint, RUN_FILE)
+    if not os.path.isfile(path):
+        logger.warning(
+            "%s: no %s (written by an older version): arguments not compared", checkpoint, RUN_FILE
+        )
+        return
+    with open(path) as handle:
+        saved = json.load(handle)
+    differences = signature_differences(saved, signature)
+    if differences:
+        raise ValueError(
+            f"cannot resume {checkpoint}: it belongs to a run with other arguments ({'; '.join(differences)}). "
+            "Use the same arguments, or a new --output_dir (or --overwrite_output_dir) for a new run"
+        )
+
+
+def checkpoint_problem(path: str) -> str | None:
+    """Why `path` is not a complete checkpoint, or None when it is."""
+    state = os.path.join(path, "trainer_state.json")
+    if not os.path.isfile(state):
+        return "no trainer_state.json"
+    try:
+        with open(state) as handle:
+            json.load(handle)
+    except (OSError, json.JSONDecodeError):
+        return "unreadable trainer_state.json"
+    optimizer = os.path.join(path, "optimizer.pt")
+    if os.path.exists(optimizer) and not zipfile.is_zipfile(optimizer):
+        return "truncated optimizer.pt"
+    has_weights = any(
+        os.path.isfile(os.path.join(path, name))
+        for name in ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
+    )
+    sharded = any(name.startswith(("pytorch_model_fsdp", "global_step")) for name in os.listdir(path))
+    if not has_weights and not sharded:
+        return "no model weights"
+    return None
+
+
+def checkpoints(output_dir: str) -> list[str]:
+    """`checkpoint-N` folders of `output_dir`, oldest step first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = [(int(m[1]), name) for name in os.listdir(output_dir) if (m := _CHECKPOINT.match(name))]
+    return [os.path.join(output_dir, name) for _, name in sorted(found)]
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest complete checkpoint; incomplete newer ones are skipped with a warning naming them."""
+    for path in reversed(checkpoints(output_dir)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        logger.warning("skipping incomplete checkpoint %s (%s)", path, problem)
+    return None
+
+
+def prepare_output_dir(output_dir: str, resuming: bool, overwrite: bool) -> None:
+    """Refuse to train into an earlier run's folder unless resuming or overwriting (see the module)."""
+    if resuming or not os.path.isdir(output_dir):
+        return
+    earlier = [name for name in _RUN_OUTPUTS if os.path.exists(os.path.join(output_dir, name))]
+    earlier += [os.path.basename(path) for path in checkpoints(output_dir)]
+    if not earlier:
+        return
+    if not overwrite:
+        raise FileExistsError(
+            f"--output_dir {output_dir} holds an earlier run ({', '.join(sorted(earlier)[:4])}): pass "
+            "--resume_from_checkpoint last to continue it, --overwrite_output_dir to replace it, or a new folder"
+        )
+    for path in checkpoints(output_dir):
+        if os.path.exists(os.path.join(path, "trainer_state.json")) or os.path.exists(
+            os.path.join(path, "codi_config.json")
+        ):
+            logger.warning("--overwrite_output_dir: deleting the earlier run's %s", path)
+            shutil.rmtree(path)
