@@ -226,7 +226,7 @@ def test_missing_hub_model_offline_is_one_line_naming_it(fresh_hub_state):
         _load_or_explain(loader, "model", "someone/missing-model", {})
     message = _one_line(caught.value)
     assert "'someone/missing-model'" in message and "unreachable" in message
-    assert "local folder" in message and "HF_HUB_OFFLINE=1" in message
+    assert "local path" in message and "HF_HUB_OFFLINE=1" in message
 
 
 # --------------------------------------------------------------------------------------------------
