@@ -326,3 +326,18 @@ def test_smollm2_preset_reads_what_its_comment_commands_write(tmp_path, monkeypa
     for key in ("train_file", "validation_file"):
         assert (tmp_path / preset[key]).is_file(), key
     assert len(read_records(preset["train_file"])) == 4
+
+
+def test_missing_hub_model_with_offline_mode_set_says_how_to_download(monkeypatch):
+    from huggingface_hub import constants
+
+    from codi.hf import ModelLoadError, _load_or_explain
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub, "_went_offline", [])
+
+    def loader(source, **kwargs):
+        raise OSError("offline")
+
+    with pytest.raises(ModelLoadError, match=r"offline mode is on \(HF_HUB_OFFLINE\).*unset HF_HUB_OFFLINE"):
+        _load_or_explain(loader, "tokenizer", "someone/missing-model", {})

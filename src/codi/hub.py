@@ -5,7 +5,8 @@ over a minute before failing. Before the first hub (non-local) load, `prepare_hu
 connection to the hub endpoint (`huggingface_hub.constants.ENDPOINT`, through the configured proxy if
 any) with a short timeout, once per process. When it fails, the process switches to offline mode (what
 `HF_HUB_OFFLINE=1` does), so a cached model or dataset still loads and a missing one fails at once.
-Setting `HF_HUB_OFFLINE` (to any value) skips the check: the user has decided.
+Setting `HF_HUB_OFFLINE` (to any value) skips the check: the user has decided (`HF_HUB_OFFLINE=0` for a
+hub that is reachable but slower than the check's timeout to connect).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class OfflineError(ConnectionError):
 
 _reachable: dict[str, bool] = {}  # endpoint -> result of the one check of this process
 _went_offline: list[str] = []  # the endpoint this process found unreachable (at most one entry)
+_noted: set[str] = set()  # hub ids already logged as loaded from the cache
 
 
 def is_local(source: str) -> bool:
@@ -130,15 +132,15 @@ def note_cache_use(what: str, source: str) -> None:
         )
 
 
-_noted: set[str] = set()
-
-
 def offline_message(what: str, source: str) -> str:
     """One line for a hub id that cannot be loaded from the cache while offline."""
     from huggingface_hub import constants
 
+    if _went_offline:
+        then = "download it where there is network (HF_HUB_OFFLINE=1 then uses the cache without a check)"
+    else:
+        then = "unset HF_HUB_OFFLINE to download it"
     return (
         f"cannot load the {what} {source!r}: {offline_reason() or 'offline'} and {source!r} is not (fully) "
-        f"in the HF cache ({constants.HF_HUB_CACHE}). Pass a local path instead, or download it where "
-        "there is network (HF_HUB_OFFLINE=1 then uses the cache without checking the hub)"
+        f"in the HF cache ({constants.HF_HUB_CACHE}). Pass a local path instead, or {then}"
     )
