@@ -8,9 +8,10 @@ from dataclasses import replace
 
 import pytest
 
-from codi.demo import PRESETS, claim_check, fresh_out_dir, main, run_demo
-from codi.offline_models import build_tokenizer
-from codi.synth import SynthConfig, make_splits, to_icot_line
+from codi.cli.demo import main
+from codi.demo.offline_models import build_tokenizer
+from codi.demo.pipeline import DEMO_MARKER, PRESETS, claim_check, fresh_out_dir, run_demo
+from codi.demo.synth import SynthConfig, make_splits, to_icot_line
 
 
 def test_tokenizer_digits_are_tokens_and_decoding_is_exact():
@@ -32,7 +33,7 @@ def test_fresh_out_dir_never_reuses_silently(tmp_path):
     with pytest.raises(FileExistsError, match="--overwrite"):
         fresh_out_dir(str(path), overwrite=False)
     fresh_out_dir(str(path), overwrite=True)
-    assert os.listdir(path) == []
+    assert os.listdir(path) == [DEMO_MARKER]  # the old content is gone; the new run's marker is there
 
 
 def test_smoke_run_writes_table_json_and_chart(tmp_path, capsys):
@@ -56,7 +57,7 @@ def test_smoke_run_writes_table_json_and_chart(tmp_path, capsys):
 
 
 def test_paper_preset_is_the_papers_objective_and_is_labelled_plain_codi():
-    from codi.demo import method_label
+    from codi.demo.pipeline import method_label
 
     paper = PRESETS["paper"]
     assert paper.latent_step_factor == 0 and paper.distill_factor == 1.0
@@ -67,7 +68,7 @@ def test_paper_preset_is_the_papers_objective_and_is_labelled_plain_codi():
 
 
 def test_claim_check_uses_the_issue_thresholds():
-    from codi.demo import Row
+    from codi.demo.pipeline import Row
 
     rows = {
         "no_cot": Row("n", "cot", 0.20, 6, 6, 100, 500),

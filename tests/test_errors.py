@@ -312,17 +312,17 @@ def test_smollm2_preset_reads_what_its_comment_commands_write(tmp_path, monkeypa
 
     import yaml
 
-    from codi.synth import main as synth_main
+    from codi.cli import main as codi_main
 
     path = REPO_ROOT / "configs" / "smollm2_synthetic.yaml"
     text = path.read_text()
     preset = yaml.safe_load(text)
-    export = re.search(r"codi demo --export_smollm2 (\S+)", text)[1]
+    export = re.search(r"codi export-smollm2 --output_dir (\S+)", text)[1]
     assert export == preset["model_name_or_path"]
-    synth = shlex.split(re.search(r"codi data (synth --out .*?)(?:\s+#|$)", text, re.M)[1])
+    synth = shlex.split(re.search(r"codi (data synth --out .*?)(?:\s+#|$)", text, re.M)[1])
     sizes = ["--n_train", "4", "--n_validation", "2", "--n_test", "2"]
     monkeypatch.chdir(tmp_path)  # the preset's paths are relative to where `codi train` runs
-    assert synth_main([*synth, *sizes]) == 0
+    assert codi_main([*synth, *sizes]) == 0
     for key in ("train_file", "validation_file"):
         assert (tmp_path / preset[key]).is_file(), key
     assert len(read_records(preset["train_file"])) == 4

@@ -226,3 +226,24 @@ def test_ctrl_c_names_the_checkpoint_to_resume_from(tiny_gpt2, train_file, tmp_p
             train(*quick_args(tiny_gpt2, train_file, tmp_path, *common))
     finally:
         CODITrainer.__init__ = original
+
+
+def test_demo_overwrite_refuses_a_folder_it_did_not_write(tmp_path):
+    from codi.demo.pipeline import fresh_out_dir
+
+    (tmp_path / "notes.txt").write_text("the user's own file")
+    with pytest.raises(FileExistsError, match="not written by codi demo"):
+        fresh_out_dir(str(tmp_path), overwrite=True)
+    assert (tmp_path / "notes.txt").read_text() == "the user's own file"  # nothing deleted
+
+
+def test_probe_skips_questions_longer_than_the_model(make_model, caplog):
+    from codi.probe import probe
+
+    model = make_model("gpt2")
+    limit = model.hf_model.config.n_positions
+    long_question = "Tom has 12 apples. " * (limit // 4)
+    with caplog.at_level(logging.WARNING, logger="codi.probe"):
+        records = probe(model, [RECORDS[0].question, long_question], predict=False)
+    assert [record.question for record in records] == [RECORDS[0].question]
+    assert "1 question(s) skipped" in caplog.text

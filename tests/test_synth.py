@@ -7,8 +7,9 @@ import re
 
 import pytest
 
+from codi.cli import main
 from codi.data import read_records
-from codi.synth import SynthConfig, check_cot, main, make_splits
+from codi.demo.synth import SynthConfig, check_cot, make_splits
 
 STEP = re.compile(r"^<<[\d+\-*/%()]+=\d+>>$")
 
@@ -104,14 +105,14 @@ def test_invalid_config():
 
 def test_cli_writes_files_the_trainer_reads(tmp_path):
     out = tmp_path / "synth"
-    rc = main(["synth", "--out", str(out), "--n_train", "40", "--n_validation", "5", "--n_test", "8"])
+    rc = main(["data", "synth", "--out", str(out), "--n_train", "40", "--n_validation", "5", "--n_test", "8"])
     assert rc == 0
     records = read_records(str(out / "train.txt"))
     assert len(records) == 40 and all(r.cot.startswith("<<") for r in records)
     jsonl = [json.loads(line) for line in (out / "test.jsonl").read_text().splitlines()]
     assert len(jsonl) == 8 and set(jsonl[0]) == {"question", "cot", "answer"}
     assert json.loads((out / "synth_config.json").read_text())["sizes"]["validation"] == 5
-    assert main([]) == 2
+    assert main(["data"]) == 2
 
 
 def test_uniform_wording_puts_every_step_at_the_same_word_position():

@@ -1,9 +1,25 @@
 """codi: CODI (continuous chain-of-thought via self-distillation), faithful, fast and tested."""
 
-from .config import CODIDataArguments, CODIModelArguments, CODITrainingArguments, parse_args
-from .model import CODIModel
+from ._version import __version__ as __version__
 
-__version__ = "0.1.0"
+# Imported on first use, so that `import codi.cli` (`codi --help`, `codi --version`) loads no torch.
+_LAZY = {
+    "CODIDataArguments": "config",
+    "CODIModelArguments": "config",
+    "CODITrainingArguments": "config",
+    "parse_args": "config",
+    "CODIModel": "model",
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from importlib import import_module
+
+    value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value
+    return value
 
 
 def train(*args, **kwargs):

@@ -9,8 +9,6 @@ Trainer flag (batch size, schedule, bf16, DeepSpeed/FSDP, ...) is available too.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import json
 import logging
 import os
 import sys
@@ -18,8 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
-from transformers import HfArgumentParser, TrainingArguments
+from transformers import TrainingArguments
 
 from .losses import DISTILL_LOSS_TYPES, LossSettings
 
@@ -327,80 +324,28 @@ def _valid_names(classes: Sequence[type] = ARGUMENT_CLASSES) -> list[str]:
 
 
 def _unknown_key_error(key: str, source: str, classes: Sequence[type]) -> ValueError:
-    close = difflib.get_close_matches(key, _valid_names(classes), n=4, cutoff=0.6)
-    hint = f" Did you mean: {', '.join(close)}?" if close else ""
-    return ValueError(f"unknown argument {key!r} in {source}.{hint}")
+    from .cli.args import unknown_name_error
+
+    return unknown_name_error(key, source, _valid_names(classes))
 
 
 def canonical_key(key: str) -> str:
     return ALIASES.get(key, key)
 
 
-def _yaml_to_argv(path: str, classes: Sequence[type]) -> list[str]:
-    """Turn a YAML preset into flags, so that later command-line flags override it."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file not found: {path}")
-    with open(path) as handle:
-        try:
-            values = yaml.safe_load(handle) or {}
-        except yaml.YAMLError as error:
-            raise ValueError(f"{path}: invalid YAML: {error}") from error
-    if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a mapping of argument names to values at the top level")
-    valid = set(_valid_names(classes))
-    argv: list[str] = []
-    for key, value in values.items():
-        if key not in valid:
-            raise _unknown_key_error(key, path, classes)
-        if value is None:
-            continue
-        argv.append(f"--{canonical_key(key)}")
-        if isinstance(value, list):
-            argv.extend(str(item) for item in value)
-        elif isinstance(value, dict):
-            argv.append(json.dumps(value))
-        else:
-            argv.append(str(value))
-    return argv
-
-
-def _normalise_argv(argv: list[str], classes: Sequence[type]) -> list[str]:
-    """Rename alias flags and reject unknown ones with a suggestion (argparse would only say 'unrecognized')."""
-    valid = set(_valid_names(classes))
-    out = []
-    for token in argv:
-        if token.startswith("--") and token != "--help":  # --help goes to argparse, which prints the flags
-            name, sep, rest = token[2:].partition("=")
-            if name not in valid:
-                raise _unknown_key_error(name, "the command line", classes)
-            token = f"--{canonical_key(name)}{sep}{rest}"
-        out.append(token)
-    return out
+TRAIN_DESCRIPTION = (
+    "Train CODI, or the CoT-SFT / No-CoT-SFT baselines (--method). The flags keep the reference scripts' "
+    "names (their older spellings mse_loss_* are accepted too), and every HF TrainingArguments flag works."
+)
 
 
 def parse_args(argv: list[str] | None = None, classes: Sequence[type] = ARGUMENT_CLASSES) -> tuple[Any, ...]:
-    """Parse `--config preset.yaml` plus flags into the argument dataclasses (flags win over the YAML)."""
+    """The `codi train` command line: `--config preset.yaml` files plus flags (which win over the YAML)
+    into the argument dataclasses; the reference's older spellings are accepted (`codi.cli.args`)."""
+    from .cli.args import parse
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    config_paths = []
-    rest = []
-    index = 0
-    while index < len(argv):
-        token = argv[index]
-        if token == "--config":
-            if index + 1 >= len(argv):
-                raise ValueError("--config needs a path to a YAML file")
-            config_paths.append(argv[index + 1])
-            index += 2
-            continue
-        if token.startswith("--config="):
-            config_paths.append(token.split("=", 1)[1])
-        else:
-            rest.append(token)
-        index += 1
-    merged = [flag for path in config_paths for flag in _yaml_to_argv(path, classes)]
-    merged += _normalise_argv(rest, classes)
-    parser = HfArgumentParser(list(classes))
-    return tuple(parser.parse_args_into_dataclasses(args=merged, look_for_args_file=False))
+    return parse("codi train", classes, argv, aliases=ALIASES, description=TRAIN_DESCRIPTION)
 
 
 def args_from_dict(values: dict[str, Any], cls: type) -> Any:

@@ -28,7 +28,6 @@ self-contained full-weight checkpoint instead.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -446,57 +445,3 @@ def convert_reference_checkpoint(
         json.dump(report.to_dict(), handle, indent=2)
     logger.info("wrote %s", output_dir)
     return report
-
-
-def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes"):
-        return True
-    if text.lower() in ("0", "false", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="codi convert",
-        description="Convert an authors' reference CODI checkpoint (zen-E/CODI-gpt2, "
-        "zen-E/CODI-llama3.2-1b-Instruct, or a local pytorch_model.bin / model.safetensors) to this "
-        "project's format. Settings not given are read from the weights.",
-    )
-    parser.add_argument("--reference_checkpoint", required=True, help="file, folder or hub id")
-    parser.add_argument("--base_model", help="the LM it was trained from (default for known hub ids)")
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--revision", help="hub revision of the reference checkpoint")
-    parser.add_argument("--prj_dim", type=int)
-    parser.add_argument("--use_prj", type=_bool)
-    parser.add_argument("--prj_no_ln", type=_bool)
-    parser.add_argument("--use_lora", type=_bool)
-    parser.add_argument("--lora_r", type=int)
-    parser.add_argument("--lora_alpha", type=int, help="LoRA scale numerator (default 32, the authors')")
-    parser.add_argument("--lora_target_modules", nargs="+")
-    parser.add_argument("--num_latent", type=int)
-    parser.add_argument("--inf_latent_iterations", type=int)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
-    parser.add_argument("--strict", action="store_true", help="refuse unused or missing keys")
-    parser.add_argument("--merge_lora", action="store_true", help="write full weights (no base needed)")
-    parser.add_argument(
-        "--allow_base_mismatch",
-        action="store_true",
-        help="write an adapter checkpoint even if the frozen weights differ from --base_model",
-    )
-    return parser
-
-
-def main(argv: list[str]) -> int:
-    """`codi convert ...`: returns 0 on success (errors surface as ValueError / FileNotFoundError)."""
-    options = vars(build_parser().parse_args(argv))
-    report = convert_reference_checkpoint(
-        options.pop("reference_checkpoint"),
-        options.pop("output_dir"),
-        options.pop("base_model"),
-        merge=options.pop("merge_lora"),
-        allow_base_mismatch=options.pop("allow_base_mismatch"),
-        **options,
-    )
-    print(report.summary())
-    return 0

@@ -12,15 +12,21 @@ HF Trainer (DDP, FSDP, DeepSpeed). Evaluation is a plain loop over items, so it 
         write(outputs)                                   # metrics and files once
     distributed.finish()
 
+The process group is accelerate's: `init()` creates it through `accelerate.PartialState` (backend,
+device and launcher environment handled there), as the HF Trainer does during training.
+
 Sharding is strided (rank r takes items r, r + W, r + 2W, ...): shards differ in size by at most one
-item, and a dataset sorted by difficulty or length is spread evenly over the ranks. Results are
-gathered with `torch.distributed.all_gather_object` and put back in input order by index, so the
-output is identical to a single-process run whenever the per-item computation does not depend on
-which other items share its batch (CODI's generation masks padding at every step for that reason).
+item, and a dataset sorted by difficulty or length is spread evenly over the ranks (accelerate's
+`split_between_processes` cuts contiguous chunks, which would give the last rank the longest
+questions of a sorted set). Results are gathered with `accelerate.utils.gather_object` and put back
+in input order by index, so the output is identical to a single-process run whenever the per-item
+computation does not depend on which other items share its batch (CODI's generation masks padding
+at every step for that reason).
 
 Rank information is read from the process group when it exists, otherwise from the launcher's
 environment (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, set by torchrun and accelerate), so the helpers
-also work before `init()` - e.g. to silence logging on the other ranks from the start.
+also work before `init()` - e.g. to silence logging on the other ranks from the start (building a
+`PartialState` for that would create the process group).
 """
 
 from __future__ import annotations
@@ -90,21 +96,23 @@ def init(backend: str | None = None, use_cpu: bool = False) -> bool:
     """Create the default process group when launched with several processes; returns whether distributed.
 
     A no-op in a single process and when a group already exists (e.g. inside the HF Trainer). The
-    backend defaults to NCCL on GPUs and gloo on CPU. For NCCL the current CUDA device is set to
-    LOCAL_RANK first, because `all_gather_object` and NCCL collectives run on the current device.
+    group is made by `accelerate.PartialState`: NCCL on GPUs, with the current CUDA device set to
+    LOCAL_RANK (collectives run on the current device); on CPU gloo, which accelerate chooses only
+    when told the run is on the CPU (and then prefers MPI when torch has it: gloo is asked for).
     """
     global _created_group
     if is_initialized():
         return world_size() > 1
     if not launched_distributed() or not dist.is_available():
         return False
-    device = local_device(use_cpu)
-    backend = backend or ("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend=backend)
-    _created_group = True
-    logger.info("process group ready: rank %d of %d (%s, %s)", rank(), world_size(), backend, device)
+    from accelerate import PartialState
+
+    on_cpu = local_device(use_cpu).type == "cpu"
+    state = PartialState(cpu=on_cpu, backend=backend or ("gloo" if on_cpu else None))
+    _created_group = is_initialized()
+    logger.info(
+        "process group ready: rank %d of %d (%s, %s)", rank(), world_size(), state.backend, state.device
+    )
     return world_size() > 1
 
 
@@ -172,16 +180,16 @@ def gather_in_order(local_results: Sequence[R], indices: Sequence[int], total: i
 
     Collective: every rank must call it (also with an empty shard). Each rank receives the full
     list, so any rank could compute metrics; by convention only the main process writes them.
-    Results travel pickled (`all_gather_object`), so they must be picklable: plain Python objects
+    Results travel pickled (`gather_object`, i.e. `all_gather_object`), so they must be picklable: plain Python objects
     or CPU tensors, not CUDA tensors.
     """
     if len(local_results) != len(indices):
         raise ValueError(f"{len(local_results)} results for {len(indices)} indices")
     pairs = list(zip(indices, local_results))
     if is_initialized() and world_size() > 1:
-        gathered: list[list[tuple[int, R]] | None] = [None] * world_size()
-        dist.all_gather_object(gathered, pairs)
-        pairs = [pair for part in gathered if part for pair in part]
+        from accelerate.utils import gather_object
+
+        pairs = gather_object(pairs)  # every rank's pairs, rank 0's first
     ordered: list[R | None] = [None] * total
     seen = [False] * total
     for index, result in pairs:

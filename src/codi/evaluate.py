@@ -9,7 +9,6 @@ separately. `--compare_cot` also decodes in teacher (explicit CoT) mode and repo
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -20,7 +19,7 @@ from dataclasses import asdict, replace
 
 from . import distributed
 from .decoding import DecodingConfig, make_config
-from .eval_data import EVAL_SETS, EvalItem, eval_set_spec, load_eval_set
+from .eval_data import EvalItem, EvalSetSpec, eval_set_spec, load_eval_set
 from .generate import generate, generate_samples, unfit_questions
 
 # The scoring rule lives in `codi.scoring`; these names stay importable from here.
@@ -292,7 +291,7 @@ def evaluate_samples(
 
 
 # --------------------------------------------------------------------------------------------------
-# Several datasets, the table, the CLI
+# Several datasets, the table, the files
 
 
 def format_table(results: Sequence[dict], speedups: dict[str, float] | None = None) -> str:
@@ -392,118 +391,23 @@ def evaluate_sets(
     return summary
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="codi eval", description="Evaluate a CODI checkpoint (accuracy and speed)."
-    )
-    parser.add_argument("--model", required=True, help="CODI checkpoint directory (save_pretrained).")
-    parser.add_argument("--base_model", default=None, help="Base model for a LoRA checkpoint, if moved.")
-    parser.add_argument(
-        "--datasets",
-        default="gsm8k",
-        help=f"Comma-separated: {', '.join(EVAL_SETS)} (aliases: gsm_hard, multi-arith, ...).",
-    )
-    parser.add_argument(
-        "--data_dir", default=None, help="Folder of plain-file copies (../shared/data); default: hub ids."
-    )
-    parser.add_argument("--data_file", default=None, help="One file to read (only with one dataset).")
-    parser.add_argument("--limit", type=int, default=None, help="Only the first N items of each set.")
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--max_new_tokens", type=int, default=256)
-    parser.add_argument("--output_dir", default="eval_results")
-    parser.add_argument("--mode", choices=("latent", "cot"), default="latent")
-    parser.add_argument("--compare_cot", action="store_true", help="Also run teacher-mode CoT; speedup.")
-    parser.add_argument("--num_runs", type=int, default=1, help="Repeat (for sampling): mean and std.")
-    parser.add_argument("--do_sample", action="store_true")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top_k", type=int, default=0)
-    parser.add_argument("--top_p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--inf_latent_iterations", type=int, default=None)
-    parser.add_argument(
-        "--feed_answer_prompt",
-        action="store_true",
-        help="Latent mode: feed <eot> + the answer prompt in one forward (faster; same answers when the "
-        "model has learned the prompt).",
-    )
-    parser.add_argument("--reference_compat", action="store_true", help="Reference's unmasked decoding.")
-    parser.add_argument("--fix_attn_mask", action="store_true", help="With --reference_compat.")
-    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16", "auto"))
-    parser.add_argument("--device", default=None, help="cuda | cpu | cuda:1 ... (default: cuda if any).")
-    parser.add_argument("--no_progress", action="store_true", help="No tqdm bar.")
-    return parser
+def load_eval_sets(
+    datasets: str | Sequence[str],
+    data_dir: str | None = None,
+    data_file: str | None = None,
+    limit: int | None = None,
+) -> list[tuple[EvalSetSpec, list[EvalItem]]]:
+    """(spec, items) per evaluation set named in `datasets` (comma-separated, or a list).
 
-
-def main(argv: list[str] | None = None) -> int:
-    """`codi eval`: load the checkpoint, evaluate every requested set, print and save the results."""
-    from .model import CODIModel
-
-    args = build_parser().parse_args(argv)
-    distributed.init()  # no-op unless launched by torchrun / accelerate with several processes
-    names = [name.strip() for name in args.datasets.split(",") if name.strip()]
+    Read from `data_file` (one set only), else from plain-file copies in `data_dir`, else from the
+    hub; the first `limit` items of each. Unknown names fail before anything is read."""
+    names = [name.strip() for name in datasets.split(",")] if isinstance(datasets, str) else list(datasets)
+    names = [name for name in names if name]
     if not names:
         raise ValueError("--datasets is empty")
-    specs = [eval_set_spec(name) for name in names]  # unknown names fail before the model loads
-    if args.data_file and len(specs) != 1:
+    specs = [eval_set_spec(name) for name in names]
+    if data_file and len(specs) != 1:
         raise ValueError("--data_file needs exactly one dataset in --datasets")
-    if args.data_dir and not os.path.isdir(args.data_dir):
-        raise FileNotFoundError(f"--data_dir {args.data_dir} is not a directory")
-    item_sets = [load_eval_set(spec.name, args.data_file or args.data_dir, args.limit) for spec in specs]
-    overrides = {}
-    if args.inf_latent_iterations is not None:
-        overrides["inf_latent_iterations"] = args.inf_latent_iterations
-    if args.reference_compat:
-        overrides.update(reference_compat=True, fix_attn_mask=args.fix_attn_mask)
-    model = CODIModel.from_pretrained(args.model, args.base_model, dtype=args.dtype, **overrides)
-    device = args.device or str(distributed.local_device())  # cuda:LOCAL_RANK when there is a GPU
-    model.to(device)
-    model.eval()
-    modes = ["latent", "cot"] if args.compare_cot else [args.mode]
-    results, speedups = [], {}
-    for spec, items in zip(specs, item_sets):
-        by_mode = {}
-        for mode in modes:
-            by_mode[mode] = evaluate(
-                model,
-                items,
-                mode,
-                args.batch_size,
-                name=spec.name,
-                answer_kind=spec.answer_kind,
-                max_new_tokens=args.max_new_tokens,
-                num_runs=args.num_runs,
-                do_sample=args.do_sample,
-                temperature=args.temperature,
-                top_k=args.top_k,
-                top_p=args.top_p,
-                seed=args.seed,
-                feed_answer_prompt=args.feed_answer_prompt,
-                output_dir=args.output_dir,
-                progress=not args.no_progress,
-            )
-            results.append(by_mode[mode])
-        if len(by_mode) == 2:
-            speedups[spec.name] = by_mode["cot"]["wall_time_s"] / max(by_mode["latent"]["wall_time_s"], 1e-9)
-            by_mode["latent"]["speedup_vs_cot"] = speedups[spec.name]
-    table = format_table(results, speedups)
-    if not distributed.is_main_process():  # metrics and files once
-        distributed.finish()
-        return 0
-    print(table)
-    summary = {
-        "model": args.model,
-        "device": str(model.device),
-        "settings": {key: value for key, value in vars(args).items() if key not in ("model", "no_progress")},
-        "inf_latent_iterations": model.args.inf_latent_iterations,
-        "reference_compat": model.args.reference_compat,
-        "results": results,
-        "speedups_vs_cot": speedups,
-    }
-    os.makedirs(args.output_dir, exist_ok=True)
-    with open(os.path.join(args.output_dir, "results.json"), "w", encoding="utf-8") as handle:
-        json.dump(summary, handle, indent=2)
-    with open(os.path.join(args.output_dir, "results_table.txt"), "w", encoding="utf-8") as handle:
-        handle.write(table + "\n")
-    logger.info("results written to %s", os.path.join(args.output_dir, "results.json"))
-    distributed.finish()
-    return 0
+    if data_dir and not os.path.isdir(data_dir):
+        raise FileNotFoundError(f"--data_dir {data_dir} is not a directory")
+    return [(spec, load_eval_set(spec.name, data_file or data_dir, limit)) for spec in specs]

@@ -11,7 +11,6 @@ link, analytics off and system fonts, so it starts offline and no asset is fetch
 
 from __future__ import annotations
 
-import argparse
 import html
 import os
 import warnings
@@ -352,32 +351,3 @@ def launch(
     model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     app = build_app(model, examples, top_k=top_k, max_new_tokens=max_new_tokens, source=model_dir)
     return serve(app, host=host, port=port, block=block)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="codi explore", description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--model", required=True, help="CODI checkpoint directory (e.g. the demo's runs/demo-<time>/codi)"
-    )
-    parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument(
-        "--host", default="127.0.0.1", help="interface to listen on (default: this machine only)"
-    )
-    parser.add_argument("--examples", default=None, help="questions to pick from: a data file or one a line")
-    parser.add_argument("--base_model", default=None, help="base model path for a LoRA checkpoint, if moved")
-    parser.add_argument("--top_k", type=int, default=5)
-    parser.add_argument("--max_new_tokens", type=int, default=256, help="answer tokens to generate")
-    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    args = parser.parse_args(argv)
-    print(f"CODI explorer: http://{args.host}:{args.port} (Ctrl+C stops it)")
-    launch(
-        args.model,
-        args.port,
-        host=args.host,
-        examples_file=args.examples,
-        base_model=args.base_model,
-        device=args.device,
-        top_k=args.top_k,
-        max_new_tokens=args.max_new_tokens,
-    )
-    return 0

@@ -195,18 +195,14 @@ def write_task_yaml(directory: str, data_file: str, name: str = "codi_gsm8k", **
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`codi lm-eval ...`: lm-eval's command line (same flags) with the `codi` model registered."""
+def run_lm_eval_cli(argv: list[str]) -> int:
+    """lm-eval's command line (same flags) with the `codi` model registered (`codi lm-eval`)."""
     from lm_eval.__main__ import cli_evaluate
 
     saved = sys.argv
-    sys.argv = ["lm-eval", *(sys.argv[1:] if argv is None else argv)]
+    sys.argv = ["lm-eval", *argv]
     try:
         cli_evaluate()
     finally:
         sys.argv = saved
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

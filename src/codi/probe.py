@@ -15,7 +15,6 @@ The records and the paper's Table-3 metric are in `codi.probe_metric`; plots and
 
 from __future__ import annotations
 
-import argparse
 import logging
 from collections.abc import Sequence
 
@@ -28,7 +27,6 @@ from .probe_metric import (
     ProbeRecord,
     TopK,
     as_number,
-    format_summary,
     reference_steps,
     summarize,
 )
@@ -151,6 +149,7 @@ def probe(
     if num_latent < 0:
         raise ValueError(f"num_latent must be >= 0, got {num_latent}")
     items = [_as_item(item) for item in records_or_questions]
+    items = _fitting(model, items, num_latent)
     decoder = _Decoder(model, top_k)
     norm = find_final_norm(model.hf_model) if logit_lens else None
     was_training = model.training
@@ -184,6 +183,18 @@ def probe(
     ]
 
 
+def _fitting(model, items: list, num_latent: int) -> list:
+    """The items whose question fits the model's positions with its latents; the others are dropped,
+    counted and named in a warning (a learned position table fails past its size)."""
+    from .generate import unfit_questions
+
+    unfit = unfit_questions(model, [question for question, _, _ in items], num_latent=num_latent)
+    if unfit:
+        first = next(iter(unfit.items()))
+        logger.warning("probe: %d question(s) skipped (first: #%d, %s)", len(unfit), first[0], first[1])
+    return [item for index, item in enumerate(items) if index not in unfit]
+
+
 def _make_record(index, item, positions, cosine, output, tokenizer) -> ProbeRecord:
     question, cot, gold = item
     record = ProbeRecord(
@@ -207,25 +218,7 @@ def _make_record(index, item, positions, cosine, output, tokenizer) -> ProbeReco
 
 
 # --------------------------------------------------------------------------------------------------
-# Command line
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="codi probe", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True, help="CODI checkpoint directory")
-    parser.add_argument("--data", required=True, help="ICoT .txt or GSM8k / {question,cot,answer} .jsonl")
-    parser.add_argument("--limit", type=int, default=None, help="probe the first N records")
-    parser.add_argument("--top_k", type=int, default=5)
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--after_projection", action="store_true", help="also decode the projected latents")
-    parser.add_argument("--logit_lens", action="store_true", help="also decode every layer (logit lens)")
-    parser.add_argument("--base_model", default=None, help="base model path for a LoRA checkpoint")
-    parser.add_argument("--num_latent", type=int, default=None, help="default: inf_latent_iterations")
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--max_new_tokens", type=int, default=256, help="answer tokens to generate")
-    parser.add_argument("--no_predict", action="store_true", help="skip generating the answers")
-    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    return parser
+# In one call
 
 
 def run_probe(
@@ -250,32 +243,3 @@ def run_probe(
     summary = {**(metadata or {}), **summarize(records)}
     summary["paths"] = write_report(records, summary, out_dir, title=title)
     return summary
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from .model import CODIModel
-    from .records import read_records
-
-    records = read_records(args.data)[: args.limit]
-    model = CODIModel.from_pretrained(args.model, base_model_name_or_path=args.base_model)
-    model.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    summary = run_probe(
-        model,
-        records,
-        args.output_dir,
-        title=f"CODI probe: {args.model} on {args.data}",
-        metadata={"model": args.model, "data": args.data},
-        top_k=args.top_k,
-        batch_size=args.batch_size,
-        num_latent=args.num_latent,
-        after_projection=args.after_projection,
-        logit_lens=args.logit_lens,
-        predict=not args.no_predict,
-        max_new_tokens=args.max_new_tokens,
-        progress=True,
-    )
-    print(format_summary(summary))
-    for name, path in summary["paths"].items():
-        print(f"{name}: {path}")
-    return 0

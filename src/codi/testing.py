@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
-
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
+
+from .demo.offline_models import random_causal_lm, save_model_and_tokenizer, train_tokenizer
 
 # Llama-3's pre-tokenizer pattern: digits in groups of up to 3, never glued to the space before them.
 LLAMA3_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -47,12 +47,8 @@ def make_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator((corpus or _CORPUS) * 4, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        bos_token="<|endoftext|>",
-        eos_token="<|endoftext|>",
-        unk_token="<|endoftext|>",
+    return train_tokenizer(
+        tokenizer, trainer, (corpus or _CORPUS) * 4, eos="<|endoftext|>", unk="<|endoftext|>"
     )
 
 
@@ -72,8 +68,6 @@ def make_model(
 
     `max_positions` 1024 (GPT-2's own) lets a preset's max_token_num 1000 run on the tiny tokenizer.
     """
-    from .offline_models import random_causal_lm
-
     return random_causal_lm(
         arch,
         vocab_size,
@@ -93,8 +87,4 @@ def save_tiny_model(directory: str, arch: str = "gpt2", style: str | None = None
     """Write a tiny model + tokenizer as an HF folder, usable as `--model_name_or_path`."""
     style = style or ("llama3" if arch == "llama" else "gpt2")
     tokenizer = make_tokenizer(style)
-    model = make_model(arch, len(tokenizer), **model_kwargs)
-    os.makedirs(directory, exist_ok=True)
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return save_model_and_tokenizer(directory, make_model(arch, len(tokenizer), **model_kwargs), tokenizer)

@@ -8,7 +8,7 @@ default (mod 10, `+`/`*`, 3 steps) is a family whose steps do not commute, so th
 intermediate values: a tiny model trained without a CoT stays near 20-30% (docs/demo.md).
 
     codi data synth --out data/synth --n_train 20000 --seed 0
-    from codi.synth import SynthConfig, make_splits
+    from codi.demo.synth import SynthConfig, make_splits
 
 Splits are disjoint by the underlying problem (start value and operations), not only by wording, so
 test accuracy measures generalisation and not a memorised problem under another name.
@@ -16,13 +16,11 @@ test accuracy measures generalisation and not a memorised problem under another 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import random
 import re
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 OPERATORS = ("+", "-", "*", "/")
@@ -53,23 +51,31 @@ class SynthConfig:
     no step loses information, and the answer cannot be guessed from part of the chain (with `* 2`
     or `* 5` mod 10 many chains collapse to a few values)."""
 
-    n_train: int = 20000
-    n_validation: int = 500
-    n_test: int = 1000
-    min_steps: int = 3
-    max_steps: int = 3
-    operators: str = "+*"
-    modulus: int | None = 10
-    start_max: int = 9
-    operand_max: int = 9
-    value_max: int = 999
-    wording: str = "varied"
-    invertible: bool = False
-    train_min_steps: int | None = None
-    seed: int = 0
-    splits: tuple[str, ...] = field(default=SPLITS, repr=False)
+    n_train: int = field(default=20000, metadata={"help": "Training records."})
+    n_validation: int = field(default=500, metadata={"help": "Validation records."})
+    n_test: int = field(default=1000, metadata={"help": "Test records."})
+    min_steps: int = field(default=3, metadata={"help": "Fewest operations per problem."})
+    max_steps: int = field(default=3, metadata={"help": "Most operations per problem (at most 8)."})
+    operators: str = field(default="+*", metadata={"help": "Operators drawn, a subset of '+-*/'."})
+    modulus: int | None = field(
+        default=10, metadata={"help": "Reduce every value modulo this (0 or None: plain arithmetic)."}
+    )
+    start_max: int = field(default=9, metadata={"help": "Largest start value."})
+    operand_max: int = field(default=9, metadata={"help": "Largest operand."})
+    value_max: int = field(default=999, metadata={"help": "Largest intermediate value without a modulus."})
+    wording: str = field(default="varied", metadata={"help": f"Question wording: {' | '.join(WORDINGS)}."})
+    invertible: bool = field(
+        default=False, metadata={"help": "Multipliers coprime with the modulus only (bijective steps)."}
+    )
+    train_min_steps: int | None = field(
+        default=None, metadata={"help": "Also shorter chains (down to this) in the training split."}
+    )
+    seed: int = field(default=0, metadata={"help": "Random seed."})
+    splits: tuple[str, ...] = field(default=SPLITS, repr=False, init=False)
 
     def __post_init__(self) -> None:
+        if self.modulus == 0:  # the command line's spelling of "no modulus"
+            self.modulus = None
         unknown = set(self.operators) - set(OPERATORS)
         if not self.operators or unknown:
             raise ValueError(
@@ -304,39 +310,3 @@ def write_splits(
 def synthesize(out_dir: str, config: SynthConfig) -> dict[str, str]:
     """Generate and write all splits; returns the `.txt` path of each split."""
     return write_splits(make_splits(config), out_dir, config)
-
-
-def _parser() -> argparse.ArgumentParser:
-    defaults = SynthConfig()
-    parser = argparse.ArgumentParser(prog="codi data synth", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="output folder (train/validation/test .txt and .jsonl)")
-    for name in ("n_train", "n_validation", "n_test", "min_steps", "max_steps", "start_max", "operand_max"):
-        parser.add_argument(f"--{name}", type=int, default=getattr(defaults, name))
-    parser.add_argument("--value_max", type=int, default=defaults.value_max, help="bound without modulus")
-    parser.add_argument("--operators", default=defaults.operators, help="subset of '+-*/'")
-    parser.add_argument("--modulus", type=int, default=defaults.modulus, help="0 for plain arithmetic")
-    parser.add_argument("--train_min_steps", type=int, default=None, help="shorter chains in train too")
-    parser.add_argument("--wording", choices=WORDINGS, default=defaults.wording)
-    parser.add_argument(
-        "--invertible",
-        action="store_true",
-        help="multipliers coprime with the modulus only (bijective steps)",
-    )
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`codi data synth --out DIR [...]`."""
-    argv = list(argv or [])
-    if not argv or argv[0] != "synth":
-        print("usage: codi data synth --out DIR [--n_train N --seed S ...]  (codi data synth --help)")
-        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
-    args = vars(_parser().parse_args(argv[1:]))
-    out_dir = args.pop("out")
-    args["modulus"] = args["modulus"] or None
-    config = SynthConfig(**args)
-    paths = synthesize(out_dir, config)
-    for name, path in paths.items():
-        print(f"{name}: {path}")
-    return 0

@@ -24,7 +24,6 @@ def build_tokenizer(texts: list[str]):
     """Word-level tokenizer: words (with a leading '▁' for the space), every digit and punctuation mark
     its own token, `<<`/`>>` kept whole; decoding restores the exact text, so answers parse."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.WordLevel(unk_token=UNK))
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
@@ -35,8 +34,18 @@ def build_tokenizer(texts: list[str]):
     )
     tokenizer.decoder = decoders.Metaspace(prepend_scheme="first")
     trainer = trainers.WordLevelTrainer(special_tokens=[UNK, EOS], show_progress=False)
-    tokenizer.train_from_iterator([_SYMBOLS, *texts], trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, bos_token=EOS, unk_token=UNK)
+    return train_tokenizer(tokenizer, trainer, [_SYMBOLS, *texts], eos=EOS, unk=UNK)
+
+
+def train_tokenizer(tokenizer, trainer, texts, *, eos: str, unk: str):
+    """Train a `tokenizers.Tokenizer` on `texts` and wrap it for transformers (bos = eos, as GPT-2).
+
+    The one path from a `tokenizers` model to a `PreTrainedTokenizerFast`: the demo's word-level
+    tokenizer and `codi.testing`'s BPE ones both go through it."""
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=eos, bos_token=eos, unk_token=unk)
 
 
 def random_causal_lm(
@@ -109,6 +118,11 @@ def build_base_model(
         special_token_id=tokenizer.eos_token_id,
         seed=seed,
     )
+    return save_model_and_tokenizer(directory, model, tokenizer)
+
+
+def save_model_and_tokenizer(directory: str, model, tokenizer) -> str:
+    """Save both HF-style in `directory` (created), so any command loads it as a model folder."""
     os.makedirs(directory, exist_ok=True)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)

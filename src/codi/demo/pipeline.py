@@ -1,8 +1,8 @@
 """`codi demo`: the offline end-to-end demonstration of CODI on data and a model it makes itself.
 
-1. synthetic GSM8k-Aug-style data (`codi.synth`): train / validation / test, disjoint by problem;
+1. synthetic GSM8k-Aug-style data (`codi.demo.synth`): train / validation / test, disjoint by problem;
 2. a word/digit-level tokenizer (`tokenizers` WordLevel, every digit its own token) and a small
-   GPT-2 from scratch (`codi.offline_models`), saved HF-style under `<out>/base` so every other
+   GPT-2 from scratch (`codi.demo.offline_models`), saved HF-style under `<out>/base` so every other
    command can load it;
 3. No-CoT-SFT and CODI trained with the same model size and the same number of steps;
 4. evaluation on the held-out test split: CODI in latent mode, the same CODI model in teacher CoT mode,
@@ -15,16 +15,15 @@ The presets are in `PRESETS`; docs/demo.md records every regime tried and why th
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import torch
 
-from .offline_models import ARCHS, build_base_model, export_smollm2
+from .offline_models import ARCHS, build_base_model
 from .synth import SynthConfig, make_splits, to_icot_line, write_splits
 
 logger = logging.getLogger(__name__)
@@ -111,8 +110,8 @@ def train_method(
     progress: bool = True,
 ):
     """Train one method from `base` for `max_steps` steps; returns the `TrainResult`."""
-    from .config import CODIDataArguments, CODIModelArguments, CODITrainingArguments
-    from .training import train
+    from ..config import CODIDataArguments, CODIModelArguments, CODITrainingArguments
+    from ..training import train
 
     model_args = CODIModelArguments(
         model_name_or_path=base,
@@ -184,8 +183,8 @@ class Row:
 
 def score(model, records: list[dict], mode: str, preset: Preset, name: str, timing_repeats: int = 3) -> Row:
     """Greedy answers for `records`; accuracy by `codi.scoring` (the rule `codi eval` uses)."""
-    from .generate import generate
-    from .scoring import extract_answer, is_correct, parse_gold
+    from ..generate import generate
+    from ..scoring import extract_answer, is_correct, parse_gold
 
     questions = [record["question"] for record in records]
     model.eval()
@@ -212,11 +211,8 @@ def score(model, records: list[dict], mode: str, preset: Preset, name: str, timi
 
 def run_probe(model, records: list[dict], out_dir: str) -> dict | None:
     """The latent probe (paper §5, Table 3) when `codi.probe` is installed; its summary, or None."""
-    try:
-        from .probe import run_probe as probe_and_report
-    except ImportError:
-        logger.info("codi.probe is not installed: skipping the latent probe")
-        return None
+    from ..probe import run_probe as probe_and_report
+
     try:
         summary = probe_and_report(
             model, records, out_dir, title="codi demo: latent probe", batch_size=100, max_new_tokens=64
@@ -314,16 +310,27 @@ def parse_overrides(items: list[str], preset: Preset) -> dict:
     return overrides
 
 
+DEMO_MARKER = ".codi-demo"  # written first into every demo folder: `--overwrite` deletes only those
+
+
 def fresh_out_dir(requested: str | None, overwrite: bool) -> str:
-    """A new folder per run (runs/demo-YYYYmmdd-HHMMSS), or the requested one if empty / --overwrite."""
+    """A new folder per run (runs/demo-YYYYmmdd-HHMMSS), or the requested one if empty; `--overwrite`
+    replaces a folder only when an earlier demo wrote it (its marker file), never anything else."""
     path = requested or time.strftime("runs/demo-%Y%m%d-%H%M%S")
-    if os.path.isdir(path) and os.listdir(path) and not overwrite:
-        raise FileExistsError(f"{path} exists and is not empty: pass --overwrite or another --out")
-    if os.path.isdir(path) and overwrite:
+    if os.path.isdir(path) and os.listdir(path):
+        if not overwrite:
+            raise FileExistsError(f"{path} exists and is not empty: pass --overwrite or another --out")
+        if not os.path.isfile(os.path.join(path, DEMO_MARKER)):
+            raise FileExistsError(
+                f"{path} was not written by codi demo (no {DEMO_MARKER} file): --overwrite refuses to delete it; "
+                "pass another --out"
+            )
         import shutil
 
         shutil.rmtree(path)
-    os.makedirs(path)
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, DEMO_MARKER), "w") as handle:
+        handle.write("written by codi demo; codi demo --overwrite may replace this folder\n")
     return path
 
 
@@ -407,7 +414,7 @@ def run_demo(preset: Preset, seed: int, out_dir: str, probe: bool = True, device
         timings["train_no_cot_s"] = time.perf_counter() - start
     no_cot = None
     if not preset.skip_no_cot:
-        from .model import CODIModel
+        from ..model import CODIModel
 
         no_cot = CODIModel.from_pretrained(no_cot_dir)
         if device == "cuda":
@@ -472,30 +479,3 @@ def run_demo(preset: Preset, seed: int, out_dir: str, probe: bool = True, device
         print(f"  [{'x' if ok else ' '}] {claim}")
     print(f"wall time {timings['total_s'] / 60:.1f} min; results.json and results.png in {out_dir}")
     return result
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="codi demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None, help="output folder (default: a fresh runs/demo-<time>)")
-    parser.add_argument("--overwrite", action="store_true", help="reuse --out, deleting what is in it")
-    parser.add_argument("--no_probe", action="store_true", help="skip the latent probe")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to train")
-    parser.add_argument(
-        "--export_smollm2",
-        metavar="DIR",
-        help="only de-quantise the offline SmolLM2-135M-Instruct into DIR (for configs/smollm2_synthetic.yaml)",
-    )
-    parser.add_argument(
-        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="override preset fields, e.g. num_latent=6"
-    )
-    args = parser.parse_args(argv)
-    if args.export_smollm2:
-        print(f"SmolLM2-135M-Instruct written to {export_smollm2(args.export_smollm2)}")
-        return 0
-    preset = PRESETS[args.preset]
-    preset = replace(preset, **parse_overrides(args.set, preset))
-    out_dir = fresh_out_dir(args.out, args.overwrite)
-    run_demo(preset, args.seed, out_dir, probe=not args.no_probe, device=args.device)
-    return 0

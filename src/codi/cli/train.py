@@ -1,0 +1,69 @@
+"""`codi train`: model, data and training arguments (`codi.config`) -> `train` -> the saved model."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from .args import UsageError, unknown_name_error
+
+logger = logging.getLogger(__name__)
+
+_UNCHECKED = {"none", "all", "flyte"}  # transformers has no availability check for flyte
+
+
+def check_reporting(report_to: list[str] | str | None) -> None:
+    """Refuse a `--report_to` integration that is unknown or not installed, before any model loads
+    (the Trainer would fail only after loading the model, with a traceback)."""
+    from transformers.integrations import get_available_reporting_integrations
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    requested = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    available = set(get_available_reporting_integrations())
+    for name in requested:
+        if name not in INTEGRATION_TO_CALLBACK and name not in _UNCHECKED:
+            raise unknown_name_error(name, "--report_to", INTEGRATION_TO_CALLBACK)
+        if name not in available and name not in _UNCHECKED:
+            raise UsageError(
+                f"--report_to {name}: {name} is not installed (or not configured): install it, "
+                "or pass --report_to none"
+            )
+
+
+def ineffective_settings(model_args, training_args) -> list[str]:
+    """Settings that another setting makes ineffective (each is logged as a warning; the run goes on)."""
+    import torch
+
+    notes = []
+    defaults = {f.name: f.default for f in dataclasses.fields(model_args)}
+    lora = [
+        name
+        for name in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+        if getattr(model_args, name) != defaults[name]
+    ]
+    if not model_args.use_lora and lora:
+        notes.append(f"{', '.join(lora)} ignored: use_lora is False (full fine-tuning)")
+    if model_args.fix_attn_mask and not model_args.reference_compat:
+        notes.append("fix_attn_mask has no effect without reference_compat")
+    has_gpu = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+    if training_args.fp16 and (training_args.use_cpu or not has_gpu):
+        notes.append("fp16 has no effect on the CPU (the run is float32): use --bf16 True for CPU autocast")
+    return notes
+
+
+def main(argv: list[str]) -> int:
+    from ..config import parse_args
+    from ..distributed import close_process_group
+
+    model_args, data_args, training_args = parse_args(argv)
+    check_reporting(training_args.report_to)
+    for note in ineffective_settings(model_args, training_args):
+        logger.warning(note)
+    from ..training import train
+
+    result = train(model_args, data_args, training_args)
+    if result.trainer.is_world_process_zero():
+        print({key: value for key, value in result.metrics.items() if isinstance(value, (int, float))})
+        print(f"model saved to {training_args.output_dir}")
+    close_process_group()
+    return 0
