@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .records import DataError, parse_icot_line, read_json_rows
+from .records import DataError, load_hub_dataset, named_decode_errors, parse_icot_line, read_json_rows
 from .scoring import parse_gold
 
 logger = logging.getLogger(__name__)
@@ -191,7 +191,7 @@ def _read_rows(path: str) -> list[tuple[dict, str]]:
     """Rows of a `.jsonl`, `.json` (array) or ICoT `.txt` file, each with its file:line / file[index]."""
     rows: list[tuple[dict, str]] = []
     if path.endswith(".txt"):
-        with open(path, encoding="utf-8") as handle:
+        with open(path, encoding="utf-8-sig") as handle, named_decode_errors(path):
             for number, line in enumerate(handle, start=1):
                 if line.strip():
                     where = f"{path}:{number}"
@@ -220,6 +220,8 @@ def load_eval_set(name: str, path: str | None = None, limit: int | None = None) 
                 f"{spec.hub_id})"
             )
         rows = _read_rows(file_path)
+        if not rows:
+            raise DataError(f"{file_path}: no items (the file is empty or holds only blank lines / [])")
     else:
         rows = _hub_rows(spec)
     if limit is not None:
@@ -241,11 +243,9 @@ def load_eval_set(name: str, path: str | None = None, limit: int | None = None) 
 
 
 def _hub_rows(spec: EvalSetSpec) -> list[tuple[dict, str]]:
-    import datasets
-
     rows = []
     for split in spec.hub_splits:
-        args = (spec.hub_id, spec.hub_config) if spec.hub_config else (spec.hub_id,)
-        dataset = datasets.load_dataset(*args, split=split)
+        config = (spec.hub_config,) if spec.hub_config else ()
+        dataset = load_hub_dataset(spec.hub_id, *config, split=split)
         rows.extend((dict(row), f"{spec.hub_id}[{split}][{index}]") for index, row in enumerate(dataset))
     return rows

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from . import hub
 from .config import CODIModelArguments
 
 BOT_TOKEN, EOT_TOKEN, PAD_TOKEN = "<bot>", "<eot>", "<pad>"
@@ -60,15 +61,21 @@ def load_base_model(args: CODIModelArguments, path: str | None = None):
 
 
 def _load_or_explain(loader, what: str, source: str, kwargs: dict):
-    """Call an HF `from_pretrained`, turning 'not found / hub unreachable' into one clear error."""
+    """Call an HF `from_pretrained`, turning 'not found / hub unreachable' into one clear error.
+    A hub id is loaded after one reachability check (codi.hub): offline, from the cache at once."""
+    hub.prepare_hub_access(source)
     try:
-        return loader(source, **kwargs)
+        loaded = loader(source, **kwargs)
     except OSError as error:
+        if not hub.is_local(source) and hub.offline_reason():
+            raise ModelLoadError(hub.offline_message(what, source)) from error
         where = "local directory" if os.path.isdir(source) else "hub id (or missing local path)"
         raise ModelLoadError(
             f"cannot load the {what} from {source!r} ({where}): {str(error).splitlines()[0]} "
             "Pass an existing local directory, or a hub id with network access or a filled HF cache."
         ) from error
+    hub.note_cache_use(what, source)
+    return loaded
 
 
 def add_special_tokens(tokenizer) -> tuple[int, int, int]:

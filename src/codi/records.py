@@ -8,8 +8,11 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+
+from . import hub
 
 HUB_ALIASES = {
     "icot": "zen-E/GSM8k-Aug",
@@ -21,6 +24,34 @@ _GSM8K_ANNOTATION = re.compile(r"<<([^<>]*)>>")
 
 class DataError(ValueError):
     """A record that cannot be read; the message names the source and the line or index."""
+
+
+@contextmanager
+def named_decode_errors(path: str) -> Iterator[None]:
+    """Turn a `UnicodeDecodeError` while reading `path` into a DataError naming the file and line."""
+    try:
+        yield
+    except UnicodeDecodeError as error:
+        raise decode_error(path, error) from error
+
+
+def decode_error(path: str, error: UnicodeDecodeError) -> DataError:
+    """`path:line: not UTF-8 ...`. The error's offset is relative to the chunk the reader decoded, so
+    the whole file is decoded once more to find the absolute byte offset, hence the line."""
+    with open(path, "rb") as handle:
+        raw = handle.read()
+    offset = error.start
+    try:
+        raw.decode("utf-8-sig")
+    except UnicodeDecodeError as whole:
+        offset = whole.start + (3 if raw.startswith(b"\xef\xbb\xbf") else 0)
+    line = raw.count(b"\n", 0, offset) + 1
+    column = offset - raw.rfind(b"\n", 0, offset)
+    byte = raw[offset : offset + 1].hex() or "??"
+    return DataError(
+        f"{path}:{line}: not UTF-8 text (byte 0x{byte} at byte {column} of the line); re-encode the file "
+        "as UTF-8, e.g. `iconv -f latin1 -t utf-8 OLD > NEW`"
+    )
 
 
 @dataclass
@@ -90,7 +121,7 @@ def read_json_rows(path: str) -> list[tuple[object, str]]:
     """Items of a `.jsonl` file or a `.json` array, each with where it stands (`file:line` / `file[i]`)."""
     if path.endswith(".jsonl"):
         rows = []
-        with open(path, encoding="utf-8") as handle:
+        with open(path, encoding="utf-8-sig") as handle, named_decode_errors(path):
             for number, line in enumerate(handle, start=1):
                 if not line.strip():
                     continue
@@ -100,7 +131,7 @@ def read_json_rows(path: str) -> list[tuple[object, str]]:
                 except json.JSONDecodeError as error:
                     raise DataError(f"{where}: invalid JSON: {error.msg}") from error
         return rows
-    with open(path, encoding="utf-8") as handle:
+    with open(path, encoding="utf-8-sig") as handle, named_decode_errors(path):
         try:
             items = json.load(handle)
         except json.JSONDecodeError as error:
@@ -111,28 +142,45 @@ def read_json_rows(path: str) -> list[tuple[object, str]]:
 
 
 def read_records(path: str) -> list[RawRecord]:
-    """Read a local file: ICoT `.txt`, `.jsonl` ({question, cot, answer} or GSM8k), or a `.json` array."""
+    """Read a local file: ICoT `.txt`, `.jsonl` ({question, cot, answer} or GSM8k), or a `.json` array.
+    UTF-8 (a byte-order mark is allowed); an empty file is an error naming it."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"data file not found: {path}")
     if path.endswith(".txt"):
-        with open(path, encoding="utf-8") as handle:
-            return [
+        with open(path, encoding="utf-8-sig") as handle, named_decode_errors(path):
+            records = [
                 parse_icot_line(line.rstrip("\n"), f"{path}:{number}")
                 for number, line in enumerate(handle, start=1)
                 if line.strip()
             ]
-    if path.endswith((".jsonl", ".json")):
-        return [_json_record(item, where) for item, where in read_json_rows(path)]
-    raise DataError(f"{path}: unknown data format (expected .txt, .jsonl or .json)")
+    elif path.endswith((".jsonl", ".json")):
+        records = [_json_record(item, where) for item, where in read_json_rows(path)]
+    else:
+        raise DataError(f"{path}: unknown data format (expected .txt, .jsonl or .json)")
+    if not records:
+        raise DataError(f"{path}: no records (the file is empty or holds only blank lines / an empty array)")
+    return records
 
 
 def load_hub_records(name: str, split: str = "train") -> list[RawRecord]:
     """Records of a hub dataset with `question`, `cot`, `answer` columns (needs network or the HF cache)."""
+    dataset_id = HUB_ALIASES.get(name, name)
+    dataset = load_hub_dataset(dataset_id, split=split)
+    return [_json_record(dict(row), f"{dataset_id}[{split}][{index}]") for index, row in enumerate(dataset)]
+
+
+def load_hub_dataset(dataset_id: str, *config: str, split: str):
+    """`datasets.load_dataset` after one hub reachability check (codi.hub): when the hub is unreachable,
+    from the cache at once, or one line naming the dataset instead of a minute of retries."""
+    hub.prepare_hub_access(dataset_id)
     import datasets
 
-    dataset_id = HUB_ALIASES.get(name, name)
-    dataset = datasets.load_dataset(dataset_id, split=split)
-    return [_json_record(dict(row), f"{dataset_id}[{split}][{index}]") for index, row in enumerate(dataset)]
+    try:
+        return datasets.load_dataset(dataset_id, *config, split=split)
+    except (ConnectionError, FileNotFoundError) as error:
+        if hub.offline_reason():
+            raise hub.OfflineError(hub.offline_message("dataset", dataset_id)) from error
+        raise
 
 
 def load_records(source: str, split: str = "train") -> list[RawRecord]:

@@ -9,9 +9,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from typing import Any
 
 import torch
+
+from . import hub
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -51,6 +54,7 @@ def _download(repo_id: str, revision: str | None) -> list[str]:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError
 
+    hub.prepare_hub_access(repo_id)  # unreachable: the cache only, at once (no minute of retries)
     errors = []
     local_only = False  # once the hub is unreachable, only look in the cache (no retries per file)
     for name in WEIGHT_FILES + INDEX_FILES:
@@ -81,19 +85,63 @@ def _download(repo_id: str, revision: str | None) -> list[str]:
 
 
 def read_state_dict(files: list[str]) -> dict[str, torch.Tensor]:
-    """All tensors of the checkpoint file(s); `.bin` files are unpickled with `weights_only=True`."""
+    """All tensors of the checkpoint file(s); `.bin` files are unpickled with `weights_only=True`.
+    A file that is truncated, corrupt or holds objects other than tensors: one-line ValueError naming it."""
     state: dict[str, torch.Tensor] = {}
     for path in files:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            part = load_file(path)
-        else:
-            part = torch.load(path, map_location="cpu", weights_only=True)
-            if not isinstance(part, dict) or not all(isinstance(v, torch.Tensor) for v in part.values()):
-                raise ValueError(f"{path}: expected a state dict of tensors, got {type(part).__name__}")
+        part = _read_safetensors(path) if path.endswith(".safetensors") else _read_bin(path)
+        if not isinstance(part, dict) or not all(isinstance(v, torch.Tensor) for v in part.values()):
+            raise ValueError(f"{path}: expected a state dict of tensors, got {type(part).__name__}")
         state.update(part)
     return state
+
+
+def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except SafetensorError as error:
+        raise ValueError(f"{path}: truncated or corrupt safetensors file ({_first_line(error)})") from error
+
+
+def _read_bin(path: str):
+    import pickle
+
+    try:
+        with warnings.catch_warnings():
+            # a plain `pickle.dump` (protocol 4) draws a warning before the refusal below says more
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        # torch's message suggests `weights_only=False`, i.e. running whatever the file holds: never
+        # relay it (hence `from None`); say what the file is instead.
+        detail = _refusal_detail(str(error))
+        with open(path, "rb") as handle:
+            is_pickle = handle.read(1) == b"\x80"  # the PROTO opcode every pickle since protocol 2 opens with
+        if not (detail.startswith("GLOBAL") or (is_pickle and detail.startswith("Unsupported"))):
+            raise ValueError(f"{path}: truncated or corrupt PyTorch file ({detail})") from None
+        raise ValueError(
+            f"{path}: holds objects other than tensors ({detail}), unsafe to unpickle: not loaded. "
+            "Use a .safetensors copy of the checkpoint, or re-save its tensors where the source is trusted"
+        ) from None
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError) as error:
+        raise ValueError(f"{path}: truncated or corrupt PyTorch file ({_first_line(error)})") from error
+
+
+def _refusal_detail(message: str) -> str:
+    """The safe unpickler's reason, e.g. 'GLOBAL argparse.Namespace' or 'Unsupported operand 149'."""
+    found = re.search(r"GLOBAL [\w.]+", message)
+    if found:
+        return found[0]
+    reason = message.rpartition("WeightsUnpickler error:")[2].strip().splitlines()
+    return reason[0] if reason else "refused by the safe unpickler"
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def normalize_reference_keys(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
