@@ -10,7 +10,8 @@ import pytest
 
 from codi.cli.demo import main
 from codi.demo.offline_models import build_tokenizer
-from codi.demo.pipeline import DEMO_MARKER, PRESETS, claim_check, fresh_out_dir, run_demo
+from codi.demo.pipeline import DEMO_MARKER, claim_check, fresh_out_dir, run_demo
+from codi.demo.presets import PRESETS
 from codi.demo.synth import SynthConfig, make_splits, to_icot_line
 
 

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from codi import demo, scoring
 from codi import evaluate as evaluate_module
 from codi import probe as probe_module
+from codi import scoring
+from codi.demo import pipeline as demo
 from codi.eval_data import EvalItem
 from codi.evaluate import evaluate
 from codi.generate import generate

@@ -33,7 +33,6 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -45,6 +44,7 @@ from .reference_weights import (
     LM_PREFIX,
     LORA_KEY,
     PRJ_PREFIX,
+    ConversionReport,
     inspect_reference_state,
     normalize_reference_keys,
     read_state_dict,
@@ -66,51 +66,6 @@ KNOWN_CHECKPOINTS: dict[str, dict[str, Any]] = {
     # non-Instruct base, whose frozen weights differ: the base-weight check below catches that.
     "zen-E/CODI-llama3.2-1b-Instruct": {"base_model": "meta-llama/Llama-3.2-1B-Instruct", "lora_alpha": 32},
 }
-
-
-@dataclass
-class ConversionReport:
-    """What the loader did with every tensor of a reference checkpoint."""
-
-    source: list[str]
-    base_model: str
-    use_lora: bool
-    inferred: dict[str, Any] = field(default_factory=dict)
-    loaded: int = 0
-    unused_keys: list[str] = field(default_factory=list)
-    ignored_buffers: list[str] = field(default_factory=list)
-    missing_keys: list[str] = field(default_factory=list)
-    token_rows: dict[str, list[int]] = field(default_factory=dict)
-    unused_rows: list[int] = field(default_factory=list)
-    base_mismatch: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def summary(self) -> str:
-        lines = [
-            f"reference checkpoint {', '.join(self.source)} -> base {self.base_model} "
-            f"({'LoRA' if self.use_lora else 'full fine-tuning'})",
-            f"  inferred from the weights: {self.inferred}",
-            f"  tensors loaded: {self.loaded}",
-            "  special-token rows (reference row -> our id): "
-            + ", ".join(f"{name} {rows[0]} -> {rows[1]}" for name, rows in self.token_rows.items()),
-            f"  unused checkpoint keys ({len(self.unused_keys)}): {self.unused_keys}",
-            f"  ignored buffers ({len(self.ignored_buffers)}): {self.ignored_buffers[:4]}"
-            + (" ..." if len(self.ignored_buffers) > 4 else ""),
-            f"  model keys not in the checkpoint, kept from the base model ({len(self.missing_keys)}): "
-            f"{self.missing_keys}",
-        ]
-        if self.unused_rows:
-            lines.append(f"  reference embedding rows not used by this tokenizer: {self.unused_rows}")
-        if self.base_mismatch:
-            lines.append(
-                f"  frozen weights that differ from the base model ({len(self.base_mismatch)}): "
-                f"{self.base_mismatch[:5]}" + (" ..." if len(self.base_mismatch) > 5 else "")
-            )
-        lines.extend(f"  note: {note}" for note in self.notes)
-        return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -217,6 +172,13 @@ def load_reference_checkpoint(
     _load_lm(model, state, report, tokenizer_had_pad)
     _load_projection(model, state, report)
     report.unused_keys = sorted(report.unused_keys)
+    _check_and_log(report, strict)
+    model.conversion_report = report
+    model.eval()
+    return model
+
+
+def _check_and_log(report: ConversionReport, strict: bool) -> None:
     if strict and (report.unused_keys or report.missing_keys):
         raise ValueError(f"strict loading failed:\n{report.summary()}")
     for line in report.summary().splitlines():
@@ -232,12 +194,9 @@ def load_reference_checkpoint(
             "%d frozen weight(s) of the checkpoint differ from %s: is it the base model the checkpoint was "
             "trained from? (first: %s)",
             len(report.base_mismatch),
-            base_model,
+            report.base_model,
             report.base_mismatch[0],
         )
-    model.conversion_report = report
-    model.eval()
-    return model
 
 
 def _embedding_keys(model: CODIModel) -> tuple[str, str | None, bool]:

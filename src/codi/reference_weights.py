@@ -6,10 +6,12 @@ variants of the layout, and the settings the weights alone tell (LoRA rank and t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import warnings
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -190,3 +192,48 @@ def inspect_reference_state(state: dict[str, torch.Tensor]) -> dict[str, Any]:
         info["prj_dim"] = state[f"{PRJ_PREFIX}1.weight"].shape[0]
     info["prj_no_ln"] = f"{PRJ_PREFIX}ln.weight" not in state
     return info
+
+
+@dataclass
+class ConversionReport:
+    """What the loader did with every tensor of a reference checkpoint."""
+
+    source: list[str]
+    base_model: str
+    use_lora: bool
+    inferred: dict[str, Any] = field(default_factory=dict)
+    loaded: int = 0
+    unused_keys: list[str] = field(default_factory=list)
+    ignored_buffers: list[str] = field(default_factory=list)
+    missing_keys: list[str] = field(default_factory=list)
+    token_rows: dict[str, list[int]] = field(default_factory=dict)
+    unused_rows: list[int] = field(default_factory=list)
+    base_mismatch: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def summary(self) -> str:
+        lines = [
+            f"reference checkpoint {', '.join(self.source)} -> base {self.base_model} "
+            f"({'LoRA' if self.use_lora else 'full fine-tuning'})",
+            f"  inferred from the weights: {self.inferred}",
+            f"  tensors loaded: {self.loaded}",
+            "  special-token rows (reference row -> our id): "
+            + ", ".join(f"{name} {rows[0]} -> {rows[1]}" for name, rows in self.token_rows.items()),
+            f"  unused checkpoint keys ({len(self.unused_keys)}): {self.unused_keys}",
+            f"  ignored buffers ({len(self.ignored_buffers)}): {self.ignored_buffers[:4]}"
+            + (" ..." if len(self.ignored_buffers) > 4 else ""),
+            f"  model keys not in the checkpoint, kept from the base model ({len(self.missing_keys)}): "
+            f"{self.missing_keys}",
+        ]
+        if self.unused_rows:
+            lines.append(f"  reference embedding rows not used by this tokenizer: {self.unused_rows}")
+        if self.base_mismatch:
+            lines.append(
+                f"  frozen weights that differ from the base model ({len(self.base_mismatch)}): "
+                f"{self.base_mismatch[:5]}" + (" ..." if len(self.base_mismatch) > 5 else "")
+            )
+        lines.extend(f"  note: {note}" for note in self.notes)
+        return "\n".join(lines)

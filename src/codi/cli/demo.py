@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from ..demo.pipeline import PRESETS
+from ..demo.presets import PRESETS
 from .args import UsageError, parse
 
 PresetName = Literal[tuple(PRESETS)]
@@ -34,7 +34,8 @@ def main(argv: list[str]) -> int:
     if any(token.split("=")[0] == "--export_smollm2" for token in argv):
         raise UsageError("`codi demo --export_smollm2 DIR` is now `codi export-smollm2 --output_dir DIR`")
     (args,) = parse("codi demo", (DemoArguments,), argv)
-    from ..demo.pipeline import fresh_out_dir, parse_overrides, run_demo
+    from ..demo.pipeline import fresh_out_dir, run_demo
+    from ..demo.presets import parse_overrides
 
     preset = PRESETS[args.preset]
     preset = replace(preset, **parse_overrides(args.set, preset))  # bad fields fail before any work

@@ -23,79 +23,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .offline_models import ARCHS, build_base_model
+from .offline_models import build_base_model
+from .presets import Preset
 from .synth import SynthConfig, make_splits, to_icot_line, write_splits
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Preset:
-    """Everything a demo run depends on (seed excepted)."""
-
-    # data
-    steps: int = 3
-    operators: str = "+*"
-    modulus: int = 10
-    wording: str = "uniform"  # every step at the same token position (see synth.question_of)
-    invertible: bool = False  # multipliers coprime with the modulus only (see SynthConfig)
-    train_min_steps: int = 0  # 0: train on `steps`-step chains only
-    n_train: int = 20000
-    n_test: int = 500
-    n_validation: int = 200
-    # model trained from scratch: "gpt2" (learned absolute positions) or "llama" (rotary positions)
-    arch: str = "gpt2"
-    n_layer: int = 4
-    n_embd: int = 64
-    n_head: int = 4
-    # training; both methods get `steps_budget` optimiser steps (CODI's include its CoT warm-up)
-    steps_budget: int = 2400
-    cot_warmup_steps: int = 400
-    batch_size: int = 32
-    learning_rate: float = 3e-3
-    num_latent: int = 4
-    # 0.25, not the paper's GPT-2 value 1: stronger distillation slowed both modes of these small
-    # from-scratch models in every regime measured (docs/demo.md)
-    distill_factor: float = 0.25
-    distill_loss_type: str = "smooth_l1"
-    distill_div_std: bool = True
-    ref_loss_factor: float = 1.0
-    # NOT part of the paper: step supervision of the latents (losses.latent_step_ce); 0 = the paper's
-    # objective. Without it the from-scratch student never learned to carry the steps (docs/demo.md).
-    latent_step_factor: float = 1.0
-    eval_batch_size: int = 250
-    parallel: bool = True  # train No-CoT-SFT in a second process while CODI trains
-    skip_no_cot: bool = False  # exploration only: the demo's table needs the No-CoT baseline
-
-    def __post_init__(self) -> None:
-        if self.arch not in ARCHS:
-            raise ValueError(f"preset field arch must be one of {ARCHS}, got {self.arch!r}")
-
-
-PRESETS = {
-    # Sized to finish in <= 15 min on the shared 2-core machine (see docs/demo.md for the measurements).
-    "default": Preset(),
-    # The paper's objective alone (no step supervision, distillation factor 1) on the same data,
-    # model and budget: the comparison that shows what the step supervision adds.
-    "paper": Preset(latent_step_factor=0.0, distill_factor=1.0),
-    # The same model and data, 2.5x the steps.
-    "long": Preset(steps_budget=6000, cot_warmup_steps=1000),
-    "smoke": Preset(
-        n_train=400,
-        n_test=40,
-        n_validation=20,
-        n_layer=1,
-        n_embd=32,
-        n_head=2,
-        steps_budget=4,
-        cot_warmup_steps=2,
-        parallel=False,
-    ),
-}
-
-
-# --------------------------------------------------------------------------------------------------
-# Training
 
 
 def train_method(
@@ -284,30 +216,6 @@ def save_chart(rows: list[Row], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def parse_overrides(items: list[str], preset: Preset) -> dict:
-    """`--set KEY=VALUE ...` as typed preset fields; a bad key or value names itself."""
-    overrides = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if key not in Preset.__dataclass_fields__ or not sep:
-            raise ValueError(
-                f"--set {item!r}: unknown preset field (expected KEY=VALUE, KEY one of "
-                f"{sorted(Preset.__dataclass_fields__)})"
-            )
-        kind = type(getattr(preset, key))
-        if kind is bool:
-            if value.lower() not in ("1", "true", "yes", "0", "false", "no"):
-                raise ValueError(f"--set {item!r}: {key} takes true or false")
-            overrides[key] = value.lower() in ("1", "true", "yes")
-            continue
-        try:
-            overrides[key] = kind(value)
-        except ValueError:
-            article = "an" if kind is int else "a"
-            raise ValueError(f"--set {item!r}: {key} takes {article} {kind.__name__}") from None
-    return overrides
 
 
 DEMO_MARKER = ".codi-demo"  # written first into every demo folder: `--overwrite` deletes only those
