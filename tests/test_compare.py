@@ -10,7 +10,7 @@ import random
 from pathlib import Path
 
 import pytest
-from codi.synth import SynthConfig, make_splits
+from codi.demo.synth import SynthConfig, make_splits
 
 from codi.compare import METHODS, Budget, MethodUnavailable, ModelSpec, compare
 from codi.compare_methods import icot_step_schedule

@@ -42,8 +42,10 @@ from .compare_methods import (
     training_arguments,
 )
 from .compare_report import RunRecord, aggregate, format_table, save_chart, write_results
-from .data import answer_value, read_records
-from .eval_data import EvalItem, parse_gold
+from .data import answer_value
+from .eval_data import EvalItem
+from .records import read_records
+from .scoring import parse_gold
 
 logger = logging.getLogger(__name__)
 __all__ = [
@@ -82,8 +84,8 @@ def prepare_base(spec: ModelSpec, train_file: str, directory: str, seed: int) ->
     word/digit tokenizer is built from the training file (saved in `directory`)."""
     if spec.path is not None:
         return spec.path
-    from .offline_models import build_base_model
-    from .synth import to_icot_line
+    from .demo.offline_models import build_base_model
+    from .demo.synth import to_icot_line
 
     texts = [
         to_icot_line({"question": r.question, "cot": r.cot, "answer": r.answer})
@@ -256,7 +258,7 @@ TABLE1_BUDGET = Budget(
 def synthetic_data(out_dir: str, synth=None) -> dict[str, str]:
     """Write the demo's data (default: its default preset's: 3-step mod-10 chains, uniform wording,
     20000 / 200 / 500 records, data seed 0) into `out_dir`; returns the `.txt` path of each split."""
-    from .synth import SynthConfig, synthesize
+    from .demo.synth import SynthConfig, synthesize
 
     config = synth or SynthConfig(
         n_train=20000, n_validation=200, n_test=500, min_steps=3, max_steps=3, wording="uniform", seed=0

@@ -13,8 +13,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .config import CODIDataArguments, CODIModelArguments, CODITrainingArguments
-from .data import process_cot, read_records
+from .data import process_cot
 from .eval_data import EvalItem
+from .records import read_records
 
 
 class MethodUnavailable(ValueError):
