@@ -10,11 +10,11 @@ import random
 from pathlib import Path
 
 import pytest
-from codi.demo.synth import SynthConfig, make_splits
 
 from codi.compare import METHODS, Budget, MethodUnavailable, ModelSpec, compare
 from codi.compare_methods import icot_step_schedule
 from codi.compare_report import t_interval, wilson_interval
+from codi.demo.synth import SynthConfig, make_splits
 
 TINY = ModelSpec(n_layer=1, n_embd=16, n_head=2, num_latent=2)
 
