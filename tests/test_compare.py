@@ -184,3 +184,18 @@ def test_a_pretrained_model_the_user_names_with_lora_and_a_cot_warmup(tmp_path, 
     assert result.rows[0].n == 4 and result.runs[0].cot_warmup_s > 0
     saved = json.loads((tmp_path / "out" / "seed0" / "codi" / "codi_config.json").read_text())
     assert saved["model_args"]["use_lora"] and saved["model_args"]["model_name_or_path"].endswith("merged")
+
+
+def test_codi_compare_command_on_a_user_jsonl_pair(tmp_path, capsys):
+    from codi import cli
+
+    paths = write_pair(tmp_path, n_train=32, n_test=6)
+    argv = ["compare", "--train_file", paths["train"], "--test_file", paths["test"]]
+    argv += ["--methods", "cot_sft,no_cot_sft", "--max_steps", "3", "--batch_size", "8", "--seeds", "0"]
+    argv += ["--n_layer", "1", "--n_embd", "16", "--n_head", "2", "--out_dir", str(tmp_path / "out")]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "CoT-SFT" in printed and "No-CoT-SFT" in printed
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [row["method"] for row in saved["rows"]] == ["cot_sft", "no_cot_sft"]
+    assert all(row["n"] == 6 for row in saved["rows"])

@@ -160,7 +160,11 @@ def save_chart(rows: Sequence[Row], path: str, title: str = "") -> None:
     fig, axes = plt.subplots(1, 4, figsize=(15, 3.8))
     names = [row.label for row in rows]
     positions = range(len(rows))
-    errors = [[row.accuracy - row.ci_low for row in rows], [row.ci_high - row.accuracy for row in rows]]
+    # clipped at 0: an interval bound equal to the accuracy can land a rounding error below it
+    errors = [
+        [max(0.0, row.accuracy - row.ci_low) for row in rows],
+        [max(0.0, row.ci_high - row.accuracy) for row in rows],
+    ]
     panels = (
         ("accuracy % (95% CI)", [row.accuracy for row in rows], errors),
         ("positions decoded per answer", [row.positions_per_answer for row in rows], None),

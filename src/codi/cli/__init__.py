@@ -33,6 +33,9 @@ COMMANDS: dict[str, Command] = {
     "export-smollm2": Command(
         "demo:export_smollm2", "de-quantise the offline SmolLM2-135M-Instruct into an HF folder"
     ),
+    "compare": Command(
+        "compare:main", "train several methods (CODI, Coconut, iCoT, CoT-SFT, No-CoT) alike; one table"
+    ),
     "data synth": Command("data:synth", "write synthetic GSM8k-Aug-style data (train / validation / test)"),
     "explore": Command("explore:main", "a local web page to look inside a checkpoint's latent thoughts"),
     "lm-eval": Command(

@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .offline_models import build_base_model
-from .presets import Preset
-from .synth import SynthConfig, make_splits, to_icot_line, write_splits
+from .presets import Preset, synth_config
+from .synth import make_splits, to_icot_line, write_splits
 
 logger = logging.getLogger(__name__)
 
@@ -259,19 +259,7 @@ def run_demo(preset: Preset, seed: int, out_dir: str, probe: bool = True, device
     torch.set_num_threads(1)
     wall = time.perf_counter()
     stages = tqdm(total=5, desc="codi demo", unit="stage", position=0)
-    config = SynthConfig(
-        n_train=preset.n_train,
-        n_validation=preset.n_validation,
-        n_test=preset.n_test,
-        min_steps=preset.steps,
-        max_steps=preset.steps,
-        operators=preset.operators,
-        modulus=preset.modulus or None,
-        wording=preset.wording,
-        invertible=preset.invertible,
-        train_min_steps=preset.train_min_steps or None,
-        seed=seed,
-    )
+    config = synth_config(preset, seed)
     splits = make_splits(config)
     paths = write_splits(splits, os.path.join(out_dir, "data"), config)
     base = build_base_model(

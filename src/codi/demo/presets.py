@@ -99,3 +99,22 @@ def parse_overrides(items: list[str], preset: Preset) -> dict:
             article = "an" if kind is int else "a"
             raise ValueError(f"--set {item!r}: {key} takes {article} {kind.__name__}") from None
     return overrides
+
+
+def synth_config(preset: Preset, seed: int):
+    """The synthetic data of a preset: its chains, wording and split sizes, drawn with `seed`."""
+    from .synth import SynthConfig
+
+    return SynthConfig(
+        n_train=preset.n_train,
+        n_validation=preset.n_validation,
+        n_test=preset.n_test,
+        min_steps=preset.steps,
+        max_steps=preset.steps,
+        operators=preset.operators,
+        modulus=preset.modulus or None,
+        wording=preset.wording,
+        invertible=preset.invertible,
+        train_min_steps=preset.train_min_steps or None,
+        seed=seed,
+    )
