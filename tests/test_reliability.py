@@ -11,6 +11,7 @@ from test_train import logged, quick_args
 from transformers import TrainerCallback
 
 from codi.checkpoint import CheckpointError
+from codi.config import CODIModelArguments
 from codi.data import build_dataset
 from codi.model import CODIModel
 from codi.records import DataError, RawRecord
@@ -247,3 +248,63 @@ def test_probe_skips_questions_longer_than_the_model(make_model, caplog):
         records = probe(model, [RECORDS[0].question, long_question], predict=False)
     assert [record.question for record in records] == [RECORDS[0].question]
     assert "1 question(s) skipped" in caplog.text
+
+
+def test_moved_base_model_names_the_recorded_path_and_base_model_flag(make_model, tmp_path):
+    base = tmp_path / "base"
+    save_tiny_model(str(base), arch="gpt2")
+    model = CODIModel.from_base(CODIModelArguments(model_name_or_path=str(base), lora_r=4, prj_dim=8))
+    model.save_pretrained(str(tmp_path / "ckpt"))
+    base.rename(tmp_path / "moved")
+    with pytest.raises(OSError, match=r"cannot be loaded; if it moved, pass --base_model") as error:
+        CODIModel.from_pretrained(str(tmp_path / "ckpt"))
+    assert str(base) in str(error.value)
+    CODIModel.from_pretrained(str(tmp_path / "ckpt"), base_model_name_or_path=str(tmp_path / "moved"))
+
+
+def test_eval_mode_follows_the_recorded_method_and_warns_on_a_mismatch(make_model, caplog):
+    from codi.cli.evaluate import _mode
+
+    no_cot = make_model("gpt2", method="no_cot_sft")
+    assert _mode(None, no_cot) == "cot" and _mode(None, make_model("gpt2")) == "latent"
+    with caplog.at_level(logging.WARNING, logger="codi.cli.evaluate"):
+        assert _mode("latent", no_cot) == "latent"
+    assert "trained with method 'no_cot_sft'" in caplog.text
+
+
+def test_cli_train_prints_where_the_model_went_and_nan_is_one_line(
+    tiny_gpt2, train_file, tmp_path, capsys, monkeypatch
+):
+    from codi import cli
+
+    argv = ["train", "--model_name_or_path", tiny_gpt2, "--train_file", train_file, "--lora_r", "4"]
+    argv += ["--prj_dim", "8", "--num_latent", "2", "--per_device_train_batch_size", "2", "--max_steps", "1"]
+    argv += ["--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "True"]
+    assert cli.main([*argv, "--output_dir", str(tmp_path / "a")]) == 0
+    assert f"model saved to {tmp_path / 'a'}" in capsys.readouterr().out
+
+    original = CODIModel.forward
+
+    def nan_forward(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(CODIModel, "forward", nan_forward)
+    assert cli.main([*argv, "--output_dir", str(tmp_path / "b")]) == 1
+    ours = [line for line in capsys.readouterr().err.splitlines() if line.startswith("codi train")]
+    assert len(ours) == 1 and "non-finite loss at global step 0" in ours[0]  # one line, no traceback
+
+
+def test_every_test_named_in_docs_reliability_exists():
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    table = (root / "docs" / "reliability.md").read_text()
+    named = re.findall(r"tests/(test_\w+\.py)::(test_\w+)", table)
+    assert len(named) > 20
+    missing = [
+        f"{file}::{name}" for file, name in named if f"def {name}(" not in (root / "tests" / file).read_text()
+    ]
+    assert not missing, missing

@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import CODIModelArguments
-from .hf import build_lm
+from .hf import ModelLoadError, build_lm
 from .losses import LossSettings, TrainingObjective
 from .model_card import model_card_info, write_model_card
 
@@ -213,7 +213,15 @@ class CheckpointMixin:
             args = CODIModelArguments(**values)
         except TypeError as error:
             raise CheckpointError(f"{os.path.join(path, CONFIG_NAME)}: bad model_args ({error})") from error
-        tokenizer, lm, _ = build_lm(args, path=path, vocab_rows=config["vocab_rows"])
+        try:
+            tokenizer, lm, _ = build_lm(args, path=path, vocab_rows=config["vocab_rows"])
+        except ModelLoadError as error:
+            if not args.use_lora or base_model_name_or_path:
+                raise
+            raise ModelLoadError(
+                f"{path}: its base model {args.model_name_or_path!r} (recorded at training) cannot be loaded; "
+                f"if it moved, pass --base_model PATH (Python: base_model_name_or_path=). {error}"
+            ) from error
         model = cls(lm, tokenizer, args, config["base_vocab_rows"], _objective(config))
         if model.is_lora and config.get("base_fingerprint") and not allow_base_mismatch:
             if base_fingerprint(model) != config["base_fingerprint"]:
