@@ -41,12 +41,16 @@ _TRAINING_FIELDS = (
 )  # fmt: skip
 
 
-def run_signature(model_args, data_args, training_args) -> dict:
-    """The arguments that define a run: a checkpoint resumes only a run with the same ones."""
+def run_signature(model_args, data_args, training_args, method_args=None) -> dict:
+    """The arguments that define a run: a checkpoint resumes only a run with the same ones.
+    `method_args`: a method's own settings (e.g. `CoconutArguments`), all of which count."""
     model = {k: v for k, v in asdict(model_args).items() if k not in _MODEL_FIELDS_IGNORED}
     data = {name: getattr(data_args, name) for name in _DATA_FIELDS}
     training = {name: _plain(getattr(training_args, name, None)) for name in _TRAINING_FIELDS}
-    return json.loads(json.dumps({"model": model, "data": data, "training": training}, default=str))
+    signature = {"model": model, "data": data, "training": training}
+    if method_args is not None:
+        signature["method"] = asdict(method_args)
+    return json.loads(json.dumps(signature, default=str))
 
 
 def _plain(value):

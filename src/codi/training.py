@@ -251,16 +251,49 @@ class TrainingInterrupted(RuntimeError):
     """Ctrl-C during training; the message says which checkpoint to resume from."""
 
 
+def start_run(model_args, data_args, training_args, method_args=None) -> tuple[str | None, dict]:
+    """What every training function does first: seed, the checkpoint to resume (checked against this
+    run's arguments) and the output folder's rules (`codi.runs`). Returns (resume path, run signature)."""
+    set_seed(training_args.seed)
+    resume = _resume_path(training_args)
+    prepare_output_dir(training_args.output_dir, resume is not None, training_args.overwrite_output_dir)
+    signature = run_signature(model_args, data_args, training_args, method_args)
+    if resume is not None:
+        check_resume_compatible(resume, signature)
+    return resume, signature
+
+
+def fit_and_save(trainer: Trainer, resume: str | None, train_stats: DataStats, extra_metrics=dict) -> dict:
+    """What every training function does last: train (Ctrl-C names the checkpoint to resume from), the
+    final validation, the final model, metrics (`all_results.json`, with the data counts and what
+    `extra_metrics()` returns after training) and state."""
+    output_dir = trainer.args.output_dir
+    try:
+        output = trainer.train(resume_from_checkpoint=resume)
+    except KeyboardInterrupt:
+        last = last_complete_checkpoint(output_dir)
+        where = f"the last complete checkpoint is {last}" if last else "no checkpoint was saved yet"
+        raise TrainingInterrupted(
+            f"interrupted at step {trainer.state.global_step}; {where}: rerun with "
+            "--resume_from_checkpoint last to continue"
+        ) from None
+    metrics = dict(output.metrics)
+    if trainer.eval_dataset is not None:
+        metrics.update(trainer.evaluate())
+    trainer.save_model(output_dir)
+    if trainer.is_world_process_zero():
+        counts = {"train_records_kept": train_stats.kept, "train_records_dropped": dict(train_stats.dropped)}
+        trainer.save_metrics("all", {**metrics, **counts, **extra_metrics()})
+        trainer.save_state()
+    logger.info("trained %d optimiser steps; model saved to %s", trainer.state.global_step, output_dir)
+    return metrics
+
+
 def train(
     model_args: CODIModelArguments, data_args: CODIDataArguments, training_args: CODITrainingArguments
 ) -> TrainResult:
     """Train CODI (or a CoT-SFT / No-CoT-SFT baseline), then save the final model to `output_dir`."""
-    set_seed(training_args.seed)
-    resume = _resume_path(training_args)
-    prepare_output_dir(training_args.output_dir, resume is not None, training_args.overwrite_output_dir)
-    signature = run_signature(model_args, data_args, training_args)
-    if resume is not None:
-        check_resume_compatible(resume, signature)
+    resume, signature = start_run(model_args, data_args, training_args)
     model = build_model(model_args, training_args)
     train_set, train_stats, eval_set, eval_stats = build_datasets(model, data_args, training_args)
     if eval_set is None and training_args.eval_strategy != "no":
@@ -276,30 +309,5 @@ def train(
         data_collator=CODICollator(model.pad_id),
         run_signature=signature,
     )
-    try:
-        output = trainer.train(resume_from_checkpoint=resume)
-    except KeyboardInterrupt:
-        last = last_complete_checkpoint(training_args.output_dir)
-        where = f"the last complete checkpoint is {last}" if last else "no checkpoint was saved yet"
-        raise TrainingInterrupted(
-            f"interrupted at step {trainer.state.global_step}; {where}: rerun with "
-            "--resume_from_checkpoint last to continue"
-        ) from None
-    metrics = dict(output.metrics)
-    if eval_set is not None:
-        metrics.update(trainer.evaluate())
-    trainer.save_model(training_args.output_dir)
-    if trainer.is_world_process_zero():
-        trainer.save_metrics(
-            "all",
-            {
-                **metrics,
-                "train_records_kept": train_stats.kept,
-                "train_records_dropped": dict(train_stats.dropped),
-            },
-        )
-        trainer.save_state()
-    logger.info(
-        "trained %d optimiser steps; model saved to %s", trainer.state.global_step, training_args.output_dir
-    )
+    metrics = fit_and_save(trainer, resume, train_stats)
     return TrainResult(model, trainer, train_stats, eval_stats, metrics)

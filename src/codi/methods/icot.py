@@ -36,7 +36,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 import torch
-from transformers import TrainerCallback, set_seed
+from transformers import TrainerCallback
 
 from .icot_data import (  # noqa: F401  (re-exported: the removal is part of this method's API)
     ICoTCollator,
@@ -335,8 +335,7 @@ def train_icot(model_args, data_args, training_args, icot_args: ICoTArguments):
 
     if training_args.method not in ("icot", "cot_sft"):
         raise ValueError(f"train_icot: method must be icot (or cot_sft), got {training_args.method!r}")
-    set_seed(training_args.seed)
-    resume = training._resume_path(training_args)
+    resume, signature = training.start_run(model_args, data_args, training_args, icot_args)
     model = training.build_model(model_args, training_args)
     train_set, train_stats, eval_set, eval_stats = training.build_datasets(model, data_args, training_args)
     train_set = ICoTDataset(train_set.examples)
@@ -362,15 +361,10 @@ def train_icot(model_args, data_args, training_args, icot_args: ICoTArguments):
         data_collator=ICoTCollator(model.pad_id),
         callbacks=[ICoTCallback(removal)],
         icot=removal,
+        run_signature=signature,
     )
-    output = trainer.train(resume_from_checkpoint=resume)
-    metrics = dict(output.metrics)
-    if eval_set is not None:
-        metrics.update(trainer.evaluate())
-    trainer.save_model(training_args.output_dir)
+    metrics = training.fit_and_save(trainer, resume, train_stats)
     if trainer.is_world_process_zero():
-        trainer.save_metrics("all", {**metrics, "train_records_kept": train_stats.kept})
-        trainer.save_state()
         with open(os.path.join(training_args.output_dir, "icot_state.json"), "w") as handle:
             json.dump(
                 {"icot_args": {k: str(v) for k, v in asdict(icot_args).items()}, **removal.summary()},

@@ -16,11 +16,11 @@ import logging
 import math
 from collections.abc import Sequence
 
-from transformers import TrainerCallback, set_seed
+from transformers import TrainerCallback
 
 from ...config import CODIDataArguments, CODIModelArguments, CODITrainingArguments
 from ...data import DataStats, load_records
-from ...training import CODITrainer, TrainResult, _resume_path
+from ...training import CODITrainer, TrainResult, fit_and_save, start_run
 from .data import (
     CoconutArguments,
     CoconutCollator,
@@ -132,8 +132,7 @@ def train_coconut(
     `model_name_or_path` is usually a CoT-SFT checkpoint of this project (Coconut's stage 0; start at
     `start_epoch` = epochs_per_stage to skip that stage). `callbacks` run after the curriculum's.
     """
-    set_seed(training_args.seed)
-    resume = _resume_path(training_args)
+    resume, signature = start_run(model_args, data_args, training_args, coconut_args)
     if training_args.dataloader_persistent_workers and training_args.dataloader_num_workers > 0:
         raise ValueError(
             "coconut: dataloader_persistent_workers would keep the first epoch's stage in the workers"
@@ -154,24 +153,9 @@ def train_coconut(
         eval_dataset=eval_set,
         data_collator=CoconutCollator(model.pad_id),
         callbacks=[curriculum, *callbacks],
+        run_signature=signature,
     )
-    output = trainer.train(resume_from_checkpoint=resume)
-    metrics = dict(output.metrics)
-    if eval_set is not None:
-        metrics.update(trainer.evaluate())
-    trainer.save_model(training_args.output_dir)
-    if trainer.is_world_process_zero():
-        trainer.save_metrics(
-            "all",
-            {
-                **metrics,
-                "train_records_kept": train_stats.kept,
-                "train_records_dropped": dict(train_stats.dropped),
-                "coconut_stages": [entry["stage"] for entry in curriculum.history],
-            },
-        )
-        trainer.save_state()
-    logger.info(
-        "coconut: trained %d optimiser steps, stages %s", trainer.state.global_step, curriculum.history
-    )
+    stages = lambda: {"coconut_stages": [entry["stage"] for entry in curriculum.history]}  # noqa: E731
+    metrics = fit_and_save(trainer, resume, train_stats, stages)
+    logger.info("coconut: stages %s", curriculum.history)
     return TrainResult(model.eval(), trainer, train_stats, eval_stats, metrics)
