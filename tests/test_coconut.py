@@ -25,6 +25,7 @@ from codi.methods.coconut import (
     load_checkpoint,
     loss_targets,
     stage_for_epoch,
+    stage_for_step,
     stage_plan,
     tokenize_records,
     train_coconut,
@@ -327,6 +328,58 @@ def test_callback_resets_only_at_stage_switches():
     assert run(CoconutArguments(epochs_per_stage=1, reset_optimizer=False), [0.0, 1.0])[1] == [False, False]
 
 
+def test_step_schedule_by_hand():
+    """steps_per_stage: stage = start_stage + global_step // steps_per_stage, capped at the final stage."""
+    assert [stage_for_step(step, 2, 2) for step in range(10)] == [0, 0, 1, 1, 2, 2, 3, 3, 3, 3]
+    # the demo's Table-1 run: 2000 steps after the CoT warm-up, stages 1, 2, 3 then the final stage 4
+    table1 = {step: stage_for_step(step, 400, 3, start_stage=1) for step in (0, 399, 400, 799, 800, 1199)}
+    assert table1 == {0: 1, 399: 1, 400: 2, 799: 2, 800: 3, 1199: 3}
+    assert stage_for_step(1200, 400, 3, 1) == stage_for_step(1999, 400, 3, 1) == 4
+    assert {stage_for_step(step, 5, 3, no_curriculum=True) for step in range(12)} == {4}
+    assert CoconutArguments(steps_per_stage=400, start_stage=1).by_steps and not CoconutArguments().by_steps
+    # each schedule has its own start; a setting of the other one would be silently ignored
+    with pytest.raises(ValueError, match="start_stage applies to steps_per_stage"):
+        CoconutArguments(start_stage=1)
+    with pytest.raises(ValueError, match="use start_stage"):
+        CoconutArguments(steps_per_stage=10, start_epoch=3)
+    with pytest.raises(ValueError, match="reset_optimizer_every epoch"):
+        CoconutArguments(steps_per_stage=10, reset_optimizer_every="epoch")
+    with pytest.raises(ValueError, match="steps_per_stage must be >= 0"):
+        CoconutArguments(steps_per_stage=-1)
+
+
+def test_step_callback_switches_and_resets_at_stage_boundaries_and_on_resume():
+    settings = CoconutArguments(steps_per_stage=2, max_latent_stage=2)
+
+    def run(steps):
+        callback = CurriculumCallback(settings, [])
+        optimizer, cleared = _FakeOptimizer(), []
+        for step in steps:
+            optimizer.state = {"p": {"exp_avg": 1}}
+            state = SimpleNamespace(global_step=step, epoch=step / 4)
+            callback.on_epoch_begin(None, state, None, optimizer=optimizer)  # a no-op under steps
+            callback.on_step_begin(None, state, None, optimizer=optimizer)
+            cleared.append(not optimizer.state)
+        return callback.history, cleared
+
+    history, cleared = run(range(10))
+    assert [(entry["step"], entry["stage"], entry["reset"]) for entry in history] == [
+        (0, 0, False),
+        (2, 1, True),
+        (4, 2, True),
+        (6, 3, True),
+    ]
+    assert cleared == [False, False, True, False, True, False, True, False, False, False]
+    # resumed at a switch step it clears (as the uninterrupted run did), one step later it does not
+    assert run([4, 5, 6])[1] == [True, False, True]
+    assert run([5, 6])[1] == [False, True]
+    # the datasets follow the step, from the start of training (here a run resumed at step 5)
+    dataset = CoconutDataset([], settings, MarkerIds(1, 2))
+    callback = CurriculumCallback(settings, [dataset, None])
+    callback.on_train_begin(None, SimpleNamespace(global_step=5, epoch=1.25), None)
+    assert (dataset.stage, dataset.epoch) == (2, 1)
+
+
 # --------------------------------------------------------------------------------------------------
 # Decoding
 
@@ -474,6 +527,62 @@ def test_train_from_cot_sft_checkpoint_saves_and_generates(tiny_gpt2, train_file
     # `codi eval --inf_latent_iterations 3` still overrides the saved default
     overridden = CoconutModel.from_pretrained(str(tmp_path / "run"), inf_latent_iterations=3)
     assert overridden.args.inf_latent_iterations == 3
+
+
+class _StepProbe(TrainerCallback):
+    """Per training forward: (global_step, thoughts per row), via a forward pre-hook on the model; per
+    optimizer step: the optimizer's state size after the curriculum callback ran."""
+
+    def __init__(self):
+        self.forwards, self.state_sizes, self.state = [], {}, None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.state = state
+
+        def hook(module, positional, named):
+            if module.training:
+                self.forwards.append((self.state.global_step, named["num_latent"].tolist()))
+
+        model.register_forward_pre_hook(hook, with_kwargs=True)
+
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+        self.state_sizes[state.global_step] = len(optimizer.state)
+
+
+def test_step_schedule_batches_train_at_their_step_stage_and_resume(tiny_gpt2, train_file, tmp_path):
+    """steps_per_stage 2 over 8 steps (2 micro-batches of 2 records a step, 2 steps an epoch): every
+    micro-batch's sequences have the stage of the step training on them (across switches and epoch
+    starts, although the Trainer fetches batches ahead); the optimizer state is cleared exactly at the
+    switches; resumed from step 3, the run goes on at the same stages and resets."""
+    settings = CoconutArguments(c_thought=1, max_latent_stage=3, steps_per_stage=2)
+    extra = ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2", "--max_steps", "8"]
+    saving = ["--save_strategy", "steps", "--save_steps", "3"]
+    args = _train_args(tiny_gpt2, train_file, tmp_path / "run", *extra, *saving)
+    probe = _StepProbe()
+    result = train_coconut(*args, settings, callbacks=[probe])
+    assert result.trainer.state.global_step == 8
+    # stage s (<= max_latent_stage) gives every record s thoughts whatever its length
+    expected = {step: [step // 2] * 2 for step in range(8)}
+    assert probe.forwards == [(step, expected[step]) for step in range(8) for _ in range(2)]
+    assert [step for step, size in probe.state_sizes.items() if size == 0] == [0, 2, 4, 6]
+    (curriculum,) = [
+        c for c in result.trainer.callback_handler.callbacks if isinstance(c, CurriculumCallback)
+    ]
+    assert [(e["step"], e["stage"], e["reset"]) for e in curriculum.history] == [
+        (0, 0, False),
+        (2, 1, True),
+        (4, 2, True),
+        (6, 3, True),
+    ]
+    resumed = _StepProbe()
+    args = _train_args(
+        tiny_gpt2, train_file, tmp_path / "run", *extra, *saving,
+        "--resume_from_checkpoint", str(tmp_path / "run" / "checkpoint-3"),
+    )  # fmt: skip
+    train_coconut(*args, settings, callbacks=[resumed])
+    assert resumed.forwards == [(step, expected[step]) for step in range(3, 8) for _ in range(2)]
+    assert resumed.state_sizes[3] > 0  # the checkpoint's moments kept inside stage 1
+    assert [step for step, size in resumed.state_sizes.items() if size == 0] == [4, 6]
 
 
 def test_train_pause_as_thought_round_trip(tiny_llama, train_file, tmp_path):

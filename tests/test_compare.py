@@ -11,7 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from codi.compare import METHODS, Budget, MethodUnavailable, ModelSpec, compare
+from codi.compare import (
+    METHODS,
+    TABLE1_BUDGET,
+    TABLE1_OPTIONS,
+    Budget,
+    MethodUnavailable,
+    ModelSpec,
+    compare,
+)
 from codi.compare_methods import icot_step_schedule
 from codi.compare_report import t_interval, wilson_interval
 from codi.demo.synth import SynthConfig, make_splits
@@ -67,6 +75,42 @@ def test_icot_row_and_seeds_give_a_t_interval(tmp_path):
     assert row.ci_kind == "t over seeds" and len(row.seed_accuracies) == 2
     state = json.loads((tmp_path / "out" / "seed1" / "icot" / "icot_state.json").read_text())
     assert state["icot_args"]["removal_smoothing_lambda"] == "4.0"
+
+
+def test_coconut_options_reach_its_run(tmp_path):
+    """compare passes a method's own options through: Coconut's step schedule ends up in its run."""
+    paths = write_pair(tmp_path, n_train=16, n_test=2)
+    budget = Budget(max_steps=4, batch_size=8, cot_warmup_steps=1, eval_batch_size=8, max_new_tokens=8)
+    schedule = dict(steps_per_stage=1, start_stage=1, c_thought=1, max_latent_stage=2)
+    compare(["coconut"], paths["train"], paths["test"], TINY, budget, [0], str(tmp_path / "out"),
+            options={"coconut": schedule})  # fmt: skip
+    saved = json.loads((tmp_path / "out" / "seed0" / "coconut" / "coconut_config.json").read_text())
+    assert {key: saved["settings"][key] for key in schedule} == schedule
+    metrics = json.loads((tmp_path / "out" / "seed0" / "coconut" / "all_results.json").read_text())
+    assert metrics["coconut_stages"] == [1, 2, 3]  # 3 steps after the warm-up: stages 1, 2, final
+
+
+def test_table1_options_fit_coconut_stages_in_the_budget(tmp_path, monkeypatch):
+    from codi import compare as harness
+    from codi.methods.coconut import CoconutArguments, stage_for_step
+
+    METHODS["coconut"].check_options(TABLE1_OPTIONS["coconut"])
+    settings = CoconutArguments(**TABLE1_OPTIONS["coconut"])
+    steps = TABLE1_BUDGET.max_steps - TABLE1_BUDGET.cot_warmup_steps  # after the shared CoT warm-up
+    stages = [
+        stage_for_step(step, settings.steps_per_stage, settings.max_latent_stage, settings.start_stage)
+        for step in range(steps)
+    ]
+    # stage 0 is the warm-up; each later stage trained, the final one (every step removed) last
+    assert {stage: stages.count(stage) for stage in set(stages)} == {1: 400, 2: 400, 3: 400, 4: 800}
+    assert settings.inference_latents == 3  # one thought per step of the demo's 3-step chains
+    seen = {}
+    monkeypatch.setattr(harness, "compare", lambda *args, **kwargs: seen.update(kwargs))
+    small = SynthConfig(n_train=8, n_validation=0, n_test=2, wording="uniform", seed=0)
+    harness.run_synthetic(["no_cot_sft"], synth=small, out_dir=str(tmp_path))
+    assert seen["options"] is TABLE1_OPTIONS
+    harness.run_synthetic(["no_cot_sft"], synth=small, out_dir=str(tmp_path), options={})
+    assert seen["options"] == {}
 
 
 def test_errors_name_the_method_or_key(tmp_path):

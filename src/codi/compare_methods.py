@@ -255,7 +255,8 @@ def _train_coconut(ctx: RunContext):
     reason = _coconut_missing()
     if reason:
         raise MethodUnavailable(f"method coconut: not available ({reason})")
-    # Wired by the lead once codi.methods.coconut is merged (arguments as `train_icot`'s).
+    # options: CoconutArguments fields as well as the shared ones, e.g. the step schedule
+    # (steps_per_stage, start_stage: see compare.TABLE1_OPTIONS); without one, the reference's epochs
     from .methods import coconut
 
     arguments_class = coconut.CoconutArguments

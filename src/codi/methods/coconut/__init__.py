@@ -10,11 +10,13 @@ from .data import (
     CoconutDataset,
     CoconutRecord,
     MarkerIds,
+    RecordIndices,
     coconut_stage_examples,
     loss_targets,
     record_stage,
     stage_features,
     stage_for_epoch,
+    stage_for_step,
     stage_plan,
     tokenize_records,
 )
@@ -25,7 +27,7 @@ from .model import (
     is_coconut_checkpoint,
     load_checkpoint,
 )
-from .training import CurriculumCallback, train_coconut
+from .training import CoconutTrainer, CurriculumCallback, train_coconut
 
 __all__ = [
     "CoconutArguments",
@@ -33,8 +35,10 @@ __all__ = [
     "CoconutDataset",
     "CoconutModel",
     "CoconutRecord",
+    "CoconutTrainer",
     "CurriculumCallback",
     "MarkerIds",
+    "RecordIndices",
     "build_coconut_model",
     "coconut_stage_examples",
     "init_marker_embeddings",
@@ -44,6 +48,7 @@ __all__ = [
     "record_stage",
     "stage_features",
     "stage_for_epoch",
+    "stage_for_step",
     "stage_plan",
     "tokenize_records",
     "train_coconut",

@@ -8,6 +8,8 @@ sequence replaces the first k CoT steps with k x `c_thought` continuous thoughts
 Stages above `max_latent_stage` remove every step and keep `max_latent_stage` x `c_thought` thoughts
 (`pad_latent_to_max`) or one group per step the record has, capped at `max_latent_stage`. With
 `uniform_prob` a record is instead drawn, per epoch, at a uniform stage in 0..(its number of steps).
+The stage follows the epoch (the reference) or, with `steps_per_stage` (this project's addition for
+runs budgeted in optimizer steps), the optimizer step.
 Question, steps and answer use this project's formats (the ones CoT-SFT trains on: no newline after the
 question, "The answer is: N"), so stage 0 of a record is its CoT-SFT sequence with `<bot><eot>` inserted.
 """
@@ -49,7 +51,24 @@ class CoconutArguments:
     """Coconut's settings, under the reference's names (its `args/gsm_coconut.yaml`)."""
 
     c_thought: int = field(default=2, metadata={"help": "Continuous thoughts per removed CoT step."})
-    epochs_per_stage: int = field(default=3, metadata={"help": "Epochs of each curriculum stage."})
+    epochs_per_stage: int = field(
+        default=3, metadata={"help": "Epochs of each curriculum stage (the reference's epoch schedule)."}
+    )
+    steps_per_stage: int = field(
+        default=0,
+        metadata={
+            "help": "This project's addition for step budgets: > 0 sets the stage by optimizer step, "
+            "start_stage + global_step // steps_per_stage (capped at the final stage), instead of by "
+            "epoch; 0: the reference's epoch schedule (epochs_per_stage, start_epoch)."
+        },
+    )
+    start_stage: int = field(
+        default=0,
+        metadata={
+            "help": "Stage of the first optimizer step under steps_per_stage (1 skips stage 0 when "
+            "starting from a CoT-SFT checkpoint); the epoch schedule uses start_epoch instead."
+        },
+    )
     max_latent_stage: int = field(
         default=3,
         metadata={"help": "Last stage that adds thoughts; later stages remove every CoT step."},
@@ -114,6 +133,9 @@ class CoconutArguments:
         _check(self.max_latent_stage >= 0, f"max_latent_stage must be >= 0, got {self.max_latent_stage}")
         _check(0.0 <= self.uniform_prob <= 1.0, f"uniform_prob must be in [0, 1], got {self.uniform_prob}")
         _check(self.start_epoch >= 0, f"start_epoch must be >= 0, got {self.start_epoch}")
+        _check(self.steps_per_stage >= 0, f"steps_per_stage must be >= 0, got {self.steps_per_stage}")
+        _check(self.start_stage >= 0, f"start_stage must be >= 0, got {self.start_stage}")
+        self._check_schedule()
         _check(
             self.reset_optimizer_every in ("stage", "epoch"),
             f"reset_optimizer_every must be stage | epoch, got {self.reset_optimizer_every!r}",
@@ -122,6 +144,22 @@ class CoconutArguments:
             not (self.no_thoughts and self.pause_as_thought),
             "no_thoughts and pause_as_thought are two different ablations: set at most one",
         )
+
+    def _check_schedule(self) -> None:
+        """Each schedule has its own start; a setting of the other one would be silently ignored."""
+        if self.steps_per_stage == 0:
+            _check(self.start_stage == 0, "start_stage applies to steps_per_stage > 0; use start_epoch")
+            return
+        _check(self.start_epoch == 0, "start_epoch applies to the epoch schedule; use start_stage")
+        _check(
+            self.reset_optimizer_every == "stage",
+            "reset_optimizer_every epoch belongs to the epoch schedule; steps_per_stage resets at stages",
+        )
+
+    @property
+    def by_steps(self) -> bool:
+        """Whether the stage follows the optimizer step (steps_per_stage) rather than the epoch."""
+        return self.steps_per_stage > 0
 
     @property
     def variant(self) -> str:
@@ -159,6 +197,15 @@ def stage_for_epoch(
     same sequences). `no_curriculum`: the final stage from the start."""
     final = max_latent_stage + 1
     return final if no_curriculum else min(epoch // epochs_per_stage, final)
+
+
+def stage_for_step(
+    step: int, steps_per_stage: int, max_latent_stage: int, start_stage: int = 0, no_curriculum: bool = False
+) -> int:
+    """Curriculum stage of optimizer step `step` (0-based, the Trainer's global_step before the update):
+    start_stage + step // steps_per_stage, capped at the final stage as `stage_for_epoch` is."""
+    final = max_latent_stage + 1
+    return final if no_curriculum else min(start_stage + step // steps_per_stage, final)
 
 
 def stage_plan(stage: int, num_steps: int, args: CoconutArguments) -> tuple[int, int]:
@@ -338,7 +385,8 @@ def coconut_stage_examples(
 
 
 class CoconutDataset(torch.utils.data.Dataset):
-    """Tokenised records whose features follow the current stage (set each epoch by the trainer).
+    """Tokenised records whose features follow the current stage (set by `CurriculumCallback`: each
+    epoch, or each optimizer step under steps_per_stage).
 
     With uniform_prob > 0 each record's stage is drawn per (seed, epoch, index), so an epoch's data do
     not depend on the order of access or on dataloader workers.
@@ -364,6 +412,29 @@ class CoconutDataset(torch.utils.data.Dataset):
         return stage_features(self.records[index], self.stage_of(index), self.args, self.ids)
 
 
+class RecordIndices(torch.utils.data.Dataset):
+    """A CoconutDataset's records as indices only: the Trainer's dataloader says which records a
+    micro-batch holds, and `CoconutTrainer` builds their sequences (`collate`) when the step trains on them.
+
+    Why: the Trainer fetches a step's micro-batches before calling `on_step_begin`, and accelerate's
+    DataLoaderShard collates one batch ahead of that, so sequences built in the dataloader (in __getitem__
+    or in the collator) would show a step-scheduled stage switch two steps late.
+    """
+
+    def __init__(self, dataset: CoconutDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"record_index": index}
+
+    def collate(self, record_index: torch.Tensor, collator: CoconutCollator) -> dict[str, torch.Tensor]:
+        """The batch of these records at the dataset's current stage."""
+        return collator([self.dataset[int(index)] for index in record_index.tolist()])
+
+
 @dataclass
 class CoconutCollator:
     """Pads features into a batch.
@@ -371,11 +442,14 @@ class CoconutCollator:
     Continuous: prefix_* LEFT-padded (the question ends in the same column for every row, so the
     thoughts are fed in lockstep), num_latent (B,), suffix_* and labels right-padded.
     Token sequences: input_ids, attention_mask, labels right-padded.
+    `RecordIndices` items: record_index (B,), the sequences are built later.
     """
 
     pad_token_id: int
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        if "record_index" in features[0]:
+            return {"record_index": torch.tensor([feature["record_index"] for feature in features])}
         labels = [feature["labels"] for feature in features]
         if "prefix_ids" in features[0]:
             prefix = [feature["prefix_ids"] for feature in features]

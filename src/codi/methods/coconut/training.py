@@ -3,11 +3,18 @@
 from codi.methods.coconut import CoconutArguments, train_coconut
 train_coconut(model_args, data_args, training_args, CoconutArguments(c_thought=2, ...))
 
-Each epoch the callback sets the stage (start_epoch + epoch) // epochs_per_stage on the datasets and,
-when the stage changes (or every epoch, `reset_optimizer_every epoch`), clears the optimizer state:
-AdamW then restarts with no moments and a step count of 0, as a newly built one does (the reference
-rebuilds it). The learning-rate schedule runs over the whole training; the reference uses none
+The reference's schedule: each epoch the callback sets the stage (start_epoch + epoch) // epochs_per_stage
+on the datasets. With `steps_per_stage` > 0 (this project's addition, for runs budgeted in optimizer
+steps) it sets start_stage + global_step // steps_per_stage at the start of every optimizer step; the
+stage derives from global_step alone, so a resumed run trains each step at the stage it would have had.
+When the stage changes (or every epoch, `reset_optimizer_every epoch`) the callback clears the optimizer
+state: AdamW then restarts with no moments and a step count of 0, as a newly built one does (the
+reference rebuilds it). The learning-rate schedule runs over the whole training; the reference uses none
 (constant), which the preset sets.
+
+The training dataloader yields record indices only (`RecordIndices`): `CoconutTrainer` builds each
+micro-batch's sequences when the step trains on it, so every step trains at its own stage although the
+Trainer and accelerate fetch batches ahead.
 """
 
 from __future__ import annotations
@@ -26,7 +33,9 @@ from .data import (
     CoconutCollator,
     CoconutDataset,
     MarkerIds,
+    RecordIndices,
     stage_for_epoch,
+    stage_for_step,
     tokenize_records,
 )
 from .model import CoconutModel, build_coconut_model
@@ -34,10 +43,25 @@ from .model import CoconutModel, build_coconut_model
 logger = logging.getLogger(__name__)
 
 
-class CurriculumCallback(TrainerCallback):
-    """Sets each epoch's stage on the datasets and resets the optimizer state at stage switches.
+def _epoch_index(state) -> int:
+    # state.epoch is exactly the epoch index at an epoch's start, fractional when resuming mid-epoch
+    return math.floor(float(state.epoch or 0.0) + 1e-6)
 
-    `history` records, per epoch begun: the trainer epoch, its stage and whether the state was cleared.
+
+def clear_optimizer_state(optimizer) -> None:
+    if optimizer is None or not hasattr(optimizer, "state"):
+        raise ValueError(
+            "reset_optimizer: this optimizer exposes no state to clear; set reset_optimizer False"
+        )
+    optimizer.state.clear()
+
+
+class CurriculumCallback(TrainerCallback):
+    """Sets the stage on the datasets (per epoch, or per optimizer step under steps_per_stage) and resets
+    the optimizer state at stage switches.
+
+    `history` records, per epoch begun (epoch schedule) or per stage begun (step schedule; its first
+    step included): the trainer epoch (and step), the stage and whether the state was cleared.
     """
 
     def __init__(self, settings: CoconutArguments, datasets: Sequence[CoconutDataset | None]):
@@ -46,35 +70,43 @@ class CurriculumCallback(TrainerCallback):
         self.history: list[dict] = []
 
     def stage(self, epoch: int) -> int:
-        """Stage of trainer epoch `epoch` (0-based)."""
+        """Stage of trainer epoch `epoch` (0-based) under the epoch schedule."""
         s = self.settings
         return stage_for_epoch(s.start_epoch + epoch, s.epochs_per_stage, s.max_latent_stage, s.no_curriculum)
 
-    def _set_stage(self, state) -> tuple[float, int, int]:
-        """(progress, epoch, stage) from the trainer state, with the stage set on the datasets."""
-        # state.epoch is exactly the epoch index at an epoch's start, fractional when resuming mid-epoch
-        progress = float(state.epoch or 0.0)
-        epoch = math.floor(progress + 1e-6)
-        stage = self.stage(epoch)
+    def step_stage(self, step: int) -> int:
+        """Stage of optimizer step `step` (global_step before its update) under steps_per_stage."""
+        s = self.settings
+        return stage_for_step(step, s.steps_per_stage, s.max_latent_stage, s.start_stage, s.no_curriculum)
+
+    def _apply(self, stage: int, curriculum_epoch: int) -> None:
         for dataset in self.datasets:
-            dataset.set_stage(stage, self.settings.start_epoch + epoch)
+            dataset.set_stage(stage, curriculum_epoch)
+
+    def _set_stage(self, state) -> tuple[float, int, int]:
+        """(progress, epoch, stage) of the epoch schedule, with the stage set on the datasets."""
+        progress, epoch = float(state.epoch or 0.0), _epoch_index(state)
+        stage = self.stage(epoch)
+        self._apply(stage, self.settings.start_epoch + epoch)
         return progress, epoch, stage
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self._set_stage(state)  # before any evaluation on start
+        # before any evaluation on start; a resumed run starts at its checkpoint's stage
+        if self.settings.by_steps:
+            self._apply(self.step_stage(state.global_step), _epoch_index(state))
+        else:
+            self._set_stage(state)
 
     def on_epoch_begin(self, args, state, control, optimizer=None, **kwargs):
+        if self.settings.by_steps:
+            return
         progress, epoch, stage = self._set_stage(state)
         switch = epoch > 0 and (
             self.settings.reset_optimizer_every == "epoch" or stage != self.stage(epoch - 1)
         )
         reset = self.settings.reset_optimizer and switch and abs(progress - epoch) < 1e-6
         if reset:
-            if optimizer is None or not hasattr(optimizer, "state"):
-                raise ValueError(
-                    "reset_optimizer: this optimizer exposes no state to clear; set reset_optimizer False"
-                )
-            optimizer.state.clear()
+            clear_optimizer_state(optimizer)
         self.history.append({"epoch": epoch, "stage": stage, "reset": reset})
         logger.info(
             "coconut: epoch %d (curriculum epoch %d), stage %d%s",
@@ -83,6 +115,33 @@ class CurriculumCallback(TrainerCallback):
             stage,
             ", optimizer state cleared" if reset else "",
         )
+
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+        if not self.settings.by_steps:
+            return
+        step, epoch = state.global_step, _epoch_index(state)
+        stage = self.step_stage(step)
+        self._apply(stage, epoch)
+        # from the step alone: a run resumed at a switch step clears the state the uninterrupted run did
+        switch = step > 0 and stage != self.step_stage(step - 1)
+        if self.history and not switch:
+            return  # history and log: once per stage
+        reset = self.settings.reset_optimizer and switch
+        if reset:
+            clear_optimizer_state(optimizer)
+        self.history.append({"step": step, "epoch": epoch, "stage": stage, "reset": reset})
+        logger.info("coconut: step %d, stage %d%s", step, stage, ", optimizer state cleared" if reset else "")
+
+
+class CoconutTrainer(CODITrainer):
+    """`CODITrainer` that builds a training micro-batch (record indices, see `RecordIndices`) at the
+    stage set for the step that trains on it; evaluation batches come built from the eval dataset."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if "record_index" in inputs:
+            batch = self.train_dataset.collate(inputs["record_index"], self.data_collator)
+            inputs = self._prepare_inputs(batch)
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
 
 def build_coconut_datasets(
@@ -130,13 +189,13 @@ def train_coconut(
     """Train Coconut (or an ablation) with the stage curriculum, then save the model to `output_dir`.
 
     `model_name_or_path` is usually a CoT-SFT checkpoint of this project (Coconut's stage 0; start at
-    `start_epoch` = epochs_per_stage to skip that stage). `callbacks` run after the curriculum's.
+    `start_epoch` = epochs_per_stage, or `start_stage` 1 under steps_per_stage, to skip that stage).
+    `callbacks` run after the curriculum's.
     """
     resume, signature = start_run(model_args, data_args, training_args, coconut_args)
     if training_args.dataloader_persistent_workers and training_args.dataloader_num_workers > 0:
-        raise ValueError(
-            "coconut: dataloader_persistent_workers would keep the first epoch's stage in the workers"
-        )
+        # the Trainer keeps persistent evaluation workers, each with a copy of the dataset's first stage
+        raise ValueError("coconut: dataloader_persistent_workers would keep the first stage in eval workers")
     model, _ = build_coconut_model(model_args, coconut_args)
     train_set, train_stats, eval_set, eval_stats = build_coconut_datasets(
         model, data_args, coconut_args, training_args.seed
@@ -146,10 +205,10 @@ def train_coconut(
     training_args.label_names = ["labels"]
     training_args.prediction_loss_only = True
     curriculum = CurriculumCallback(coconut_args, [train_set, eval_set])
-    trainer = CODITrainer(
+    trainer = CoconutTrainer(
         model=model,
         args=training_args,
-        train_dataset=train_set,
+        train_dataset=RecordIndices(train_set),
         eval_dataset=eval_set,
         data_collator=CoconutCollator(model.pad_id),
         callbacks=[curriculum, *callbacks],
