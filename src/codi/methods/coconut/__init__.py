@@ -5,7 +5,6 @@ CODI's `codi.generate.generate`); checkpoints: `CoconutModel.from_pretrained`.
 """
 
 from .data import (
-    CoconutArguments,
     CoconutCollator,
     CoconutDataset,
     CoconutRecord,
@@ -13,11 +12,7 @@ from .data import (
     RecordIndices,
     coconut_stage_examples,
     loss_targets,
-    record_stage,
     stage_features,
-    stage_for_epoch,
-    stage_for_step,
-    stage_plan,
     tokenize_records,
 )
 from .model import (
@@ -27,6 +22,7 @@ from .model import (
     is_coconut_checkpoint,
     load_checkpoint,
 )
+from .schedule import CoconutArguments, record_stage, stage_for_epoch, stage_for_step, stage_plan
 from .training import CoconutTrainer, CurriculumCallback, train_coconut
 
 __all__ = [

@@ -26,7 +26,7 @@ from transformers import DynamicCache
 from ...checkpoint import CONFIG_NAME
 from ...losses import next_token_ce
 from ...model import CODIModel
-from .data import CoconutArguments
+from .schedule import CoconutArguments
 
 logger = logging.getLogger(__name__)
 

@@ -28,17 +28,9 @@ from transformers import TrainerCallback
 from ...config import CODIDataArguments, CODIModelArguments, CODITrainingArguments
 from ...data import DataStats, load_records
 from ...training import CODITrainer, TrainResult, fit_and_save, start_run
-from .data import (
-    CoconutArguments,
-    CoconutCollator,
-    CoconutDataset,
-    MarkerIds,
-    RecordIndices,
-    stage_for_epoch,
-    stage_for_step,
-    tokenize_records,
-)
+from .data import CoconutCollator, CoconutDataset, MarkerIds, RecordIndices, tokenize_records
 from .model import CoconutModel, build_coconut_model
+from .schedule import CoconutArguments, stage_for_epoch, stage_for_step
 
 logger = logging.getLogger(__name__)
 
