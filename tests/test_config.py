@@ -207,7 +207,7 @@ def test_missing_config_file():
         (CODIDataArguments, {"cot_style": "prose"}, "cot_style must be"),
         (CODIDataArguments, {"max_token_num": 0}, "max_token_num must be positive"),
         (CODIDataArguments, {"max_train_samples": 0}, "max_train_samples must be positive"),
-        (CODITrainingArguments, {"method": "coconut"}, "method must be one of"),
+        (CODITrainingArguments, {"method": "quiet_star"}, "method must be one of"),
         (CODITrainingArguments, {"distill_loss_type": "smoothl1"}, "distill_loss_type must be one of"),
         (CODITrainingArguments, {"distill_loss_factor": -1.0}, "distill_loss_factor must be >= 0"),
         (CODITrainingArguments, {"warmup_ratio": 1.5}, r"warmup_ratio must be in \[0, 1\)"),
