@@ -19,6 +19,7 @@ from typing import Any
 from transformers import TrainingArguments
 
 from .losses import DISTILL_LOSS_TYPES, LossSettings
+from .scoring import ANSWER_PROMPT
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +32,6 @@ ALIASES = {
 }
 METHODS = ("codi", "cot_sft", "no_cot_sft", "icot", "coconut")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
-ANSWER_PROMPT = "The answer is:"  # precedes the answer value in every training target
 
 
 def _check(condition: bool, message: str) -> None:

@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .config import ANSWER_PROMPT
 from .records import DataError, load_hub_dataset, named_decode_errors, parse_icot_line, read_json_rows
 from .scoring import parse_gold
 
@@ -92,7 +93,7 @@ def _row_gsm8k_aug(row: dict, where: str) -> EvalItem:
 
 def _row_commonsense(row: dict, where: str) -> EvalItem:
     answer = str(_field(row, where, "answer")).rpartition("####")[2].strip()
-    answer = answer.removeprefix("The answer is:").strip()
+    answer = answer.removeprefix(ANSWER_PROMPT).strip()
     gold = answer[:1].upper() if answer[:1].upper() in "ABCDE" and answer else None
     if gold is None:
         logger.warning("%s: gold answer %r is not a choice letter A-E", where, answer)

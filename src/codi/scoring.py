@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 _NUMBER = re.compile(r"-?\d+\.?\d*")
 ABS_TOLERANCE = 1e-4
 REL_TOLERANCE = 1e-9
-DEFAULT_ANSWER_PROMPT = "The answer is:"
+ANSWER_PROMPT = "The answer is:"  # precedes the answer value in every training target
 
 Prediction = float | str | None
 
@@ -56,7 +56,7 @@ def extract_answer(text: str) -> float | None:
     return float(matches[-1]) if matches else None
 
 
-def extract_answer_strict(text: str, answer_prompt: str = DEFAULT_ANSWER_PROMPT) -> float | None:
+def extract_answer_strict(text: str, answer_prompt: str = ANSWER_PROMPT) -> float | None:
     """The number right after the LAST `answer_prompt` (spaces and a `$` allowed between); else None."""
     head, found, tail = text.rpartition(answer_prompt)
     if not found:
@@ -70,11 +70,11 @@ def extract_choice(text: str) -> str | None:
     character after the last `The answer is:`, and the reference's guess "C" when it is not A-E."""
     if _NUMBER.search(text.replace(",", "")):
         return None
-    tail = text.split("The answer is:")[-1].strip()
+    tail = text.split(ANSWER_PROMPT)[-1].strip()
     return tail[0] if tail and tail[0] in "ABCDE" else "C"
 
 
-def extract_choice_strict(text: str, answer_prompt: str = DEFAULT_ANSWER_PROMPT) -> str | None:
+def extract_choice_strict(text: str, answer_prompt: str = ANSWER_PROMPT) -> str | None:
     """The letter A-E right after the last `answer_prompt`, else None."""
     head, found, tail = text.rpartition(answer_prompt)
     tail = tail.strip()
@@ -82,7 +82,7 @@ def extract_choice_strict(text: str, answer_prompt: str = DEFAULT_ANSWER_PROMPT)
 
 
 def extractors(
-    answer_kind: str = "number", answer_prompt: str = DEFAULT_ANSWER_PROMPT
+    answer_kind: str = "number", answer_prompt: str = ANSWER_PROMPT
 ) -> tuple[Callable[[str], Prediction], Callable[[str], Prediction]]:
     """(reference, strict) extraction functions for an answer kind ("number" or "choice")."""
     if answer_kind == "choice":
@@ -108,7 +108,7 @@ def is_correct(prediction: Prediction, gold: Prediction) -> bool:
 
 
 def score_text(
-    text: str, gold: Prediction, answer_kind: str = "number", answer_prompt: str = DEFAULT_ANSWER_PROMPT
+    text: str, gold: Prediction, answer_kind: str = "number", answer_prompt: str = ANSWER_PROMPT
 ) -> dict:
     """Both predictions and both verdicts of one generated text (the fields of an evaluation record)."""
     reference_of, strict_of = extractors(answer_kind, answer_prompt)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ...config import ANSWER_PROMPT
 from ...data import (
     IGNORE_INDEX,
     DataError,
@@ -101,7 +102,7 @@ def tokenize_records(
     include_last_cot: bool = False,
     max_token_num: int = 1000,
     skip_negative_answers: bool = False,
-    answer_prompt: str = "The answer is:",
+    answer_prompt: str = ANSWER_PROMPT,
     max_samples: int | None = None,
     name: str = "train",
 ) -> tuple[list[CoconutRecord], DataStats]:
