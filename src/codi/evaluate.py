@@ -1,4 +1,4 @@
-"""Accuracy and speed of a CODI checkpoint on the SPEC §5 benchmarks; `codi eval`.
+"""Accuracy and speed of a CODI checkpoint on the benchmarks of docs/method.md#evaluation; `codi eval`.
 
 Two scores per run, side by side:
   reference: the reference's extraction (commas removed, LAST match of `-?\\d+\\.?\\d*`, float);

@@ -182,7 +182,7 @@ def format_table(rows: list[Row]) -> str:
 
 
 def claim_check(rows: dict[str, Row]) -> dict[str, bool]:
-    """The claim the demo must show (issue 8), evaluated on this run."""
+    """The claims the demo checks (listed in docs/demo.md), evaluated on this run."""
     latent, cot = rows["codi_latent"], rows["codi_cot"]
     no_cot = rows.get("no_cot", Row("none", "cot", 1.0, 0, 0, 0, 0))
     return {
