@@ -171,7 +171,6 @@ class CoconutModel(CODIModel):
         suffix_mask: torch.Tensor | None = None,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        **unused,
     ) -> dict[str, torch.Tensor]:
         """Mean next-token CE of a `CoconutCollator` batch (continuous thoughts, or token sequences for
         the pause-as-thought and w/o-thought ablations: one plain LM forward)."""
