@@ -236,6 +236,7 @@ def test_paired_drop_and_verdict_rule():
     small = paired_drop([True] * 50, [False] * 3 + [True] * 47)
     assert verdict({"shuffle": small}).startswith("inconclusive")
     assert verdict({"noise": (0.9, 0.8, 1.0)}).startswith("no verdict")
+    assert verdict({"zero": (0.0, 0.0, 0.0)}, base_accuracy=0.04).startswith("no verdict")
 
 
 def test_definitions_and_errors():

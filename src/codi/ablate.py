@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def format_table(result: dict) -> str:
     """The plain-text table: one row per intervention, the No-CoT reference, then the verdict."""
-    header = f"{'intervention':<22}{'latents':>8}{'accuracy %':>12}{'±95%':>7}{'drop, points [95% CI]':>26}{'changed %':>11}"
+    header = f"{'intervention':<22}{'latents':>8}{'accuracy %':>12}{'±95%':>7}{'drop, points [95% CI]':>26}{'answer changed %':>18}"
     lines = [f"{result['n']} questions, model runs {result['num_latent']} latents", header, "-" * len(header)]
     for row in result["rows"]:
         if row["family"] == "none":
@@ -175,7 +175,7 @@ def format_table(result: dict) -> str:
         name = "none (unmodified)" if row["family"] == "none" else row["name"]
         lines.append(
             f"{name:<22}{row['num_latent']:>8}{100 * row['accuracy']:>12.1f}{100 * row['half_width']:>7.1f}"
-            f"{drop:>26}{100 * row['changed']:>11.1f}"
+            f"{drop:>26}{100 * row['changed']:>18.1f}"
         )
     if result.get("no_cot_accuracy") is not None:
         lines.append(f"{'No-CoT-SFT (reference)':<22}{'-':>8}{100 * result['no_cot_accuracy']:>12.1f}")

@@ -32,7 +32,7 @@ with b questions right -> wrong and c wrong -> right, d = (b - c) / n and
 Var(d) = ((b + c) / n - d^2) / n (Wald), interval d +- 1.96 sqrt(Var). The answers "depend on the
 latents" when the lower end of that interval exceeds `margin` (default 5 points) for zeroing or
 shuffling; they "do not depend" when the upper end is below `margin` for every one run; otherwise the
-result is inconclusive at this test-set size.
+result is inconclusive at this test-set size. No verdict when the unmodified accuracy is itself <= `margin`.
 """
 
 from __future__ import annotations
@@ -279,12 +279,20 @@ def binomial_half_width(accuracy: float, n: int, z: float = Z95) -> float:
     return z * math.sqrt(max(accuracy * (1 - accuracy), 0.0) / n) if n else float("nan")
 
 
-def verdict(drops: dict[str, tuple[float, float, float]], margin: float = 0.05) -> str:
+def verdict(
+    drops: dict[str, tuple[float, float, float]], margin: float = 0.05, base_accuracy: float | None = None
+) -> str:
     """One line from the paired drops of `zero` and/or `shuffle` (fractions); the rule is in the module
-    docstring. `drops` maps a family to (drop, lo, hi); other families are ignored."""
+    docstring. `drops` maps a family to (drop, lo, hi); other families are ignored. No verdict when the
+    unmodified accuracy (`base_accuracy`) is <= `margin`: no drop could then exceed the margin."""
     tested = {family: drops[family] for family in ("zero", "shuffle") if family in drops}
     if not tested:
         return "no verdict: run zero and/or shuffle to test whether the answers depend on the latents"
+    if base_accuracy is not None and base_accuracy <= margin:
+        return (
+            f"no verdict: the unmodified accuracy ({100 * base_accuracy:.1f} %) is within the "
+            f"{100 * margin:g}-point margin of 0, so no drop can exceed it"
+        )
     details = ", ".join(
         f"{'zeroing' if family == 'zero' else 'shuffling'} {100 * d:+.1f} points [{100 * lo:+.1f}, {100 * hi:+.1f}]"
         for family, (d, lo, hi) in tested.items()
@@ -440,7 +448,7 @@ def ablate(
         "max_new_tokens": max_new_tokens,
         "no_cot_accuracy": no_cot_accuracy,
         "rows": rows,
-        "verdict": verdict(drops, margin),
+        "verdict": verdict(drops, margin, rows[0]["accuracy"]),
     }
     result["table"] = format_table(result)
     if output_dir:
