@@ -243,9 +243,16 @@ def test_definitions_and_errors():
     assert cyclic_permutation(1, 0) == [0]
     assert all(i != p for i, p in enumerate(cyclic_permutation(7, 5)))
     names = [iv.name for iv in build_interventions(["noise", "first_k", "num_latent"], 2, (0.5,))]
-    assert names == ["none", "noise sigma=0.5", "first_k=0", "first_k=1", "first_k=2"] + [
-        f"num_latent={n}" for n in range(5)
+    assert names == [
+        "none",
+        "noise sigma=0.5",
+        "first_k=0",
+        "first_k=1",
+        "first_k=2",
+        "num_latent=3",
+        "num_latent=4",
     ]
+    assert [iv.value for iv in build_interventions(["num_latent"], 2, max_num_latent=3)[1:]] == [0, 1, 2, 3]
     assert parse_families("all")[0] == "zero"
     with pytest.raises(ValueError, match="unknown intervention 'zeros'"):
         parse_families("zero,zeros")

@@ -205,7 +205,9 @@ def write_outputs(result: dict, samples: list[dict], output_dir: str) -> dict[st
 
 
 def _reference_lines(axis, result: dict, base: float) -> None:
-    axis.axhline(100 * base, color="#1f77b4", linestyle="--", linewidth=1, label="unmodified")
+    axis.axhline(
+        100 * base, color="#1f77b4", linestyle="--", linewidth=1, label=f"unmodified ({100 * base:.1f} %)"
+    )
     if result.get("no_cot_accuracy") is not None:
         axis.axhline(
             100 * result["no_cot_accuracy"], color="#555555", linestyle=":", linewidth=1.2, label="No-CoT"
@@ -237,8 +239,8 @@ def save_plot(result: dict, path: str) -> None:
             errors = [100 * row["half_width"] for row in bars]
             axis.bar(range(len(bars)), values, yerr=errors, color="#ff7f0e", capsize=3)
             axis.set_xticks(range(len(bars)), [row["name"] for row in bars])
-            for index, value in enumerate(values):
-                axis.text(index, value + 1, f"{value:.1f}", ha="center", va="bottom", fontsize=8)
+            for index, (value, error) in enumerate(zip(values, errors)):
+                axis.text(index, value + error + 1, f"{value:.1f}", ha="center", va="bottom", fontsize=8)
             axis.set_title("latents replaced")
         elif panel == "noise":
             sigmas = [row["value"] for row in noise]
@@ -270,8 +272,9 @@ def save_plot(result: dict, path: str) -> None:
         _reference_lines(axis, result, base)
         axis.set_ylim(0, 105)
         axis.set_ylabel("accuracy (%)")
-    axes[0][0].legend(loc="lower left", fontsize=8)
-    fig.suptitle(result.get("title") or "interventions on the latents", fontsize=10)
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper right", fontsize=8, ncol=len(labels), frameon=False)
+    fig.suptitle(result.get("title") or "interventions on the latents", fontsize=10, x=0.02, ha="left")
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
     fig.savefig(path, dpi=120)
     plt.close(fig)

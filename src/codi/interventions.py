@@ -101,7 +101,8 @@ def build_interventions(
     sigmas: Sequence[float] = DEFAULT_SIGMAS,
     max_num_latent: int | None = None,
 ) -> list[Intervention]:
-    """The list of interventions to run, `none` first. max_num_latent: top of the num_latent sweep (2L)."""
+    """The list of interventions to run, `none` first. max_num_latent: top of the num_latent sweep (2L);
+    with `first_k` also requested, the sweep starts at L + 1 (first_k=k already runs k latents)."""
     top = 2 * num_latent if max_num_latent is None else max_num_latent
     result = [Intervention("none")]
     for family in families:
@@ -111,8 +112,9 @@ def build_interventions(
             result += [Intervention("noise", float(sigma)) for sigma in sigmas]
         elif family == "first_k":
             result += [Intervention("first_k", k) for k in range(num_latent + 1)]
-        elif family == "num_latent":
-            result += [Intervention("num_latent", n) for n in range(top + 1)]
+        elif family == "num_latent":  # n <= L would repeat first_k's runs (the same answers)
+            start = num_latent + 1 if "first_k" in families else 0
+            result += [Intervention("num_latent", n) for n in range(start, top + 1)]
         elif family == "permute" and num_latent < 2:
             logger.warning("permute skipped: it needs at least 2 latents (the model runs %d)", num_latent)
         else:
