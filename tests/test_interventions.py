@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from codi.ablate import paired_drop, verdict
 from codi.data import encode_question
 from codi.eval_data import EvalItem
 from codi.evaluate import evaluate, extract_answer
@@ -20,12 +21,10 @@ from codi.interventions import (
     cyclic_permutation,
     length_batches,
     noise_factory,
-    paired_drop,
     parse_families,
     replay_factory,
     replay_plan,
     run_latent,
-    verdict,
     zero_factory,
 )
 
@@ -237,6 +236,10 @@ def test_paired_drop_and_verdict_rule():
     assert verdict({"shuffle": small}).startswith("inconclusive")
     assert verdict({"noise": (0.9, 0.8, 1.0)}).startswith("no verdict")
     assert verdict({"zero": (0.0, 0.0, 0.0)}, base_accuracy=0.04).startswith("no verdict")
+    used_but_harmful = verdict({"zero": (0.15, 0.11, 0.2), "no_latent": (-0.19, -0.24, -0.13)})
+    assert used_but_harmful.startswith("answers depend on the latents") and "(they HURT)" in used_but_harmful
+    assert "(they help)" in verdict({"zero": (0.8, 0.7, 0.9), "no_latent": (0.7, 0.6, 0.8)})
+    assert "(no clear gain from them)" in verdict({"zero": (0.8, 0.7, 0.9), "no_latent": (0.0, -0.1, 0.1)})
 
 
 def test_definitions_and_errors():

@@ -4,16 +4,31 @@
 
 writes OUT/table.txt, OUT/interventions.png, OUT/results.json and OUT/samples.jsonl (one line per
 intervention and question) and prints the table and the one-line verdict.
+
+Verdict rule (`verdict`): for each of `zero` and `shuffle`, the accuracy drop d = acc(none) - acc(x)
+and its 95 % interval come from the PAIRED difference of two proportions on the same n questions:
+with b questions right -> wrong and c wrong -> right, d = (b - c) / n and
+Var(d) = ((b + c) / n - d^2) / n (Wald), interval d +- 1.96 sqrt(Var). The answers "depend on the
+latents" when the lower end of that interval exceeds `margin` (default 5 points) for zeroing or
+shuffling; they "do not depend" when the upper end is below `margin` for every one run; otherwise the
+result is inconclusive at this test-set size. No verdict when the unmodified accuracy is itself <= `margin`.
+When k = 0 was run, the line adds whether feeding no latent at all scores lower (the latents help: the
+drop's interval is above `margin`), higher (they hurt: below -`margin`) or neither (no clear gain): a
+model can depend on its latents and still answer better without them.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 logger = logging.getLogger(__name__)
+
+Z95 = 1.959963984540054
 
 
 @dataclass
@@ -157,6 +172,66 @@ def main(argv: list[str] | None = None) -> int:
     (args,) = HfArgumentParser(AblateArguments).parse_args_into_dataclasses(argv)
     run_ablate(args)
     return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# The verdict
+
+
+def paired_drop(base: Sequence[bool], other: Sequence[bool], z: float = Z95) -> tuple[float, float, float]:
+    """Accuracy drop acc(base) - acc(other) as a fraction, with its paired 95 % interval (lo, hi).
+
+    b = right -> wrong, c = wrong -> right over the same n items; d = (b - c) / n,
+    Var(d) = ((b + c) / n - d^2) / n.
+    """
+    n = len(base)
+    if n == 0 or n != len(other):
+        raise ValueError(f"paired_drop needs two equal, non-empty lists; got {n} and {len(other)}")
+    b = sum(1 for x, y in zip(base, other) if x and not y)
+    c = sum(1 for x, y in zip(base, other) if y and not x)
+    drop = (b - c) / n
+    half = z * math.sqrt(max((b + c) / n - drop * drop, 0.0) / n)
+    return drop, drop - half, drop + half
+
+
+def binomial_half_width(accuracy: float, n: int, z: float = Z95) -> float:
+    """Half-width of the Wald 95 % interval of an accuracy (fraction) measured on n items."""
+    return z * math.sqrt(max(accuracy * (1 - accuracy), 0.0) / n) if n else float("nan")
+
+
+def verdict(
+    drops: dict[str, tuple[float, float, float]], margin: float = 0.05, base_accuracy: float | None = None
+) -> str:
+    """One line from the paired drops (fractions) of `zero` and/or `shuffle`; the rule is in the module
+    docstring. `drops` maps a family to (drop, lo, hi); a `no_latent` entry (no latent fed at all) adds
+    whether the latents help (its drop's interval above the margin) or hurt (below minus the margin).
+    No verdict when the unmodified accuracy (`base_accuracy`) is <= `margin`: no drop could exceed it."""
+    tested = {family: drops[family] for family in ("zero", "shuffle") if family in drops}
+    if not tested:
+        return "no verdict: run zero and/or shuffle to test whether the answers depend on the latents"
+    if base_accuracy is not None and base_accuracy <= margin:
+        return (
+            f"no verdict: the unmodified accuracy ({100 * base_accuracy:.1f} %) is within the "
+            f"{100 * margin:g}-point margin of 0, so no drop can exceed it"
+        )
+    names = {"zero": "zeroing", "shuffle": "shuffling", "no_latent": "no latent at all"}
+    details = ", ".join(f"{names[family]} {_points(*drop)}" for family, drop in tested.items())
+    rule = f"(accuracy drop, paired 95 % interval; margin {100 * margin:g} points)"
+    if any(lo > margin for _, lo, _ in tested.values()):
+        line = f"answers depend on the latents: {details}"
+    elif all(hi < margin for _, _, hi in tested.values()):
+        line = f"answers do not depend on the latents: {details}"
+    else:
+        line = f"inconclusive at this test-set size: {details}"
+    if "no_latent" in drops:
+        drop, lo, hi = drops["no_latent"]
+        effect = "they help" if lo > margin else "they HURT" if hi < -margin else "no clear gain from them"
+        line += f"; {names['no_latent']} {_points(drop, lo, hi)} ({effect})"
+    return f"{line} {rule}"
+
+
+def _points(drop: float, lo: float, hi: float) -> str:
+    return f"{100 * drop:+.1f} points [{100 * lo:+.1f}, {100 * hi:+.1f}]"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -26,25 +26,19 @@ Each intervention changes the latents a CODI model feeds itself between `<bot>` 
 "Recorded" latents are those the unmodified run fed (`generate(..., return_latents=True)`); feeding them
 back in their own order reproduces the unmodified answers exactly (tested).
 
-Verdict rule (`verdict`): for each of `zero` and `shuffle`, the accuracy drop d = acc(none) - acc(x)
-and its 95 % interval come from the PAIRED difference of two proportions on the same n questions:
-with b questions right -> wrong and c wrong -> right, d = (b - c) / n and
-Var(d) = ((b + c) / n - d^2) / n (Wald), interval d +- 1.96 sqrt(Var). The answers "depend on the
-latents" when the lower end of that interval exceeds `margin` (default 5 points) for zeroing or
-shuffling; they "do not depend" when the upper end is below `margin` for every one run; otherwise the
-result is inconclusive at this test-set size. No verdict when the unmodified accuracy is itself <= `margin`.
+The verdict (answers depend on the latents or not) and its rule: `codi.ablate.verdict`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from .ablate import binomial_half_width, format_table, paired_drop, save_plot, verdict, write_outputs
 from .data import encode_question
 from .evaluate import extract_answer, extract_choice, is_correct
 from .generate import GenerationOutput, generate
@@ -54,7 +48,6 @@ logger = logging.getLogger(__name__)
 FAMILIES = ("none", "zero", "noise", "shuffle", "reverse", "permute", "first_k", "num_latent")
 DEFAULT_FAMILIES = FAMILIES[1:]
 DEFAULT_SIGMAS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
-Z95 = 1.959963984540054
 REPLAYS = ("shuffle", "reverse", "permute")
 
 
@@ -260,53 +253,6 @@ def score_outputs(outputs, items, answer_kind: str = "number") -> list[tuple[obj
     return scored
 
 
-def paired_drop(base: Sequence[bool], other: Sequence[bool], z: float = Z95) -> tuple[float, float, float]:
-    """Accuracy drop acc(base) - acc(other) as a fraction, with its paired 95 % interval (lo, hi).
-
-    b = right -> wrong, c = wrong -> right over the same n items; d = (b - c) / n,
-    Var(d) = ((b + c) / n - d^2) / n.
-    """
-    n = len(base)
-    if n == 0 or n != len(other):
-        raise ValueError(f"paired_drop needs two equal, non-empty lists; got {n} and {len(other)}")
-    b = sum(1 for x, y in zip(base, other) if x and not y)
-    c = sum(1 for x, y in zip(base, other) if y and not x)
-    drop = (b - c) / n
-    half = z * math.sqrt(max((b + c) / n - drop * drop, 0.0) / n)
-    return drop, drop - half, drop + half
-
-
-def binomial_half_width(accuracy: float, n: int, z: float = Z95) -> float:
-    """Half-width of the Wald 95 % interval of an accuracy (fraction) measured on n items."""
-    return z * math.sqrt(max(accuracy * (1 - accuracy), 0.0) / n) if n else float("nan")
-
-
-def verdict(
-    drops: dict[str, tuple[float, float, float]], margin: float = 0.05, base_accuracy: float | None = None
-) -> str:
-    """One line from the paired drops of `zero` and/or `shuffle` (fractions); the rule is in the module
-    docstring. `drops` maps a family to (drop, lo, hi); other families are ignored. No verdict when the
-    unmodified accuracy (`base_accuracy`) is <= `margin`: no drop could then exceed the margin."""
-    tested = {family: drops[family] for family in ("zero", "shuffle") if family in drops}
-    if not tested:
-        return "no verdict: run zero and/or shuffle to test whether the answers depend on the latents"
-    if base_accuracy is not None and base_accuracy <= margin:
-        return (
-            f"no verdict: the unmodified accuracy ({100 * base_accuracy:.1f} %) is within the "
-            f"{100 * margin:g}-point margin of 0, so no drop can exceed it"
-        )
-    details = ", ".join(
-        f"{'zeroing' if family == 'zero' else 'shuffling'} {100 * d:+.1f} points [{100 * lo:+.1f}, {100 * hi:+.1f}]"
-        for family, (d, lo, hi) in tested.items()
-    )
-    rule = f"(accuracy drop, paired 95 % interval; margin {100 * margin:g} points)"
-    if any(lo > margin for _, lo, _ in tested.values()):
-        return f"answers depend on the latents: {details} {rule}"
-    if all(hi < margin for _, _, hi in tested.values()):
-        return f"answers do not depend on the latents: {details} {rule}"
-    return f"inconclusive at this test-set size: {details} {rule}"
-
-
 def _factory_for(intervention: Intervention, recorded, eps, seed: int) -> TransformFactory | None:
     family = intervention.family
     if family == "zero":
@@ -398,8 +344,6 @@ def ablate(
     output_dir: writes `samples.jsonl` (one line per intervention and question), `results.json`,
     `table.txt` and `interventions.png`. Returns the summary (accuracies as fractions).
     """
-    from .ablate import format_table, save_plot, write_outputs
-
     if not items:
         raise ValueError("ablate: no items to evaluate")
     steps = model.args.inf_latent_iterations
@@ -440,6 +384,9 @@ def ablate(
         )
         samples.extend(_sample_lines(intervention, items, runs[key], scored, plan))
     drops = {row["family"]: (row["drop"], row["drop_lo"], row["drop_hi"]) for row in rows}
+    for row in rows:
+        if row["family"] in ("first_k", "num_latent") and row["num_latent"] == 0:
+            drops["no_latent"] = (row["drop"], row["drop_lo"], row["drop_hi"])
     result = {
         "title": title,
         "n": len(items),
