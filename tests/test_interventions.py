@@ -261,3 +261,23 @@ def test_definitions_and_errors():
         parse_families("zero,zeros")
     with pytest.raises(ValueError, match="value required"):
         Intervention("noise")
+
+
+def test_ablate_command_on_a_saved_checkpoint(model, tmp_path, capsys):
+    from codi.ablate import main
+
+    model.save_pretrained(str(tmp_path / "ckpt"))
+    data = tmp_path / "test.txt"
+    data.write_text("".join(f"{question}||<<1+1=2>>####2\n" for question in QUESTIONS[:3]))
+    out = tmp_path / "out"
+    flags = ["--model", str(tmp_path / "ckpt"), "--data", str(data), "--output_dir", str(out)]
+    flags += ["--interventions", "zero,shuffle,num_latent", "--max_num_latent", "4", "--max_new_tokens", "4"]
+    assert main(flags + ["--no_cot_model", str(tmp_path / "ckpt"), "--no_progress", "--device", "cpu"]) == 0
+    table = capsys.readouterr().out
+    assert "No-CoT-SFT (reference)" in table and "num_latent=4" in table and "verdict:" in table
+    summary = json.loads((out / "results.json").read_text())
+    assert [row["name"] for row in summary["rows"]][:3] == ["none", "zero", "shuffle"]
+    with pytest.raises(ValueError, match="--interventions: unknown intervention 'zeros'"):
+        main(flags[:4] + ["--interventions", "zeros"])
+    with pytest.raises(ValueError, match="--noise_sigmas"):
+        main(flags[:4] + ["--noise_sigmas", "a,b"])
