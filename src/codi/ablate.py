@@ -285,7 +285,11 @@ def _reference_lines(axis, result: dict, base: float) -> None:
     )
     if result.get("no_cot_accuracy") is not None:
         axis.axhline(
-            100 * result["no_cot_accuracy"], color="#555555", linestyle=":", linewidth=1.2, label="No-CoT"
+            100 * result["no_cot_accuracy"],
+            color="#555555",
+            linestyle=":",
+            linewidth=1.2,
+            label=f"No-CoT-SFT ({100 * result['no_cot_accuracy']:.1f} %)",
         )
 
 
@@ -348,8 +352,14 @@ def save_plot(result: dict, path: str) -> None:
         axis.set_ylim(0, 105)
         axis.set_ylabel("accuracy (%)")
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper right", fontsize=8, ncol=len(labels), frameon=False)
+    fig.legend(handles, labels, loc="upper right", bbox_to_anchor=(0.99, 0.995), fontsize=8, ncol=len(labels))
     fig.suptitle(result.get("title") or "interventions on the latents", fontsize=10, x=0.02, ha="left")
     fig.tight_layout(rect=(0, 0, 1, 0.96))
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+if __name__ == "__main__":  # `python -m codi.ablate ...` until `codi ablate` is wired in codi.cli
+    import sys
+
+    sys.exit(main())
