@@ -281,3 +281,6 @@ def test_ablate_command_on_a_saved_checkpoint(model, tmp_path, capsys):
         main(flags[:4] + ["--interventions", "zeros"])
     with pytest.raises(ValueError, match="--noise_sigmas"):
         main(flags[:4] + ["--noise_sigmas", "a,b"])
+    with pytest.raises(SystemExit):  # every help string renders (a bare % would break argparse)
+        main(["--help"])
+    assert "--interventions" in capsys.readouterr().out

@@ -68,7 +68,8 @@ class AblateArguments:
     max_new_tokens: int = field(default=256, metadata={"help": "Answer length limit."})
     seed: int = field(default=0, metadata={"help": "Seeds the noise, the shuffle and the permutations."})
     margin: float = field(
-        default=0.05, metadata={"help": "Verdict margin: accuracy drop (fraction) beyond the 95 % interval."}
+        default=0.05,
+        metadata={"help": "Verdict margin: accuracy drop (fraction) beyond the 95-percent interval."},
     )
     title: str | None = field(default=None, metadata={"help": "Chart title (default: the model path)."})
     base_model: str | None = field(
