@@ -19,14 +19,18 @@ Each intervention changes the latents a CODI model feeds itself between `<bot>` 
 - `permute`: each question's recorded latents are fed in a random order without fixed points (one
   cyclic permutation of the L steps per question, seeded); a no-op when L = 1, so skipped then.
 - `first_k` (k = 0..L): only the first k latents are fed (`<bot>`, k latents, `<eot>`); k = 0 feeds no
-  latent at all. Equal, by construction, to running k latent iterations, so these runs are shared with
-- `num_latent` (n = 0..2L by default): n latent iterations, more or fewer than trained (the paper's
-  accuracy-against-latent-count figure).
+  latent at all. Equal, by construction, to running k latent iterations (one run serves both).
+- `num_latent` (n = 0..2L, or L+1..2L when `first_k` runs too): n latent iterations, more or fewer than
+  trained (the paper's accuracy-against-latent-count figure).
+
+Batching: `length_batches` groups the questions as `generate` does and each group is one `generate`
+call, so a transform knows which question each row is; replays and noise are indexed by question, so
+results do not depend on the batch size (up to the float noise of padding, as in `codi eval`).
 
 "Recorded" latents are those the unmodified run fed (`generate(..., return_latents=True)`); feeding them
 back in their own order reproduces the unmodified answers exactly (tested).
 
-The verdict (answers depend on the latents or not) and its rule: `codi.ablate.verdict`.
+The verdict (answers depend on the latents or not) and its rule: `codi.ablate` (module docstring).
 """
 
 from __future__ import annotations
