@@ -264,9 +264,19 @@ def test_definitions_and_errors():
 
 
 def test_ablate_command_on_a_saved_checkpoint(model, tmp_path, capsys):
-    from codi.ablate import main
+    from codi.cli.ablate import main
 
-    model.save_pretrained(str(tmp_path / "ckpt"))
+    # A LoRA checkpoint holds only what training changes; the fixture also perturbs the frozen base,
+    # which would not load back (the base fingerprint differs): perturb the trainable weights only.
+    from codi.model import CODIModel
+
+    trained = CODIModel.from_base(model.args)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in trained.parameters():
+            if parameter.requires_grad and parameter.dim() >= 2:
+                parameter.normal_(0.0, 0.5, generator=generator)
+    trained.save_pretrained(str(tmp_path / "ckpt"))
     data = tmp_path / "test.txt"
     data.write_text("".join(f"{question}||<<1+1=2>>####2\n" for question in QUESTIONS[:3]))
     out = tmp_path / "out"

@@ -44,8 +44,8 @@ import torch
 
 from .ablate import binomial_half_width, format_table, paired_drop, save_plot, verdict, write_outputs
 from .data import encode_question
-from .evaluate import extract_answer, extract_choice, is_correct
 from .generate import GenerationOutput, generate
+from .scoring import extract_answer, extract_choice, is_correct
 
 logger = logging.getLogger(__name__)
 

@@ -33,6 +33,9 @@ COMMANDS: dict[str, Command] = {
     "export-smollm2": Command(
         "demo:export_smollm2", "de-quantise the offline SmolLM2-135M-Instruct into an HF folder"
     ),
+    "ablate": Command(
+        "ablate:main", "does the model use its latents? zero / noise / shuffle / reorder / truncate them"
+    ),
     "compare": Command(
         "compare:main", "train several methods (CODI, Coconut, iCoT, CoT-SFT, No-CoT) alike; one table"
     ),
