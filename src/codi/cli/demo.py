@@ -54,11 +54,16 @@ def _table1(args: DemoArguments) -> int:
         raise UsageError("--preset table1 takes no --set (its settings are codi.compare's TABLE1_* values)")
     import time
 
+    import torch
+
     from ..compare import run_synthetic
     from ..demo.pipeline import fresh_out_dir
     from ..demo.presets import synth_config
 
     out_dir = fresh_out_dir(args.out, args.overwrite)
+    # One thread, as the demo: these models are tiny, and two threads per process under contention
+    # measured ~10x slower per step (two seeds can then run side by side on 2 cores).
+    torch.set_num_threads(1)
     start = time.perf_counter()
     result = run_synthetic(
         seeds=(args.seed,),
