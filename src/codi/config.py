@@ -334,8 +334,10 @@ def canonical_key(key: str) -> str:
 
 
 TRAIN_DESCRIPTION = (
-    "Train CODI, or the CoT-SFT / No-CoT-SFT baselines (--method). The flags keep the reference scripts' "
-    "names (their older spellings mse_loss_* are accepted too), and every HF TrainingArguments flag works."
+    "Train CODI, or a baseline of the paper's Table 1 (--method cot_sft | no_cot_sft | icot | coconut; "
+    "icot and coconut add their own flags: codi train --method coconut --help). The flags keep the "
+    "reference scripts' names (their older spellings mse_loss_* are accepted too), and every HF "
+    "TrainingArguments flag works."
 )
 
 
