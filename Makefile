@@ -20,8 +20,9 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# Two workers, one per core (the tests run one torch thread each); a file's tests stay on one worker.
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench
