@@ -284,14 +284,15 @@ def build_dataset(
         if max_samples is not None and stats.kept >= max_samples:
             break
         stats.read += 1
-        value = answer_value(record.answer)
-        reason = _drop_reason(value, skip_negative_answers)
-        if reason is None:
-            question, cot, raw = _fields(record, value, cot_style, include_last_cot, answer_prompt)
-            # The reference's length filter runs on the RAW fields (whole CoT, special tokens included):
-            # it decides which records exist, so it is reproduced as is, and is the same for every method.
-            if len(tokenizer(raw)["input_ids"]) > max_token_num:
-                reason = "longer_than_max_token_num"
+        value, question, cot, reason = screen_record(
+            record,
+            tokenizer,
+            cot_style,
+            include_last_cot,
+            max_token_num,
+            skip_negative_answers,
+            answer_prompt,
+        )
         if reason is None:
             step_source = record.cot if step_targets else None
             example = build_example(
@@ -324,6 +325,29 @@ def build_dataset(
     if step_targets and method == "codi":
         _check_step_targets(name, examples, first_without_steps)
     return CODIDataset(examples, method), stats
+
+
+def screen_record(
+    record: RawRecord,
+    tokenizer,
+    cot_style: str,
+    include_last_cot: bool,
+    max_token_num: int,
+    skip_negative_answers: bool,
+    answer_prompt: str = ANSWER_PROMPT,
+) -> tuple[str, str, str, str | None]:
+    """(answer value, question, processed CoT, why the record is dropped or None): the reference's
+    filters, the same for every method that trains on records (CODI, the baselines, Coconut)."""
+    value = answer_value(record.answer)
+    reason = _drop_reason(value, skip_negative_answers)
+    if reason is not None:
+        return value, record.question, "", reason
+    question, cot, raw = _fields(record, value, cot_style, include_last_cot, answer_prompt)
+    # The reference's length filter runs on the RAW fields (whole CoT, special tokens included): it
+    # decides which records exist, so it is reproduced as is.
+    if len(tokenizer(raw)["input_ids"]) > max_token_num:
+        reason = "longer_than_max_token_num"
+    return value, question, cot, reason
 
 
 def _drop_reason(value: str, skip_negative_answers: bool) -> str | None:

@@ -29,12 +29,11 @@ from ...data import (
     DataError,
     DataStats,
     RawRecord,
-    answer_value,
     attention_mask_for,
     encode_answer,
     encode_question,
     pad_sequences,
-    process_cot,
+    screen_record,
 )
 from .schedule import CoconutArguments, mixing_rng, record_stage, stage_plan
 
@@ -117,18 +116,14 @@ def tokenize_records(
         if max_samples is not None and stats.kept >= max_samples:
             break
         stats.read += 1
-        value = answer_value(record.answer)
-        if not value:
-            stats.dropped["empty_answer"] += 1
-            continue
-        if skip_negative_answers and not value[0].isdigit():
-            stats.dropped["answer_not_starting_with_digit"] += 1
-            continue
-        if len(tokenizer(record.question + record.cot + record.answer)["input_ids"]) > max_token_num:
-            stats.dropped["longer_than_max_token_num"] += 1
-            continue
         style = cot_style if cot_style != "auto" else ("equation" if "<<" in record.cot else "nl")
-        cot = process_cot(record.cot, style, include_last_cot)
+        value, _, cot, reason = screen_record(
+            record, tokenizer, style, include_last_cot, max_token_num, skip_negative_answers, answer_prompt
+        )
+        if reason is not None:
+            stats.dropped[reason] += 1
+            stats.first_dropped.setdefault(reason, record.where)
+            continue
         answer_ids, _ = encode_answer(tokenizer, value, answer_prompt)
         out.append(
             CoconutRecord(
