@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import logging
 import re
-from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from .config import ANSWER_PROMPT
 from .losses import IGNORE_INDEX
-from .records import DataError, RawRecord, load_records, read_records  # noqa: F401 (re-exported)
+from .records import DataError, DataStats, RawRecord, load_records, read_records  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -64,34 +63,6 @@ class Example:
             if self.step_value_ids is not None:
                 features["step_value_ids"] = self.step_value_ids
         return features
-
-
-@dataclass
-class DataStats:
-    """How many records were read, kept and dropped by reason, and kept but flagged (e.g. non-numeric
-    answers), each reason with the first record it applied to."""
-
-    read: int = 0
-    kept: int = 0
-    dropped: Counter = field(default_factory=Counter)
-    flagged: Counter = field(default_factory=Counter)
-    first_dropped: dict[str, str] = field(default_factory=dict)
-    first_flagged: dict[str, str] = field(default_factory=dict)
-
-    def log(self, name: str) -> None:
-        reasons = ", ".join(
-            f"{reason}: {count} (first: {self.first_dropped.get(reason, '?')})"
-            for reason, count in sorted(self.dropped.items())
-        )
-        logger.info("%s: read %d records, kept %d, dropped %s", name, self.read, self.kept, reasons or "none")
-        for reason, count in sorted(self.flagged.items()):
-            logger.warning(
-                "%s: %d kept record(s) flagged %s (first: %s)",
-                name,
-                count,
-                reason,
-                self.first_flagged[reason],
-            )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -319,7 +290,7 @@ def build_dataset(
         stats.kept += 1
         if step_targets and example.step_value_ids == [] and not first_without_steps:
             first_without_steps = record.where
-    stats.log(name)
+    stats.log(name, logger)
     if not examples:
         raise DataError(f"{name}: no usable records (read {stats.read}, dropped {dict(stats.dropped)})")
     if step_targets and method == "codi":

@@ -326,6 +326,15 @@ def _summary_row(intervention: Intervention, steps: int, outputs, scored, refere
     }
 
 
+def _drops(rows: list[dict]) -> dict[str, tuple[float, float, float]]:
+    """(drop, low, high) per intervention family, and for feeding no latent at all (`no_latent`)."""
+    drops = {row["family"]: (row["drop"], row["drop_lo"], row["drop_hi"]) for row in rows}
+    for row in rows:
+        if row["family"] in ("first_k", "num_latent") and row["num_latent"] == 0:
+            drops["no_latent"] = (row["drop"], row["drop_lo"], row["drop_hi"])
+    return drops
+
+
 def ablate(
     model,
     items,
@@ -387,10 +396,6 @@ def ablate(
             else None
         )
         samples.extend(_sample_lines(intervention, items, runs[key], scored, plan))
-    drops = {row["family"]: (row["drop"], row["drop_lo"], row["drop_hi"]) for row in rows}
-    for row in rows:
-        if row["family"] in ("first_k", "num_latent") and row["num_latent"] == 0:
-            drops["no_latent"] = (row["drop"], row["drop_lo"], row["drop_hi"])
     result = {
         "title": title,
         "n": len(items),
@@ -401,7 +406,7 @@ def ablate(
         "max_new_tokens": max_new_tokens,
         "no_cot_accuracy": no_cot_accuracy,
         "rows": rows,
-        "verdict": verdict(drops, margin, rows[0]["accuracy"]),
+        "verdict": verdict(_drops(rows), margin, rows[0]["accuracy"]),
     }
     result["table"] = format_table(result)
     if output_dir:

@@ -6,13 +6,17 @@ Every record keeps where it came from (`file:line`, `dataset[split][index]`), an
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import hub
+
+logger = logging.getLogger(__name__)
 
 HUB_ALIASES = {
     "icot": "zen-E/GSM8k-Aug",
@@ -188,3 +192,32 @@ def load_records(source: str, split: str = "train") -> list[RawRecord]:
     if os.path.exists(source) or source.endswith((".txt", ".jsonl", ".json")):
         return read_records(source)
     return load_hub_records(source, split)
+
+
+@dataclass
+class DataStats:
+    """How many records were read, kept and dropped by reason, and kept but flagged (e.g. non-numeric
+    answers), each reason with the first record it applied to."""
+
+    read: int = 0
+    kept: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    flagged: Counter = field(default_factory=Counter)
+    first_dropped: dict[str, str] = field(default_factory=dict)
+    first_flagged: dict[str, str] = field(default_factory=dict)
+
+    def log(self, name: str, log: logging.Logger = logger) -> None:
+        """One INFO line of counts (each drop reason with its first record), one WARNING per flag."""
+        reasons = ", ".join(
+            f"{reason}: {count} (first: {self.first_dropped.get(reason, '?')})"
+            for reason, count in sorted(self.dropped.items())
+        )
+        log.info("%s: read %d records, kept %d, dropped %s", name, self.read, self.kept, reasons or "none")
+        for reason, count in sorted(self.flagged.items()):
+            log.warning(
+                "%s: %d kept record(s) flagged %s (first: %s)",
+                name,
+                count,
+                reason,
+                self.first_flagged[reason],
+            )

@@ -134,7 +134,7 @@ def tokenize_records(
             )
         )
         stats.kept += 1
-    stats.log(name)
+    stats.log(name, logger)
     if not out:
         raise DataError(f"{name}: no usable records (read {stats.read}, dropped {dict(stats.dropped)})")
     return out, stats
