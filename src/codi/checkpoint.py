@@ -64,7 +64,7 @@ def load_safetensors(path: str) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({error})") from error
 
 
-def base_fingerprint(model, state_dict: dict[str, torch.Tensor] | None = None) -> str:
+def base_fingerprint(model, state_dict: dict[str, torch.Tensor] | None = None) -> str | None:
     """A hash of the frozen base weights that a LoRA checkpoint is rebuilt from: every non-LoRA weight
     but the embeddings (whose added rows the checkpoint stores), by name, shape and a strided sample of
     values rounded to bfloat16 (the same whether the base is loaded in float32 or bfloat16)."""
@@ -75,6 +75,8 @@ def base_fingerprint(model, state_dict: dict[str, torch.Tensor] | None = None) -
     for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
         if not name.startswith("lm.") or "lora_" in name or id(param) in embeddings:
             continue
+        if state_dict is not None and name not in state_dict:
+            return None  # a sharded engine's gathered state under other names: no fingerprint, no check
         tensor = (state_dict[name] if state_dict is not None else param).detach().reshape(-1)
         sample = tensor[:: max(1, tensor.numel() // _FINGERPRINT_SAMPLE)][:_FINGERPRINT_SAMPLE]
         digest.update(f"{name}{tuple(param.shape)}".encode())

@@ -126,8 +126,9 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
     return None
 
 
-def prepare_output_dir(output_dir: str, resuming: bool, overwrite: bool) -> None:
-    """Refuse to train into an earlier run's folder unless resuming or overwriting (see the module)."""
+def prepare_output_dir(output_dir: str, resuming: bool, overwrite: bool, deletes: bool = True) -> None:
+    """Refuse to train into an earlier run's folder unless resuming or overwriting (see the module).
+    `deletes`: this process removes the earlier checkpoints (the main process only, under a launcher)."""
     if resuming or not os.path.isdir(output_dir):
         return
     earlier = [name for name in _RUN_OUTPUTS if os.path.exists(os.path.join(output_dir, name))]
@@ -139,7 +140,7 @@ def prepare_output_dir(output_dir: str, resuming: bool, overwrite: bool) -> None
             f"--output_dir {output_dir} holds an earlier run ({', '.join(sorted(earlier)[:4])}): pass "
             "--resume_from_checkpoint last to continue it, --overwrite_output_dir to replace it, or a new folder"
         )
-    for path in checkpoints(output_dir):
+    for path in checkpoints(output_dir) if deletes else []:
         if os.path.exists(os.path.join(path, "trainer_state.json")) or os.path.exists(
             os.path.join(path, "codi_config.json")
         ):

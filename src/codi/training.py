@@ -256,7 +256,12 @@ def start_run(model_args, data_args, training_args, method_args=None) -> tuple[s
     run's arguments) and the output folder's rules (`codi.runs`). Returns (resume path, run signature)."""
     set_seed(training_args.seed)
     resume = _resume_path(training_args)
-    prepare_output_dir(training_args.output_dir, resume is not None, training_args.overwrite_output_dir)
+    prepare_output_dir(
+        training_args.output_dir,
+        resume is not None,
+        training_args.overwrite_output_dir,
+        deletes=training_args.process_index == 0,
+    )
     signature = run_signature(model_args, data_args, training_args, method_args)
     if resume is not None:
         check_resume_compatible(resume, signature)
