@@ -20,8 +20,8 @@ from codi.compare import (
     ModelSpec,
     compare,
 )
-from codi.compare_methods import icot_step_schedule
-from codi.compare_report import t_interval, wilson_interval
+from codi.compare.methods import icot_step_schedule
+from codi.compare.report import t_interval, wilson_interval
 from codi.demo.synth import SynthConfig, make_splits
 
 TINY = ModelSpec(n_layer=1, n_embd=16, n_head=2, num_latent=2)

@@ -12,10 +12,10 @@ import importlib.util
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from .config import CODIDataArguments, CODIModelArguments, CODITrainingArguments
-from .data import process_cot
-from .eval_data import EvalItem
-from .records import read_records
+from ..config import CODIDataArguments, CODIModelArguments, CODITrainingArguments
+from ..data import process_cot
+from ..eval_data import EvalItem
+from ..records import read_records
 
 
 class MethodUnavailable(ValueError):
@@ -195,7 +195,7 @@ def data_arguments(ctx: RunContext, **overrides) -> CODIDataArguments:
 
 
 def _train_with_codi_trainer(ctx: RunContext, method: str):
-    from .training import train
+    from ..training import train
 
     training, model, data = split_options(ctx.method.name, ctx.options)
     result = train(
@@ -228,7 +228,7 @@ def icot_step_schedule(steps: int, longest_cot: int, done_at: float) -> dict:
 
 
 def _train_icot(ctx: RunContext):
-    from .methods.icot import ICoTArguments, train_icot
+    from ..methods.icot import ICoTArguments, train_icot
 
     options = dict(ctx.options)
     done_at = options.pop("removal_done_at", 0.5)
@@ -257,7 +257,7 @@ def _train_coconut(ctx: RunContext):
         raise MethodUnavailable(f"method coconut: not available ({reason})")
     # options: CoconutArguments fields as well as the shared ones, e.g. the step schedule
     # (steps_per_stage, start_stage: see compare.TABLE1_OPTIONS); without one, the reference's epochs
-    from .methods import coconut
+    from ..methods import coconut
 
     arguments_class = coconut.CoconutArguments
     training, model, data, own = split_options(ctx.method.name, ctx.options, (arguments_class,))
@@ -289,7 +289,7 @@ register(Method("no_cot_sft", "No-CoT-SFT", "cot", lambda ctx: _train_with_codi_
 
 
 def _icot_arguments() -> tuple[type, ...]:
-    from .methods.icot import ICoTArguments
+    from ..methods.icot import ICoTArguments
 
     return (ICoTArguments,)
 
@@ -310,7 +310,7 @@ register(
 def _coconut_arguments() -> tuple[type, ...]:
     if _coconut_missing():
         return ()
-    from .methods import coconut
+    from ..methods import coconut
 
     return (coconut.CoconutArguments,)
 
@@ -331,7 +331,7 @@ TABLE1_METHODS = ("codi", "codi_s", "coconut", "icot", "cot_sft", "no_cot_sft")
 
 def evaluate_generation(model, items: Sequence[EvalItem], ctx: RunContext) -> dict:
     """`codi.evaluate.evaluate` in the method's mode; questions/s is the fastest of the timing passes."""
-    from .evaluate import evaluate
+    from ..evaluate import evaluate
 
     result = None
     for repeat in range(max(1, ctx.budget.timing_repeats)):

@@ -26,7 +26,11 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from .compare_methods import (
+from ..data import answer_value
+from ..eval_data import EvalItem
+from ..records import read_records
+from ..scoring import parse_gold
+from .methods import (
     METHODS,
     TABLE1_METHODS,
     Budget,
@@ -41,11 +45,7 @@ from .compare_methods import (
     split_options,
     training_arguments,
 )
-from .compare_report import RunRecord, aggregate, format_table, save_chart, write_results
-from .data import answer_value
-from .eval_data import EvalItem
-from .records import read_records
-from .scoring import parse_gold
+from .report import RunRecord, aggregate, format_table, save_chart, write_results
 
 logger = logging.getLogger(__name__)
 __all__ = [
@@ -85,8 +85,8 @@ def prepare_base(spec: ModelSpec, train_file: str, directory: str, seed: int) ->
     word/digit tokenizer is built from the training file (saved in `directory`)."""
     if spec.path is not None:
         return spec.path
-    from .demo.offline_models import build_base_model
-    from .demo.synth import to_icot_line
+    from ..demo.offline_models import build_base_model
+    from ..demo.synth import to_icot_line
 
     texts = [
         to_icot_line({"question": r.question, "cot": r.cot, "answer": r.answer})
@@ -98,7 +98,7 @@ def prepare_base(spec: ModelSpec, train_file: str, directory: str, seed: int) ->
 def cot_warmup(ctx: RunContext, steps: int) -> str:
     """Train CoT-SFT for `steps` steps into `ctx.out_dir`; returns a folder later runs start from (a
     LoRA run is merged into its base first, so that it loads as a plain causal LM)."""
-    from .training import train
+    from ..training import train
 
     training, model, data = split_options("cot warm-up", ctx.options)
     result = train(
@@ -269,7 +269,7 @@ TABLE1_OPTIONS: dict[str, dict] = {
 def synthetic_data(out_dir: str, synth=None) -> dict[str, str]:
     """Write the demo's data (default: its default preset's: 3-step mod-10 chains, uniform wording,
     20000 / 200 / 500 records, data seed 0) into `out_dir`; returns the `.txt` path of each split."""
-    from .demo.synth import SynthConfig, synthesize
+    from ..demo.synth import SynthConfig, synthesize
 
     config = synth or SynthConfig(
         n_train=20000, n_validation=200, n_test=500, min_steps=3, max_steps=3, wording="uniform", seed=0
