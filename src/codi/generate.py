@@ -33,6 +33,7 @@ from .decoding import (
     sample_next,
     token_processors,
 )
+from .hf import max_positions
 
 logger = logging.getLogger(__name__)
 
@@ -227,16 +228,6 @@ def _generate_batch(
     return _decode_batch(model, prompts, config, num_latent, sampling, return_latents, plan)
 
 
-def max_positions(model) -> int | None:
-    """The model's position limit (learned position tables crash past it), if its config states one."""
-    config = model.hf_model.config
-    for name in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def _too_long(prompt_length: int, extra: int, limit: int) -> str:
     return (
         f"does not fit: a prompt of {prompt_length} tokens (+{extra} latent/<eot> positions) does not fit "
@@ -246,7 +237,7 @@ def _too_long(prompt_length: int, extra: int, limit: int) -> str:
 
 def _fit_position_limit(model, prompt_length: int, mode: str, num_latent: int, max_new_tokens: int) -> int:
     """Shorten `max_new_tokens` so that prompt + latents + `<eot>` + answer fit the position limit."""
-    limit = max_positions(model)
+    limit = max_positions(model.hf_model)
     if limit is None:
         return max_new_tokens
     used = prompt_length + (num_latent + 1 if mode == "latent" else 0)
@@ -276,7 +267,7 @@ def _encode(model, questions: Sequence, config: DecodingConfig) -> tuple[list[li
     if isinstance(questions, str):
         raise TypeError("questions must be a list of strings, not one string")
     latent = config.mode == "latent"
-    limit = max_positions(model)
+    limit = max_positions(model.hf_model)
     extra = _num_latent(model, config) + 1 if latent else 0
     prompts, problems = [], {}
     for index, question in enumerate(questions):

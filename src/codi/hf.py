@@ -40,6 +40,15 @@ def torch_dtype(name: str):
     return name if name == "auto" else getattr(torch, name)
 
 
+def max_positions(lm: nn.Module) -> int | None:
+    """The LM's position limit (learned position tables fail past it), if its config states one."""
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(lm.config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def load_tokenizer(args: CODIModelArguments, path: str | None = None):
     """The tokenizer of `path` (a checkpoint) or of the base model named by `args`."""
     source = path or args.tokenizer_name_or_path or args.model_name_or_path

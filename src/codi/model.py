@@ -263,9 +263,7 @@ class CODIModel(CheckpointMixin, nn.Module):
         ones = attention_mask.new_ones(attention_mask.shape[0], 1)
         for step in range(num_latent):
             if keep_hidden:
-                prefix.hidden.append(last_hidden)
-                if keep_all_layers:
-                    prefix.all_hidden.append(tuple(h[:, -1] for h in out.hidden_states))
+                _keep_state(prefix, out, keep_all_layers)
             latent = self.project(last_hidden)
             if latent_transform is not None:
                 latent = latent_transform(step, latent)
@@ -287,9 +285,7 @@ class CODIModel(CheckpointMixin, nn.Module):
             last_hidden = out.hidden_states[-1][:, -1]
         else:
             if keep_hidden:
-                prefix.hidden.append(last_hidden)
-                if keep_all_layers:
-                    prefix.all_hidden.append(tuple(h[:, -1] for h in out.hidden_states))
+                _keep_state(prefix, out, keep_all_layers)
         return prefix
 
     def decode_step(
@@ -303,7 +299,7 @@ class CODIModel(CheckpointMixin, nn.Module):
         """Feed decoder tokens (B, T) after the prefix (and its pending latent); returns the LM output.
 
         When a latent was pending its output comes first, so decoder token t is at output index t+1
-        (see `pending_offset`). The prefix is advanced in place. `last_logits_only`: logits of the last
+        (the `offset` in `forward`). The prefix is advanced in place. `last_logits_only`: logits of the last
         position only (greedy decoding needs no more).
         """
         embeds = self.embed(input_ids)
@@ -439,3 +435,10 @@ class CODIModel(CheckpointMixin, nn.Module):
         from .generate import generate
 
         return generate(self, questions, **kwargs)
+
+
+def _keep_state(prefix: LatentPrefix, out, all_layers: bool) -> None:
+    """Record the last position's last-layer state of `out` (and every layer's, for the logit lens)."""
+    prefix.hidden.append(out.hidden_states[-1][:, -1])
+    if all_layers:
+        prefix.all_hidden.append(tuple(h[:, -1] for h in out.hidden_states))

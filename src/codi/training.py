@@ -19,7 +19,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from .checkpoint import write_json_atomically
 from .config import CODIDataArguments, CODIModelArguments, CODITrainingArguments
 from .data import CODICollator, CODIDataset, DataStats, build_dataset
-from .generate import max_positions
+from .hf import max_positions
 from .losses import TrainingObjective
 from .model import CODIModel
 from .records import load_records
@@ -205,7 +205,7 @@ def build_datasets(
         skip_negative_answers=data_args.skip_negative_answers,
         answer_prompt=model.args.answer_prompt,
         step_targets=training_args.latent_step_loss_factor > 0,
-        position_limit=max_positions(model),
+        position_limit=max_positions(model.hf_model),
         num_latent=model.args.num_latent,
     )
     train_set, train_stats = build_dataset(
