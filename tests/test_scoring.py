@@ -88,7 +88,7 @@ def test_majority_vote_and_pass_at_k():
 def _golds(model, mode: str) -> tuple[list[str], list[bool]]:
     """Gold answers chosen from the model's own greedy outputs: right (the prediction, or within the
     tolerance), and wrong (prediction + 1, or any number when the output has none). Written as plain
-    decimals: the probe reads golds with `codi.report.as_number`, which takes no exponent."""
+    decimals: the probe reads golds with `codi.scoring.as_number`, which takes no exponent."""
     outputs = generate(model, QUESTIONS, mode=mode, max_new_tokens=64)
     golds, expected = [], []
     for index, output in enumerate(outputs):

@@ -77,9 +77,10 @@ def base_fingerprint(model, state_dict: dict[str, torch.Tensor] | None = None) -
             continue
         if state_dict is not None and name not in state_dict:
             return None  # a sharded engine's gathered state under other names: no fingerprint, no check
-        tensor = (state_dict[name] if state_dict is not None else param).detach().reshape(-1)
+        source = (state_dict[name] if state_dict is not None else param).detach()  # full, not a shard
+        tensor = source.reshape(-1)
         sample = tensor[:: max(1, tensor.numel() // _FINGERPRINT_SAMPLE)][:_FINGERPRINT_SAMPLE]
-        digest.update(f"{name}{tuple(param.shape)}".encode())
+        digest.update(f"{name}{tuple(source.shape)}".encode())
         digest.update(sample.to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
     return digest.hexdigest()
 

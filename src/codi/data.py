@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import ANSWER_PROMPT
 from .losses import IGNORE_INDEX
 from .records import DataError, DataStats, RawRecord, load_records, read_records  # noqa: F401 (re-exported)
+from .scoring import ANSWER_PROMPT, as_number
 
 logger = logging.getLogger(__name__)
 
@@ -283,7 +283,7 @@ def build_dataset(
             stats.dropped[reason] += 1
             stats.first_dropped.setdefault(reason, record.where)
             continue
-        if cot_style != "commonsense" and _as_float(value) is None:
+        if cot_style != "commonsense" and as_number(value) is None:
             stats.flagged["non_numeric_answer"] += 1
             stats.first_flagged.setdefault("non_numeric_answer", f"{record.where} ({value!r})")
         examples.append(example)
@@ -343,13 +343,6 @@ def _positions_needed(example: Example, num_latent: int) -> int:
     """The longest sequence of positions the model sees for this example (teacher or student)."""
     student = len(example.student_input_ids) + num_latent + len(example.decoder_input_ids)
     return max(len(example.teacher_input_ids), student if example.student_input_ids else 0)
-
-
-def _as_float(text: str) -> float | None:
-    try:
-        return float(text.replace(",", ""))
-    except ValueError:
-        return None
 
 
 def _check_step_targets(name: str, examples: list[Example], first_without_steps: str) -> None:

@@ -21,8 +21,9 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
+from .scoring import as_number
+
 STEP_PATTERN = re.compile(r"<<([^<>]*)>>")
-_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)$")
 BUCKETS = ("1", "2", "3+")
 RULES = ("first_token", "whole")
 
@@ -114,12 +115,6 @@ class ProbeRecord:
 
 # --------------------------------------------------------------------------------------------------
 # Reference steps and the number-matching rule
-
-
-def as_number(text: str) -> float | None:
-    """`text` as a number when it is one (commas and surrounding whitespace ignored), else None."""
-    text = text.strip().replace(",", "")
-    return float(text) if _NUMBER.match(text) else None
 
 
 def first_pieces(tokenizer, result: str) -> list[str]:

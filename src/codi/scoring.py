@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 logger = logging.getLogger(__name__)
 
 _NUMBER = re.compile(r"-?\d+\.?\d*")
+_WHOLE_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)$")
 ABS_TOLERANCE = 1e-4
 REL_TOLERANCE = 1e-9
 ANSWER_PROMPT = "The answer is:"  # precedes the answer value in every training target
@@ -29,6 +30,13 @@ Prediction = float | str | None
 
 # --------------------------------------------------------------------------------------------------
 # Gold answers and predictions
+
+
+def as_number(text: str) -> float | None:
+    """`text` as a number when the whole of it is one (commas and surrounding whitespace ignored; no
+    exponent, inf or nan), else None."""
+    text = text.strip().replace(",", "")
+    return float(text) if _WHOLE_NUMBER.match(text) else None
 
 
 def parse_gold(value, where: str = "") -> float | None:
