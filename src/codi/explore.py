@@ -344,10 +344,10 @@ def launch(
     block: bool = True,
 ):
     """Load the checkpoint in `model_dir` and serve the explorer on http://host:port."""
-    from .model import CODIModel
+    from .methods.coconut import load_checkpoint
 
     examples = load_examples(examples_file) if examples_file else None
-    model = CODIModel.from_pretrained(model_dir, base_model)
+    model = load_checkpoint(model_dir, base_model)
     model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     app = build_app(model, examples, top_k=top_k, max_new_tokens=max_new_tokens, source=model_dir)
     return serve(app, host=host, port=port, block=block)

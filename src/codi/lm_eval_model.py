@@ -63,7 +63,7 @@ class CODILM(LM):
             raise ValueError(f"codi: model_args mode must be latent or cot, got {mode!r}")
         import torch
 
-        from .model import CODIModel
+        from .methods.coconut import load_checkpoint
 
         self.mode = mode
         # "auto" (lm-eval's batch-size search) has no meaning here: generation is already batched.
@@ -71,7 +71,7 @@ class CODILM(LM):
         self.num_latent = num_latent
         self.max_gen_toks = int(max_gen_toks)
         self.feed_answer_prompt = bool(feed_answer_prompt)
-        self.model = CODIModel.from_pretrained(str(pretrained), base_model, dtype=dtype)
+        self.model = load_checkpoint(str(pretrained), base_model, dtype=dtype)
         if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
             # lm-eval's command line asks for cuda by default: fall back as its own HF model does
             if device is not None:

@@ -84,11 +84,11 @@ class AblateArguments:
 def _load(path: str, args: AblateArguments):
     import torch
 
-    from ..model import CODIModel
+    from ..methods.coconut import load_checkpoint
 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory not found: {path}")
-    model = CODIModel.from_pretrained(path, args.base_model, dtype=args.dtype)
+    model = load_checkpoint(path, args.base_model, dtype=args.dtype)
     if args.device:
         model.to(args.device)
     elif torch.cuda.is_available():

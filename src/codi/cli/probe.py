@@ -33,13 +33,13 @@ def main(argv: list[str]) -> int:
     (args,) = parse("codi probe", (ProbeArguments,), argv)
     import torch
 
-    from ..model import CODIModel
+    from ..methods.coconut import load_checkpoint
     from ..probe import run_probe
     from ..probe_metric import format_summary
     from ..records import read_records
 
     records = read_records(args.data)[: args.limit]
-    model = CODIModel.from_pretrained(args.model, base_model_name_or_path=args.base_model)
+    model = load_checkpoint(args.model, args.base_model)
     model.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     summary = run_probe(
         model,

@@ -107,18 +107,6 @@ class CoconutModel(CODIModel):
     # ----------------------------------------------------------------------------------------------
     # Training forward
 
-    def _lm(self, embeds, mask, positions, cache, *, logits: bool, hidden: bool = True):
-        """One LM call over `embeds` (B, T, d) continuing `cache`; logits of every position or none."""
-        return self.hf_model(
-            inputs_embeds=embeds,
-            attention_mask=mask,
-            position_ids=positions,
-            cache=cache,
-            use_cache=True,
-            output_hidden_states=hidden,
-            logits_to_keep=0 if logits else torch.empty(0, dtype=torch.long, device=embeds.device),
-        )
-
     def continuous_logits(
         self,
         prefix_ids: torch.Tensor,
@@ -135,7 +123,7 @@ class CoconutModel(CODIModel):
         call (it needs no state after it).
         """
         positions = (prefix_mask.long().cumsum(-1) - 1).clamp(min=0)
-        out = self._lm(self.embed(prefix_ids), prefix_mask, positions, DynamicCache(), logits=False)
+        out = self._lm_step(self.embed(prefix_ids), prefix_mask, positions, DynamicCache(), all_logits=False)
         cache, mask, next_position = out.cache, prefix_mask, prefix_mask.long().sum(-1)
         hidden = out.hidden_states[-1][:, -1]
         steps = int(num_latent.max()) if num_latent.numel() else 0
@@ -148,7 +136,7 @@ class CoconutModel(CODIModel):
                 pending, pending_mask = latent, active
                 break
             mask = torch.cat([mask, active], dim=1)
-            out = self._lm(latent, mask, next_position.unsqueeze(1), cache, logits=False)
+            out = self._lm_step(latent, mask, next_position.unsqueeze(1), cache, all_logits=False)
             cache, next_position = out.cache, next_position + active[:, 0].long()
             hidden = out.hidden_states[-1][:, -1]
         embeds, step_mask = self.embed(suffix_ids), suffix_mask
@@ -156,8 +144,13 @@ class CoconutModel(CODIModel):
             embeds = torch.cat([pending, embeds], dim=1)
             step_mask = torch.cat([pending_mask, suffix_mask], dim=1)
         positions = next_position.unsqueeze(1) + (step_mask.long().cumsum(-1) - 1).clamp(min=0)
-        out = self._lm(
-            embeds, torch.cat([mask, step_mask], dim=1), positions, cache, logits=True, hidden=False
+        out = self._lm_step(
+            embeds,
+            torch.cat([mask, step_mask], dim=1),
+            positions,
+            cache,
+            all_logits=True,
+            hidden_states=False,
         )
         return out.logits[:, 0 if pending is None else 1 :]
 
