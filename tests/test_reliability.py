@@ -245,9 +245,12 @@ def test_probe_skips_questions_longer_than_the_model(make_model, caplog):
     limit = model.hf_model.config.n_positions
     long_question = "Tom has 12 apples. " * (limit // 4)
     with caplog.at_level(logging.WARNING, logger="codi.probe"):
-        records = probe(model, [RECORDS[0].question, long_question], predict=False)
+        records = probe(model, [long_question, RECORDS[0].question], predict=False)
     assert [record.question for record in records] == [RECORDS[0].question]
+    assert records[0].index == 1  # the input's own index: the report's rows name the right record
     assert "1 question(s) skipped" in caplog.text
+    with pytest.raises(DataError, match="item 0 has no question text"):
+        probe(model, [{"answer": "#### 3"}], predict=False)
 
 
 def test_moved_base_model_names_the_recorded_path_and_base_model_flag(make_model, tmp_path):

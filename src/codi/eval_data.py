@@ -13,9 +13,8 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .config import ANSWER_PROMPT
 from .records import DataError, load_hub_dataset, named_decode_errors, parse_icot_line, read_json_rows
-from .scoring import parse_gold
+from .scoring import ANSWER_PROMPT, parse_gold
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,8 @@
 
 Two scores per run, side by side:
   reference: the reference's extraction (commas removed, LAST match of `-?\\d+\\.?\\d*`, float);
-  strict:    only the number right after the last `The answer is:` (no prompt -> wrong).
+  strict:    only the number right after the last answer prompt (the checkpoint's `answer_prompt`,
+             "The answer is:" by default; no prompt -> wrong).
 Speed: wall time, questions/s and mean generated tokens per question; latent positions are counted
 separately. `--compare_cot` also decodes in teacher (explicit CoT) mode and reports the speedup.
 """
@@ -24,8 +25,6 @@ from .generate import generate, generate_samples, unfit_questions
 
 # The scoring rule lives in `codi.scoring`; these names stay importable from here.
 from .scoring import (  # noqa: F401
-    ABS_TOLERANCE,
-    REL_TOLERANCE,
     extract_answer,
     extract_answer_strict,
     extract_choice,
@@ -52,15 +51,23 @@ def _mean(values) -> float:
 
 
 def _evaluation_config(config, mode, batch_size, options) -> DecodingConfig:
-    """The decoding config of one evaluation; CoT drops the latent-only options (as `--compare_cot`
-    runs one config in both modes)."""
+    """The decoding config of one evaluation; CoT drops the latent-only options, with a warning naming
+    them (`--compare_cot` runs one config in both modes)."""
     values = {name: getattr(config, name) for name in DecodingConfig.field_names()} if config else {}
     values.update(options)
     if batch_size is not None:
         values["batch_size"] = batch_size
     target = mode or values.get("mode", "latent")
     values["mode"] = "latent"
-    return make_config(None, **values).for_mode(target)
+    config = make_config(None, **values)
+    if target == "cot":
+        dropped = [name for name in _LATENT_ONLY if getattr(config, name)]
+        if dropped:  # e.g. `--compare_cot` runs one config in both modes: say what CoT mode leaves out
+            logger.warning("CoT mode ignores the latent-only option(s) %s", ", ".join(dropped))
+    return config.for_mode(target)
+
+
+_LATENT_ONLY = ("latent_noise", "latent_dropout", "feed_answer_prompt")
 
 
 def _skipped(model, items: Sequence[EvalItem], config: DecodingConfig, name: str) -> dict[int, str]:

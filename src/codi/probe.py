@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from .data import answer_value, encode_question, pad_sequences
+from .data import DataError, answer_value, encode_question, pad_sequences
 from .probe_metric import (
     PositionProbe,
     ProbeRecord,
@@ -71,13 +71,16 @@ class _Decoder:
         return result
 
 
-def _as_item(item) -> tuple[str, str, str | None]:
+def _as_item(index: int, item) -> tuple[str, str, str | None]:
     """(question, cot, gold value) of a question string, a RawRecord-like object or a dict."""
     if isinstance(item, str):
         return item, "", None
     get = item.get if isinstance(item, dict) else (lambda key, default=None: getattr(item, key, default))
-    answer = get("answer", None)
-    return get("question"), get("cot", "") or "", answer_value(str(answer)) if answer is not None else None
+    question, answer = get("question"), get("answer", None)
+    if not isinstance(question, str):
+        where = get("where", None) or f"item {index}"
+        raise DataError(f"probe: {where} has no question text (got {type(question).__name__})")
+    return question, get("cot", "") or "", answer_value(str(answer)) if answer is not None else None
 
 
 @torch.no_grad()
@@ -148,8 +151,8 @@ def probe(
     num_latent = model.args.inf_latent_iterations if num_latent is None else num_latent
     if num_latent < 0:
         raise ValueError(f"num_latent must be >= 0, got {num_latent}")
-    items = [_as_item(item) for item in records_or_questions]
-    items = _fitting(model, items, num_latent)
+    items = [_as_item(index, item) for index, item in enumerate(records_or_questions)]
+    indices, items = _fitting(model, items, num_latent)
     decoder = _Decoder(model, top_k)
     norm = find_final_norm(model.hf_model) if logit_lens else None
     was_training = model.training
@@ -177,22 +180,23 @@ def probe(
             )
     finally:
         model.train(was_training)
-    return [
+    return [  # each record keeps its input's index (skipped questions leave gaps)
         _make_record(index, item, positions, cosine, output, model.tokenizer)
-        for index, (item, (positions, cosine), output) in enumerate(zip(items, probed, outputs))
+        for index, item, (positions, cosine), output in zip(indices, items, probed, outputs)
     ]
 
 
-def _fitting(model, items: list, num_latent: int) -> list:
-    """The items whose question fits the model's positions with its latents; the others are dropped,
-    counted and named in a warning (a learned position table fails past its size)."""
+def _fitting(model, items: list, num_latent: int) -> tuple[list[int], list]:
+    """(input indices, items) of the questions that fit the model's positions with its latents; the
+    others are dropped, counted and named in a warning (a learned position table fails past its size)."""
     from .generate import unfit_questions
 
     unfit = unfit_questions(model, [question for question, _, _ in items], num_latent=num_latent)
     if unfit:
         first = next(iter(unfit.items()))
         logger.warning("probe: %d question(s) skipped (first: #%d, %s)", len(unfit), first[0], first[1])
-    return [item for index, item in enumerate(items) if index not in unfit]
+    kept = [index for index in range(len(items)) if index not in unfit]
+    return kept, [items[index] for index in kept]
 
 
 def _make_record(index, item, positions, cosine, output, tokenizer) -> ProbeRecord:
