@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 
 import pytest
 from conftest import RECORDS
@@ -311,3 +312,22 @@ def test_every_test_named_in_docs_reliability_exists():
         f"{file}::{name}" for file, name in named if f"def {name}(" not in (root / "tests" / file).read_text()
     ]
     assert not missing, missing
+
+
+def test_review_fixes_fail_early_in_one_line(tmp_path, capsys):
+    from codi import cli
+    from codi.cli.train import requested_method
+    from codi.demo.presets import PRESETS
+
+    preset = tmp_path / "icot.yaml"
+    preset.write_text("method: icot\n")
+    assert requested_method([f"--config={preset}"]) == "icot"  # both --config spellings
+    assert requested_method(["--config", str(preset), "--method", "coconut"]) == "coconut"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: [unclosed\n")
+    assert cli.main(["train", "--config", str(bad)]) == 2
+    assert "bad.yaml: invalid YAML" in capsys.readouterr().err
+    assert cli.main(["probe", "--model", "m", "--data", "d", "--output_dir", "o", "--limit", "0"]) == 2
+    assert "--limit must be >= 1" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="cot_warmup_steps"):  # before the demo makes its folder
+        replace(PRESETS["default"], cot_warmup_steps=5000)

@@ -1,4 +1,4 @@
-"""`codi ablate`: the intervention study of `codi.interventions` as a command, its table and its chart.
+"""The report of `codi ablate` (`codi.cli.ablate` runs `codi.interventions`): verdict, table and chart.
 
     codi ablate --model DIR --data test.txt --limit 500 --no_cot_model NOCOT_DIR --output_dir OUT
 
@@ -25,9 +25,9 @@ import math
 import os
 from collections.abc import Sequence
 
-logger = logging.getLogger(__name__)
+from .scoring import Z95
 
-Z95 = 1.959963984540054
+logger = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------------

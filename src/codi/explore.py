@@ -5,7 +5,7 @@ answer after an intervention on one latent thought (zeroed, or Gaussian noise at
 below, each latent position's top-k tokens before and after the projection (`codi.probe`) and the
 logit lens (every layer's state through the final norm and the LM head) as a heatmap.
 
-Built with Gradio (the optional extra `explore`). The page is served on localhost only, with no share
+Built with Gradio (the optional extra `explore`). The page is served on this machine only by default (`--host` changes that), with no share
 link, analytics off and system fonts, so it starts offline and no asset is fetched from the network.
 """
 
@@ -102,6 +102,8 @@ def explore_question(
     if not question:
         raise ValueError("the question is empty")
     num_latent = model.args.inf_latent_iterations if num_latent is None else int(num_latent)
+    if intervention != "none" and not 1 <= int(latent_index) <= num_latent:
+        raise ValueError(f"latent {latent_index} does not exist: choose 1..{num_latent}")
     decoder = _Decoder(model, int(top_k))
     norm = find_final_norm(model.hf_model)
     options = dict(num_latent=num_latent, max_new_tokens=max_new_tokens)
@@ -344,10 +346,12 @@ def launch(
     block: bool = True,
 ):
     """Load the checkpoint in `model_dir` and serve the explorer on http://host:port."""
+    from .distributed import local_device
     from .methods.coconut import load_checkpoint
 
+    _gradio()  # a missing `explore` extra fails before the model loads
     examples = load_examples(examples_file) if examples_file else None
     model = load_checkpoint(model_dir, base_model)
-    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(device or str(local_device()))
     app = build_app(model, examples, top_k=top_k, max_new_tokens=max_new_tokens, source=model_dir)
     return serve(app, host=host, port=port, block=block)

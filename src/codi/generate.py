@@ -57,7 +57,7 @@ class GenerationOutput:
     latents: torch.Tensor | None = None
 
 
-def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+def length_order_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Indices grouped into batches of similar length (longest first, so memory errors come early)."""
     order = sorted(range(len(lengths)), key=lambda index: (-lengths[index], index))
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
@@ -370,7 +370,7 @@ def _generate_rows(model, questions, config: DecodingConfig, return_latents, pro
     noise_seed = config.seed
     if config.samples_latents and noise_seed is None:
         noise_seed = int(torch.randint(0, 2**62, ()))  # follows torch.manual_seed
-    batches = _batches([len(prompt) for prompt in row_prompts], config.batch_size)
+    batches = length_order_batches([len(prompt) for prompt in row_prompts], config.batch_size)
     if progress:
         from tqdm.auto import tqdm
 

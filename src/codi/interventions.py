@@ -44,8 +44,8 @@ import torch
 
 from .ablate import binomial_half_width, format_table, paired_drop, save_plot, verdict, write_outputs
 from .data import encode_question
-from .generate import GenerationOutput, generate
-from .scoring import extract_answer, extract_choice, is_correct
+from .generate import GenerationOutput, generate, length_order_batches
+from .scoring import extractors, is_correct
 
 logger = logging.getLogger(__name__)
 
@@ -216,8 +216,7 @@ def length_batches(model, questions: Sequence[str], batch_size: int) -> list[lis
     so that row r of a latent transform's (B, d) is question batch[r] and the answers are those of one
     `generate` call over all the questions (the same batch compositions)."""
     lengths = [len(encode_question(model.tokenizer, question)) for question in questions]
-    order = sorted(range(len(questions)), key=lambda index: (-lengths[index], index))
-    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    return length_order_batches(lengths, batch_size)
 
 
 def run_latent(
@@ -249,7 +248,7 @@ def run_latent(
 
 def score_outputs(outputs, items, answer_kind: str = "number") -> list[tuple[object, bool]]:
     """(prediction, correct) per item, with `codi eval`'s reference extraction and comparison."""
-    extract = extract_choice if answer_kind == "choice" else extract_answer
+    extract = extractors(answer_kind)[0]  # a bad answer_kind is an error, not a silent "number"
     scored = []
     for output, item in zip(outputs, items):
         prediction = extract(output.text)

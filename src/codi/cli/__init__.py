@@ -2,7 +2,8 @@
 
 `COMMANDS` maps each command to the function that runs it (`module:function` under `codi.cli`,
 imported only when that command runs: `codi --help` and `codi --version` import no torch). Every
-command parses its flags with `codi.cli.args.parse` (typed dataclasses, `--config`, one-line errors).
+command parses its flags with `codi.cli.args.parse` (typed dataclasses, `--config`, one-line errors),
+except `lm-eval`, which passes lm-eval's own flags through (its `--config` YAML becomes flags).
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             print(done.code, file=sys.stderr)
             return 1
         return done.code or 0
-    except (ValueError, OSError) as error:  # bad input, wrong path, unreachable hub: one clear line
+    except (ValueError, OSError, ImportError) as error:  # bad input, wrong path, missing extra: one line
         print(f"codi {name}: error: {error}", file=sys.stderr)
         return 2
     except (FloatingPointError, RuntimeError) as error:  # NonFiniteLossError, TrainingInterrupted, ...

@@ -82,17 +82,14 @@ class AblateArguments:
 
 
 def _load(path: str, args: AblateArguments):
-    import torch
 
+    from ..distributed import local_device
     from ..methods.coconut import load_checkpoint
 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory not found: {path}")
     model = load_checkpoint(path, args.base_model, dtype=args.dtype)
-    if args.device:
-        model.to(args.device)
-    elif torch.cuda.is_available():
-        model.to("cuda")
+    model.to(args.device or str(local_device()))
     return model.eval()
 
 

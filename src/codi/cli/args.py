@@ -143,7 +143,8 @@ def split_config(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return paths, rest
 
 
-def _read_yaml(path: str) -> dict[str, Any]:
+def read_yaml(path: str) -> dict[str, Any]:
+    """The mapping a `--config` file holds; a missing file or bad YAML is one line naming the file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file not found: {path}")
     with open(path, encoding="utf-8") as handle:
@@ -186,7 +187,7 @@ def yaml_to_argv(path: str, parser: CommandParser, aliases: Mapping[str, str] | 
     """A YAML preset as flags (checked key by key), so that later command-line flags override it."""
     aliases = aliases or {}
     argv: list[str] = []
-    for key, value in _read_yaml(path).items():
+    for key, value in read_yaml(path).items():
         name = aliases.get(str(key), str(key))
         if name not in parser.flag_actions:
             raise unknown_name_error(str(key), path, [*parser.flag_actions, *aliases], parser.prog)

@@ -7,9 +7,7 @@ The flags are lm-eval's (`--model codi --model_args pretrained=DIR,mode=latent -
 
 from __future__ import annotations
 
-import os
-
-import yaml
+from .args import read_yaml, split_config
 
 USAGE = """usage: codi lm-eval [--config YAML] [LM_EVAL_FLAGS ...]
 
@@ -21,15 +19,9 @@ Every other flag is lm-eval's own (`lm-eval --help`)."""
 
 
 def config_flags(path: str) -> list[str]:
-    """The flags a `--config` YAML stands for."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file not found: {path}")
-    with open(path) as handle:
-        values = yaml.safe_load(handle) or {}
-    if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a mapping of lm-eval flags to values")
+    """The lm-eval flags a `--config` YAML stands for."""
     flags: list[str] = []
-    for key, value in values.items():
+    for key, value in read_yaml(path).items():
         if value is None or value is False:
             continue
         flags.append(f"--{key}")
@@ -42,14 +34,7 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0
-    expanded: list[str] = []
-    rest = list(argv)
-    while "--config" in rest:
-        index = rest.index("--config")
-        if index + 1 >= len(rest):
-            raise ValueError("--config needs a path to a YAML file")
-        expanded += config_flags(rest[index + 1])
-        del rest[index : index + 2]
+    paths, rest = split_config(argv)
     from ..lm_eval_model import run_lm_eval_cli
 
-    return run_lm_eval_cli(expanded + rest)
+    return run_lm_eval_cli([flag for path in paths for flag in config_flags(path)] + rest)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .args import parse
+from .args import UsageError, parse
 
 
 @dataclass
@@ -28,11 +28,17 @@ class ProbeArguments:
     no_predict: bool = field(default=False, metadata={"help": "Skip generating and scoring the answers."})
     device: str | None = field(default=None, metadata={"help": "Default: cuda when available, else cpu."})
 
+    def __post_init__(self) -> None:
+        for name in ("limit", "top_k", "batch_size", "max_new_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UsageError(f"--{name} must be >= 1, got {value}")
+
 
 def main(argv: list[str]) -> int:
     (args,) = parse("codi probe", (ProbeArguments,), argv)
-    import torch
 
+    from ..distributed import local_device
     from ..methods.coconut import load_checkpoint
     from ..probe import run_probe
     from ..probe_metric import format_summary
@@ -40,7 +46,7 @@ def main(argv: list[str]) -> int:
 
     records = read_records(args.data)[: args.limit]
     model = load_checkpoint(args.model, args.base_model)
-    model.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(args.device or str(local_device()))
     summary = run_probe(
         model,
         records,

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 
-from .args import UsageError, unknown_name_error
+from .args import UsageError, read_yaml, split_config, unknown_name_error
 
 logger = logging.getLogger(__name__)
 
@@ -61,22 +60,16 @@ METHOD_ARGUMENTS = {
 
 def requested_method(argv: list[str]) -> str | None:
     """The `--method` of a command line: the last flag, else the last `--config` YAML that sets it."""
-    import yaml
-
+    paths, rest = split_config(argv)
     method = None
-    for index, token in enumerate(argv):
-        value = argv[index + 1] if index + 1 < len(argv) else None
-        if token == "--config" and value and os.path.isfile(value):
-            with open(value) as handle:
-                loaded = yaml.safe_load(handle)
-            if isinstance(loaded, dict) and loaded.get("method"):
-                method = str(loaded["method"])
-    for index, token in enumerate(argv):
-        if token == "--method" and index + 1 < len(argv):
-            method = argv[index + 1]
+    for path in paths:
+        method = read_yaml(path).get("method") or method
+    for index, token in enumerate(rest):
+        if token == "--method" and index + 1 < len(rest):
+            method = rest[index + 1]
         elif token.startswith("--method="):
             method = token.split("=", 1)[1]
-    return method
+    return None if method is None else str(method)
 
 
 def main(argv: list[str]) -> int:

@@ -13,7 +13,8 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
-Z95 = 1.959963984540054
+from ..scoring import Z95
+
 # two-sided 95 % Student-t quantiles t(0.975, df), df = 1..30; above 30 the normal one (within 4 %)
 _T975 = (
     12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,

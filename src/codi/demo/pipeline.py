@@ -6,11 +6,11 @@
    command can load it;
 3. No-CoT-SFT and CODI trained with the same model size and the same number of steps;
 4. evaluation on the held-out test split: CODI in latent mode, the same CODI model in teacher CoT mode,
-   and No-CoT; the latent probe when `codi.probe` is installed;
+   and No-CoT; the latent probe;
 5. one table (accuracy, tokens generated per answer, questions/s, speedup vs CoT) printed and saved as
    `results.json` and `results.png` in a fresh output folder.
 
-The presets are in `PRESETS`; docs/demo.md records every regime tried and why these values.
+The presets are in `codi.demo.presets`; docs/demo.md records every regime tried and why these values.
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ def score(model, records: list[dict], mode: str, preset: Preset, name: str, timi
 
 
 def run_probe(model, records: list[dict], out_dir: str) -> dict | None:
-    """The latent probe (paper §5, Table 3) when `codi.probe` is installed; its summary, or None."""
+    """The latent probe (paper §5, Table 3); its summary, or None."""
     from ..probe import run_probe as probe_and_report
 
     try:
@@ -250,10 +250,6 @@ def run_demo(preset: Preset, seed: int, out_dir: str, probe: bool = True, device
     """Data -> base model -> No-CoT-SFT and CODI -> evaluation -> table, JSON and chart."""
     from tqdm.auto import tqdm
 
-    if not 0 <= preset.cot_warmup_steps < preset.steps_budget:
-        raise ValueError(
-            f"cot_warmup_steps ({preset.cot_warmup_steps}) must be >= 0 and < steps_budget ({preset.steps_budget})"
-        )
     # One thread: these models are tiny, and on a shared 2-core machine two threads per process
     # measured ~7x slower per step than one (synchronisation under contention).
     torch.set_num_threads(1)

@@ -49,6 +49,10 @@ class Preset:
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
             raise ValueError(f"preset field arch must be one of {ARCHS}, got {self.arch!r}")
+        if not 0 <= self.cot_warmup_steps < self.steps_budget:  # before any folder is made
+            raise ValueError(
+                f"cot_warmup_steps ({self.cot_warmup_steps}) must be >= 0 and < steps_budget ({self.steps_budget})"
+            )
 
 
 PRESETS = {
@@ -112,7 +116,7 @@ def synth_config(preset: Preset, seed: int):
         min_steps=preset.steps,
         max_steps=preset.steps,
         operators=preset.operators,
-        modulus=preset.modulus or None,
+        modulus=preset.modulus,
         wording=preset.wording,
         invertible=preset.invertible,
         train_min_steps=preset.train_min_steps or None,
