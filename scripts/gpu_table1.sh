@@ -30,7 +30,7 @@ case "${1:-}" in
     ls -la .bench_assets/gguf
     exit 0 ;;
   stage)
-    mkdir -p "$PARTS" && cp ".bench_assets/gguf/part${2:?stage needs a part number}" "$PARTS/smollm2.part${2}"
+    mkdir -p "$PARTS" && cp ".bench_assets/gguf/part${2:?stage needs a part number}" "$PARTS/smollm2.part${2}" || exit 1
     ls -la "$PARTS"
     exit 0 ;;
 esac
@@ -45,4 +45,6 @@ fi
 export PYTHONPATH=$PWD/src:${PYTHONPATH:-}
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/env.txt" 2>&1
 timeout 470 $PY bench/gpu_table1.py --out "$OUT/table1" "$@" 2>&1 | tee "$OUT/gpu_table1.log" | grep -v "it/s\]"
-echo "rc=${PIPESTATUS[0]}"
+status=${PIPESTATUS[0]}
+echo "rc=$status"
+exit "$status"

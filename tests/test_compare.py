@@ -243,3 +243,20 @@ def test_codi_compare_command_on_a_user_jsonl_pair(tmp_path, capsys):
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert [row["method"] for row in saved["rows"]] == ["cot_sft", "no_cot_sft"]
     assert all(row["n"] == 6 for row in saved["rows"])
+
+
+def test_coconut_without_a_schedule_walks_every_stage_within_the_budget():
+    from codi.compare.methods import METHODS as REGISTRY
+    from codi.compare.methods import RunContext, coconut_step_schedule
+    from codi.methods.coconut import CoconutArguments
+
+    def ctx(steps, warm):
+        return RunContext(REGISTRY["coconut"], 0, "base", "t", "o", Budget(), TINY, {}, "cpu", steps, warm)
+
+    # the demo's table: 2000 steps after a warm-up -> stages 1, 2, 3 for 400 each, the final for 800
+    assert coconut_step_schedule(ctx(2000, "warm"), CoconutArguments(c_thought=1), {}) == {
+        "steps_per_stage": 400,
+        "start_stage": 1,
+    }
+    assert coconut_step_schedule(ctx(600, None), CoconutArguments(), {})["start_stage"] == 0
+    assert coconut_step_schedule(ctx(600, None), CoconutArguments(), {"epochs_per_stage": 1}) == {}

@@ -186,11 +186,13 @@ def compare(
     options: per method name (or "all"), argument overrides: training (`CODITrainingArguments`), model
     (`CODIModelArguments`), data (`CODIDataArguments`) or the method's own (e.g. `ICoTArguments`) fields.
     iCoT without a schedule in its options removes the longest CoT by half of its steps
-    (`removal_done_at`, see `compare_methods.icot_step_schedule`): the reference's 8 tokens per epoch
+    (`removal_done_at`, see `codi.compare.methods.icot_step_schedule`): the reference's 8 tokens per epoch
     would not fit a step budget.
     Writes `out_dir/results.json`, `results.png`, `table.txt`; each run in `out_dir/seed<S>/<method>`.
     """
     model, budget, options = model or ModelSpec(), budget or Budget(), dict(options or {})
+    if not seeds:
+        raise ValueError("compare: no seeds (--seeds: comma-separated integers, e.g. 0,1)")
     chosen = check_methods(methods)
     bad = set(options) - set(METHODS) - {"all"}
     if bad:
