@@ -271,3 +271,15 @@ def test_evaluate_reports_pass_at_k_and_majority_beside_greedy(make_model, tmp_p
         model, items, "latent", max_new_tokens=16, num_samples=2, latent_noise=0.3, warmup=False
     )
     assert latent["latent_noise"] == 0.3 and latent["pass_at_k"] >= latent["majority_accuracy"]
+
+
+def test_latent_noise_follows_the_question_id_not_its_position(make_model):
+    """A shard (under a launcher) or a set with questions left out draws each question's own noise."""
+    model = _lively(make_model("gpt2", num_latent=3, inf_latent_iterations=3))
+    options = dict(max_new_tokens=8, num_samples=2, latent_noise=0.5, seed=7)
+    full = generate_samples(model, QUESTIONS, **options)
+    last = len(QUESTIONS) - 1
+    shard = generate_samples(model, [QUESTIONS[last]], question_ids=[last], **options)
+    assert _ids(shard[0]) == _ids(full[last])
+    with pytest.raises(ValueError, match="question_ids: 2 ids for 1 questions"):
+        generate_samples(model, [QUESTIONS[0]], question_ids=[0, 1], **options)

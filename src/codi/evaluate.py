@@ -84,14 +84,26 @@ def _skipped(model, items: Sequence[EvalItem], config: DecodingConfig, name: str
     return skipped
 
 
-def _answer(model, questions: list[str], config: DecodingConfig, progress: bool, samples: bool = False):
-    """Outputs (one per question, or k per question with `samples`) and the wall time in seconds."""
+def _answer(
+    model, questions: list[str], config: DecodingConfig, progress: bool, ids: list[int] | None = None
+):
+    """Outputs and the wall time in seconds: one per question, or, with `ids` (each question's index in
+    the evaluated set, which seeds its sampled latents), `config.num_samples` per question."""
     start = time.perf_counter()
     # generate() copies the ids to the host at the end of each batch, so the clock includes the GPU.
     # Under torchrun each rank answers its shard; all ranks get every output back in input order.
     bar = progress and distributed.is_main_process()
-    function = generate_samples if samples else generate
-    outputs = distributed.map_sharded(lambda shard: function(model, shard, config, progress=bar), questions)
+    if ids is None:
+        outputs = distributed.map_sharded(
+            lambda shard: generate(model, shard, config, progress=bar), questions
+        )
+    else:
+        outputs = distributed.map_sharded(
+            lambda shard: generate_samples(
+                model, [q for _, q in shard], config, progress=bar, question_ids=[i for i, _ in shard]
+            ),
+            list(zip(ids, questions)),
+        )
     return outputs, time.perf_counter() - start
 
 
@@ -261,7 +273,7 @@ def evaluate_samples(
         skipped = _skipped(model, items, config, name)
     kept = [index for index in range(len(items)) if index not in skipped]
     questions = [items[index].question for index in kept]
-    samples, seconds = _answer(model, questions, config, progress, samples=True) if questions else ([], 0.0)
+    samples, seconds = _answer(model, questions, config, progress, ids=kept) if questions else ([], 0.0)
     by_index = dict(zip(kept, samples))
     records, verdicts, strict_verdicts, majority, strict_majority = [], [], [], [], []
     for index, item in enumerate(items):

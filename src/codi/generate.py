@@ -330,6 +330,7 @@ def generate_samples(
     return_latents: bool = False,
     progress: bool = False,
     latent_transform=None,
+    question_ids: Sequence[int] | None = None,
     **options,
 ) -> list[list[GenerationOutput]]:
     """`config.num_samples` answers per question ([question][sample]), drawn in the same batches.
@@ -338,15 +339,19 @@ def generate_samples(
     (`do_sample`, `temperature`, ...; CoT and latent mode) and, in latent mode, by Gaussian noise on
     each latent (`latent_noise` x the latent's RMS; the noise of sample j of question i depends only on
     (seed, i, j)) and/or dropout left on while the latents are made (`latent_dropout`; seeded per batch).
+    i is the question's position in `questions`, or `question_ids[position]` when given (a shard of a
+    larger set under a launcher, or a set with questions left out: the noise follows the question).
     Noise applies before `latent_transform`. Without any of these the k samples equal the greedy answer.
     """
     config = make_config(config, **options)
-    flat = _generate_rows(model, questions, config, return_latents, progress, latent_transform)
+    flat = _generate_rows(model, questions, config, return_latents, progress, latent_transform, question_ids)
     k = config.num_samples
     return [flat[index * k : (index + 1) * k] for index in range(len(questions))]
 
 
-def _generate_rows(model, questions, config: DecodingConfig, return_latents, progress, latent_transform):
+def _generate_rows(
+    model, questions, config: DecodingConfig, return_latents, progress, latent_transform, question_ids=None
+):
     """Outputs of every (question, sample) row, question-major (row = question * k + sample)."""
     prompts, problems = _encode(model, questions, config)
     if problems:
@@ -376,12 +381,15 @@ def _generate_rows(model, questions, config: DecodingConfig, return_latents, pro
 
         batches = tqdm(batches, desc=f"generate ({config.mode})", unit="batch")
     outputs: list[GenerationOutput | None] = [None] * len(rows)
+    keys = list(question_ids) if question_ids is not None else range(len(prompts))  # seed each question
+    if len(keys) != len(prompts):
+        raise ValueError(f"question_ids: {len(keys)} ids for {len(prompts)} questions")
     was_training = model.training
     model.eval()  # dropout (LoRA, projection) off: greedy decoding must be deterministic
     try:
         with torch.inference_mode():
             for batch_number, indices in enumerate(batches):
-                batch_rows = [rows[r] for r in indices]
+                batch_rows = [(keys[rows[r][0]], rows[r][1]) for r in indices]
                 plan = _plan(
                     model, config, num_latent, batch_rows, (noise_seed, batch_number), latent_transform
                 )
@@ -418,8 +426,8 @@ def _plan(model, config: DecodingConfig, num_latent: int, rows, seeds, latent_tr
         hidden = model.hf_model.get_input_embeddings().weight.shape[1]
         noise = latent_noise(rows, noise_seed, num_latent, hidden).to(model.device)
         plan.latent_transform = noisy_latents(noise, config.latent_noise, then=latent_transform)
-    if config.latent_dropout:
-        plan.dropout_seed = row_seed(noise_seed, -1, batch_number)
+    if config.latent_dropout:  # per batch, keyed by its first row too (shards under a launcher differ)
+        plan.dropout_seed = row_seed(noise_seed, -1 - rows[0][0], batch_number)
     return plan
 
 
