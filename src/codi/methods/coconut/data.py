@@ -105,7 +105,9 @@ def tokenize_records(
     max_samples: int | None = None,
     name: str = "train",
 ) -> tuple[list[CoconutRecord], DataStats]:
-    """Tokenise records into steps; filters and counts exactly like `codi.data.build_dataset`."""
+    """Tokenise records into steps, screened by the reference's filters as `codi.data.build_dataset`
+    screens them (`codi.data.screen_record`); unlike it, no cap at the model's positions and no count of
+    non-numeric answers."""
     if cot_style == "commonsense":
         raise DataError("coconut: cot_style commonsense has no steps to remove; use equation | nl | auto")
     eos = tokenizer.eos_token_id
@@ -175,13 +177,6 @@ def stage_features(record: CoconutRecord, stage: int, args: CoconutArguments, id
     else:
         head = list(record.question_ids)
     return {"input_ids": head + rest, "labels": [IGNORE_INDEX] * len(head) + rest}
-
-
-def coconut_stage_examples(
-    records: Sequence[CoconutRecord], stage: int, args: CoconutArguments, ids: MarkerIds
-) -> list[dict]:
-    """Every record at one stage (no mixing): what an epoch of that stage trains on."""
-    return [stage_features(record, stage, args, ids) for record in records]
 
 
 class CoconutDataset(torch.utils.data.Dataset):
