@@ -84,11 +84,11 @@ class AblateArguments:
 def _load(path: str, args: AblateArguments):
 
     from ..distributed import local_device
-    from ..methods.coconut import load_checkpoint
+    from ..loader import load
 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory not found: {path}")
-    model = load_checkpoint(path, args.base_model, dtype=args.dtype)
+    model = load(path, args.base_model, dtype=args.dtype)
     model.to(args.device or str(local_device()))
     return model.eval()
 

@@ -39,13 +39,13 @@ def main(argv: list[str]) -> int:
     (args,) = parse("codi probe", (ProbeArguments,), argv)
 
     from ..distributed import local_device
-    from ..methods.coconut import load_checkpoint
+    from ..loader import load
     from ..probe import run_probe
     from ..probe_metric import format_summary
     from ..records import read_records
 
     records = read_records(args.data)[: args.limit]
-    model = load_checkpoint(args.model, args.base_model)
+    model = load(args.model, args.base_model)
     model.to(args.device or str(local_device()))
     summary = run_probe(
         model,
