@@ -8,8 +8,8 @@ has no entry-point or `--include_path` hook for models. Importing this module re
         of lm-eval's own command line: same flags, the model registered first), or
     import codi.lm_eval_model; lm_eval.simple_evaluate(model="codi", model_args="pretrained=DIR", ...)
 
-model_args: pretrained (checkpoint folder, required), mode (latent | cot), base_model (LoRA base if
-moved), num_latent (default: the checkpoint's inf_latent_iterations), max_gen_toks (256), dtype,
+model_args: pretrained (checkpoint folder or hub id, required; loaded with `codi.load`), mode
+(latent | cot), base_model (LoRA base if moved), num_latent (default: the checkpoint's inf_latent_iterations), max_gen_toks (256), dtype,
 device, batch_size, feed_answer_prompt. `generate_until` requests are answered with
 `codi.generate.generate` (contexts normalised as `codi eval` does, so the same question gets the same
 answer), then cut at the request's `until` strings. Log-likelihood requests are refused: a CODI

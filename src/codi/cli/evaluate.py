@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 class EvalArguments:
     """Evaluate a CODI checkpoint: accuracy (the reference's and a strict score) and speed, per dataset."""
 
-    model: str = field(metadata={"help": "CODI checkpoint directory (save_pretrained)."})
+    model: str = field(metadata={"help": "CODI checkpoint: a directory (save_pretrained) or a hub id."})
     base_model: str | None = field(
         default=None, metadata={"help": "Base model for a LoRA checkpoint, if it moved since training."}
     )
