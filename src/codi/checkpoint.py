@@ -124,8 +124,10 @@ def read_config(path: str) -> dict:
 def validate_folder(path: str, config: dict) -> None:
     """Before anything is built from a checkpoint folder: the files its config says it has are there
     (the one place where a folder is checked before loading; a bad folder fails here in one line)."""
-    weights = ("adapter_model.safetensors",) if config["model_args"].get("use_lora", True) else (
-        "model.safetensors", "model.safetensors.index.json")  # fmt: skip
+    if config["model_args"].get("use_lora", True):
+        weights = ("adapter_model.safetensors",)
+    else:  # one file, or shards listed by an index
+        weights = ("model.safetensors", "model.safetensors.index.json")
     if not any(os.path.isfile(os.path.join(path, name)) for name in weights):
         raise CheckpointError(f"{path}: {weights[0]} not found (incomplete checkpoint?)")
     if not os.path.isfile(os.path.join(path, EXTRA_WEIGHTS_NAME)):
@@ -270,8 +272,15 @@ class CheckpointMixin(ModelHubMixin):
         **model_kwargs,
     ):
         """Load a checkpoint written by `save_pretrained`: a folder, or a hub repository id (downloaded
-        with `snapshot_download`; offline or with the hub unreachable, from the HF cache). The loading
-        options are `_load_folder`'s. `codi.load` picks the class a checkpoint needs."""
+        with `snapshot_download` at `revision`; offline or with the hub unreachable, from the HF cache).
+        `codi.load` picks the class a checkpoint needs. LoRA checkpoints need their base model: the one
+        recorded in `codi_config.json`, or `base_model_name_or_path`; its weights must be the ones the
+        checkpoint was trained on (fingerprint) unless `allow_base_mismatch=True`.
+
+        `trust_remote_code`, `dtype` and `attn_implementation` are the caller's: a value stored in the
+        file is ignored (a downloaded checkpoint must not be able to run its own code here). Other
+        `model_kwargs`: `CODIModelArguments` fields (e.g. `inf_latent_iterations`, `reference_compat`).
+        """
         return cls._from_pretrained(
             model_id=os.fspath(pretrained_model_name_or_path), revision=revision, cache_dir=cache_dir,
             force_download=force_download, local_files_only=local_files_only, token=token,
@@ -301,14 +310,7 @@ class CheckpointMixin(ModelHubMixin):
         allow_base_mismatch: bool = False,
         **overrides,
     ):
-        """Load the checkpoint folder `path`. LoRA checkpoints need their base model:
-        the one recorded in `codi_config.json`, or `base_model_name_or_path`; its weights must be the
-        ones the checkpoint was trained on (fingerprint) unless `allow_base_mismatch`.
-
-        `trust_remote_code`, `dtype` and `attn_implementation` are the caller's: a value stored in the
-        file is ignored (a downloaded checkpoint must not be able to run its own code here).
-        `overrides`: other `CODIModelArguments` fields (e.g. `inf_latent_iterations`, `reference_compat`).
-        """
+        """`from_pretrained` from the local checkpoint folder `path` (its options)."""
         config = read_config(path)
         validate_folder(path, config)  # the folder is checked here, before anything is built from it
         values = dict(config["model_args"])

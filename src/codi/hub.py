@@ -221,9 +221,15 @@ class TrainerPushMixin:
     def create_model_card(self, *args, **kwargs) -> None:
         """Nothing: `save_pretrained` wrote this package's card (a README.md of the user's is kept)."""
 
-    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True,
-                    token: str | None = None, revision: str | None = None, private: bool | None = None,
-                    **kwargs):  # fmt: skip
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        private: bool | None = None,
+        **kwargs,
+    ):
         """Save the final model into the run folder and upload its model files to `hub_model_id`."""
         if self.hub_model_id is None:
             self.init_hf_repo(token=token, private=private)
@@ -246,10 +252,15 @@ class TrainerPushMixin:
         message = f"Training in progress, step {self.state.global_step}"
         options = {"token": self.args.hub_token, "revision": self.args.hub_revision}
         upload_folder(
-            checkpoint_folder, self.hub_model_id, allow_patterns=MODEL_FILE_PATTERNS, commit_message=message, **options
-        )  # fmt: skip
+            checkpoint_folder,
+            self.hub_model_id,
+            allow_patterns=MODEL_FILE_PATTERNS,
+            commit_message=message,
+            **options,
+        )
         if strategy in ("checkpoint", "all_checkpoints"):
             where = "last-checkpoint" if strategy == "checkpoint" else os.path.basename(checkpoint_folder)
+            message += ", checkpoint"
             upload_folder(
-                checkpoint_folder, self.hub_model_id, path_in_repo=where, commit_message=f"{message}, checkpoint", **options
-            )  # fmt: skip
+                checkpoint_folder, self.hub_model_id, path_in_repo=where, commit_message=message, **options
+            )
