@@ -15,6 +15,7 @@ from transformers import TrainerCallback
 from codi.config import ARGUMENT_CLASSES, CODIModelArguments, parse_args
 from codi.data import RawRecord, encode_question
 from codi.generate import generate, suppressed_token_ids
+from codi.loader import load
 from codi.methods.coconut import (
     CoconutArguments,
     CoconutCollator,
@@ -22,7 +23,6 @@ from codi.methods.coconut import (
     CoconutModel,
     CurriculumCallback,
     MarkerIds,
-    load_checkpoint,
     loss_targets,
     stage_for_epoch,
     stage_for_step,
@@ -522,8 +522,8 @@ def test_train_from_cot_sft_checkpoint_saves_and_generates(tiny_gpt2, train_file
     assert [o.token_ids for o in plain.generate(QUESTIONS, max_new_tokens=6)] == [
         o.token_ids for o in trained
     ]
-    assert isinstance(load_checkpoint(str(tmp_path / "run")), CoconutModel)
-    assert not isinstance(load_checkpoint(str(sft)), CoconutModel)
+    assert isinstance(load(str(tmp_path / "run")), CoconutModel)
+    assert not isinstance(load(str(sft)), CoconutModel)
     # `codi eval --inf_latent_iterations 3` still overrides the saved default
     overridden = CoconutModel.from_pretrained(str(tmp_path / "run"), inf_latent_iterations=3)
     assert overridden.args.inf_latent_iterations == 3

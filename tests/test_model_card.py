@@ -84,9 +84,11 @@ def test_eval_results_are_added_to_an_existing_card(make_model, tmp_path):
         str(tmp_path), [{**GSM8K_RESULT, "accuracy": 45.0}, {"dataset": "svamp", "accuracy": 40.0}]
     )
     meta = read_front_matter(str(tmp_path / "README.md"))
+    # one model-index entry per dataset (huggingface_hub's EvalResult grouping), one metric per mode
     values = [
-        (r["dataset"]["name"], r["metrics"][0]["name"], r["metrics"][0]["value"])
+        (r["dataset"]["name"], metric["name"], metric["value"])
         for r in meta["model-index"][0]["results"]
+        for metric in r["metrics"]
     ]
     assert values == [
         ("gsm8k", "accuracy (cot decoding, n=1319)", 50.0),
@@ -95,3 +97,55 @@ def test_eval_results_are_added_to_an_existing_card(make_model, tmp_path):
     ]
     assert meta["datasets"] == ["zen-E/GSM8k-Aug"]
     assert read_card_info(str(tmp_path / "README.md"))["answer_prompt"] == "Answer -->"
+
+
+def test_a_users_readme_is_never_replaced(make_model, tmp_path, caplog):
+    """A README.md in the output folder that codi did not write survives saving byte for byte (peft's
+    own card update included); the card goes to MODEL_CARD.md beside it, and is said so."""
+    from codi.model_card import OWN_CARD_NAME, card_file
+
+    mine = "# My experiment\n\nNotes that must survive.\n"
+    (tmp_path / "README.md").write_text(mine)
+    model = make_model()
+    with caplog.at_level("WARNING", logger="codi.model_card"):
+        model.save_pretrained(str(tmp_path))
+    assert (tmp_path / "README.md").read_text() == mine
+    assert "not a card written by codi: kept" in caplog.text and OWN_CARD_NAME in caplog.text
+    assert card_file(str(tmp_path)) == str(tmp_path / OWN_CARD_NAME)
+    assert read_card_info(str(tmp_path / OWN_CARD_NAME))["method"] == "codi"
+    model.save_pretrained(str(tmp_path))  # again: still the user's file
+    add_eval_results(str(tmp_path), [GSM8K_RESULT])
+    assert (tmp_path / "README.md").read_text() == mine
+    assert read_front_matter(str(tmp_path / OWN_CARD_NAME))["model-index"]
+    CODIModel.from_pretrained(str(tmp_path))
+    # a card codi wrote is ours to replace
+    other = tmp_path / "other"
+    model.save_pretrained(str(other))
+    model.save_pretrained(str(other))
+    assert not (other / OWN_CARD_NAME).exists() and "codi-card-info" in (other / "README.md").read_text()
+
+
+def test_codi_eval_writes_its_results_into_the_card_as_eval_results(make_model, tmp_path):
+    import json
+
+    from huggingface_hub import ModelCard
+
+    from codi import cli
+
+    checkpoint = tmp_path / "ckpt"
+    make_model(method="cot_sft").save_pretrained(str(checkpoint))
+    assert ModelCard.load(checkpoint / "README.md").data.eval_results is None
+    data = tmp_path / "gsm8k_test.jsonl"
+    rows = [{"question": "Tom has 12 apples and buys 30 more.", "answer": "#### 42"}] * 3
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    argv = ["eval", "--model", str(checkpoint), "--datasets", "gsm8k", "--data_file", str(data)]
+    argv += ["--max_new_tokens", "4", "--output_dir", str(tmp_path / "out"), "--no_progress"]
+    assert cli.main(argv + ["--compare_cot"]) == 0
+    summary = json.loads((tmp_path / "out" / "results.json").read_text())
+    results = ModelCard.load(checkpoint / "README.md").data.eval_results
+    assert [(r.dataset_name, r.metric_name, r.metric_value) for r in results] == [
+        ("gsm8k", f"accuracy ({r['mode']} decoding, n=3)", round(r["accuracy"], 2))
+        for r in summary["results"]
+    ]
+    assert all(r.metric_type == "accuracy" and r.dataset_split == "test" for r in results)
+    CODIModel.from_pretrained(str(checkpoint))

@@ -9,6 +9,8 @@ _LAZY = {
     "CODITrainingArguments": "config",
     "parse_args": "config",
     "CODIModel": "model",
+    "AutoCODIModel": "loader",
+    "load": "loader",
 }
 
 
@@ -30,10 +32,12 @@ def train(*args, **kwargs):
 
 
 __all__ = [
+    "AutoCODIModel",
     "CODIDataArguments",
     "CODIModel",
     "CODIModelArguments",
     "CODITrainingArguments",
+    "load",
     "parse_args",
     "train",
 ]

@@ -6,12 +6,18 @@
                              special token ids, the LoRA base's fingerprint, the versions that wrote it
     tokenizer files
 
+    README.md                the model card (`codi.model_card`), unless the folder holds a README of its own
+
 `codi_config.json` is written last, atomically: a folder without it is not a (complete) checkpoint.
 Loading takes every option that grants code execution or depends on the machine (trust_remote_code,
 dtype, attention kernel) from the caller, never from the file: a downloaded checkpoint cannot run code.
 
 A mixin of `CODIModel` (like transformers' `PreTrainedModel`): it needs `lm`, `hf_model`, `prj`,
 `tokenizer`, `args`, `objective`, `base_vocab_rows`, the special ids and `special_token_embeddings`.
+It is huggingface_hub's `ModelHubMixin` with this format behind its hooks (`_save_pretrained`,
+`_from_pretrained`, `generate_model_card`): `from_pretrained` takes a folder or a hub id (downloaded with
+`snapshot_download`, or read from the HF cache when offline) and `push_to_hub` uploads a saved folder.
+Which class a folder needs (CODI, Coconut, ...) is `codi.loader`'s business: `codi.load(path_or_id)`.
 """
 
 from __future__ import annotations
@@ -23,12 +29,14 @@ import os
 from dataclasses import asdict
 
 import torch
+from huggingface_hub import ModelCard, ModelHubMixin
 from safetensors.torch import load_file, save_file
 
+from . import hub
 from .config import CODIModelArguments
 from .hf import ModelLoadError, build_lm
 from .losses import LossSettings, TrainingObjective
-from .model_card import model_card_info, write_model_card
+from .model_card import build_model_card, keep_foreign_readme, model_card_info, write_model_card
 
 logger = logging.getLogger(__name__)
 
@@ -113,8 +121,45 @@ def read_config(path: str) -> dict:
     return config
 
 
-class CheckpointMixin:
-    """save_pretrained / from_pretrained / load_weights for `CODIModel`."""
+def validate_folder(path: str, config: dict) -> None:
+    """Before anything is built from a checkpoint folder: the files its config says it has are there
+    (the one place where a folder is checked before loading; a bad folder fails here in one line)."""
+    if config["model_args"].get("use_lora", True):
+        weights = ("adapter_model.safetensors",)
+    else:  # one file, or shards listed by an index
+        weights = ("model.safetensors", "model.safetensors.index.json")
+    if not any(os.path.isfile(os.path.join(path, name)) for name in weights):
+        raise CheckpointError(f"{path}: {weights[0]} not found (incomplete checkpoint?)")
+    if not os.path.isfile(os.path.join(path, EXTRA_WEIGHTS_NAME)):
+        raise CheckpointError(
+            f"{os.path.join(path, EXTRA_WEIGHTS_NAME)}: file not found (incomplete checkpoint?)"
+        )
+
+
+def resolve_checkpoint(
+    source: str,
+    *,
+    revision: str | None = None,
+    cache_dir: str | None = None,
+    force_download: bool = False,
+    local_files_only: bool = False,
+    token: str | bool | None = None,
+) -> str:
+    """The local folder of a checkpoint: `source` itself, or the hub repository `source` downloaded with
+    `snapshot_download` (from the HF cache alone when offline or the hub is unreachable: codi.hub)."""
+    source = os.fspath(source)
+    if os.path.isdir(source):
+        return source
+    if hub.is_local(source):
+        raise FileNotFoundError(f"checkpoint folder not found: {source}")
+    return hub.download_repo(
+        source, "checkpoint", revision=revision, cache_dir=cache_dir, force_download=force_download,
+        local_files_only=local_files_only, token=token,
+    )  # fmt: skip
+
+
+class CheckpointMixin(ModelHubMixin):
+    """save_pretrained / from_pretrained / push_to_hub / load_weights for `CODIModel`."""
 
     def _extra_state(self, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Weights that neither the adapter nor the base checkpoint holds: projection, added token rows."""
@@ -143,23 +188,52 @@ class CheckpointMixin:
                 state["added_output_embeddings"] = full(output.weight)[self.base_vocab_rows :]
         return {key: value.contiguous().cpu() for key, value in state.items()}
 
-    def save_pretrained(self, output_dir: str, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-        """HF-style folder: adapter (LoRA) or full weights, `codi_extra.safetensors`, config, tokenizer.
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        *,
+        config: dict | None = None,
+        repo_id: str | None = None,
+        push_to_hub: bool = False,
+        model_card_kwargs: dict | None = None,
+        **push_to_hub_kwargs,
+    ) -> str | None:
+        """HF-style folder: adapter (LoRA) or full weights, `codi_extra.safetensors`, config, tokenizer,
+        model card. A README.md in the folder that this package did not write is kept as it was, and the
+        card goes to MODEL_CARD.md instead (`codi.model_card`).
 
         `state_dict` (keys as in `self.state_dict()`): write these tensors instead of the live ones; the
         HF Trainer passes the gathered full weights under FSDP and DeepSpeed ZeRO-3.
+        `model_card_kwargs`: for `codi.model_card.model_card_info` (datasets, eval_results, name).
+        `push_to_hub`: then upload it to `repo_id` (default: the folder's name), see `push_to_hub`.
         """
+        if config is not None:  # ModelHubMixin's config.json would clash with a full model's own
+            raise ValueError("a CODI checkpoint keeps its settings in codi_config.json: config= is not taken")
+        output_dir = os.fspath(save_directory)
         os.makedirs(output_dir, exist_ok=True)
+        self._save_pretrained(output_dir, state_dict, model_card_kwargs)
+        if push_to_hub:
+            repo_id = repo_id or os.path.basename(os.path.abspath(output_dir))
+            return self.push_to_hub(repo_id, model_card_kwargs=model_card_kwargs, **push_to_hub_kwargs)
+        return None
+
+    def _save_pretrained(
+        self, save_directory, state_dict: dict | None = None, model_card_kwargs: dict | None = None
+    ) -> None:
+        """ModelHubMixin's saving hook: every file of the format, `codi_config.json` last."""
+        output_dir = os.fspath(save_directory)
         lm_state = None
         if state_dict is not None:
             lm_state = {key[3:]: value for key, value in state_dict.items() if key.startswith("lm.")}
-        if self.is_lora:
-            self.lm.save_pretrained(output_dir, save_embedding_layers=False, state_dict=lm_state)
-        else:
-            self.hf_model.save_pretrained(output_dir, state_dict=lm_state)
-        save_file(self._extra_state(state_dict), os.path.join(output_dir, EXTRA_WEIGHTS_NAME))
-        self.tokenizer.save_pretrained(output_dir)
-        write_model_card(output_dir, model_card_info(self))  # after peft's, which writes a template README
+        with keep_foreign_readme(output_dir) as card_name:  # peft updates any README.md it finds
+            if self.is_lora:
+                self.lm.save_pretrained(output_dir, save_embedding_layers=False, state_dict=lm_state)
+            else:
+                self.hf_model.save_pretrained(output_dir, state_dict=lm_state)
+            save_file(self._extra_state(state_dict), os.path.join(output_dir, EXTRA_WEIGHTS_NAME))
+            self.tokenizer.save_pretrained(output_dir)
+            write_model_card(output_dir, self.generate_model_card(**(model_card_kwargs or {})), card_name)
         model_args = {key: value for key, value in self.args.to_dict().items() if key not in CALLER_OPTIONS}
         config = {
             "format": "codi",
@@ -175,12 +249,57 @@ class CheckpointMixin:
         }
         write_json_atomically(os.path.join(output_dir, CONFIG_NAME), config)
 
+    def generate_model_card(self, *args, **kwargs) -> ModelCard:
+        """This model's card (`codi.model_card`); kwargs: `model_card_info`'s (datasets, eval_results...)."""
+        return build_model_card(model_card_info(self, **kwargs))
+
     @staticmethod
     def read_config(path: str) -> dict:
         return read_config(path)
 
     @classmethod
     def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        base_model_name_or_path: str | None = None,
+        dtype: str | None = None,
+        *,
+        revision: str | None = None,
+        cache_dir: str | None = None,
+        force_download: bool = False,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+        **model_kwargs,
+    ):
+        """Load a checkpoint written by `save_pretrained`: a folder, or a hub repository id (downloaded
+        with `snapshot_download` at `revision`; offline or with the hub unreachable, from the HF cache).
+        `codi.load` picks the class a checkpoint needs. LoRA checkpoints need their base model: the one
+        recorded in `codi_config.json`, or `base_model_name_or_path`; its weights must be the ones the
+        checkpoint was trained on (fingerprint) unless `allow_base_mismatch=True`.
+
+        `trust_remote_code`, `dtype` and `attn_implementation` are the caller's: a value stored in the
+        file is ignored (a downloaded checkpoint must not be able to run its own code here). Other
+        `model_kwargs`: `CODIModelArguments` fields (e.g. `inf_latent_iterations`, `reference_compat`).
+        """
+        return cls._from_pretrained(
+            model_id=os.fspath(pretrained_model_name_or_path), revision=revision, cache_dir=cache_dir,
+            force_download=force_download, local_files_only=local_files_only, token=token,
+            base_model_name_or_path=base_model_name_or_path, dtype=dtype, **model_kwargs,
+        )  # fmt: skip
+
+    @classmethod
+    def _from_pretrained(
+        cls, *, model_id, revision, cache_dir, force_download, local_files_only, token, **model_kwargs
+    ):
+        """ModelHubMixin's loading hook: the folder (downloaded if `model_id` is a hub id), then loaded."""
+        folder = resolve_checkpoint(
+            model_id, revision=revision, cache_dir=cache_dir, force_download=force_download,
+            local_files_only=local_files_only, token=token,
+        )  # fmt: skip
+        return cls._load_folder(folder, **model_kwargs)
+
+    @classmethod
+    def _load_folder(
         cls,
         path: str,
         base_model_name_or_path: str | None = None,
@@ -191,15 +310,9 @@ class CheckpointMixin:
         allow_base_mismatch: bool = False,
         **overrides,
     ):
-        """Load a checkpoint written by `save_pretrained`. LoRA checkpoints need their base model:
-        the one recorded in `codi_config.json`, or `base_model_name_or_path`; its weights must be the
-        ones the checkpoint was trained on (fingerprint) unless `allow_base_mismatch`.
-
-        `trust_remote_code`, `dtype` and `attn_implementation` are the caller's: a value stored in the
-        file is ignored (a downloaded checkpoint must not be able to run its own code here).
-        `overrides`: other `CODIModelArguments` fields (e.g. `inf_latent_iterations`, `reference_compat`).
-        """
+        """`from_pretrained` from the local checkpoint folder `path` (its options)."""
         config = read_config(path)
+        validate_folder(path, config)  # the folder is checked here, before anything is built from it
         values = dict(config["model_args"])
         if values.pop("trust_remote_code", False) and not trust_remote_code:
             logger.warning(

@@ -347,11 +347,11 @@ def launch(
 ):
     """Load the checkpoint in `model_dir` and serve the explorer on http://host:port."""
     from .distributed import local_device
-    from .methods.coconut import load_checkpoint
+    from .loader import load
 
     _gradio()  # a missing `explore` extra fails before the model loads
     examples = load_examples(examples_file) if examples_file else None
-    model = load_checkpoint(model_dir, base_model)
+    model = load(model_dir, base_model)
     model.to(device or str(local_device()))
     app = build_app(model, examples, top_k=top_k, max_new_tokens=max_new_tokens, source=model_dir)
     return serve(app, host=host, port=port, block=block)

@@ -7,6 +7,13 @@ any) with a short timeout, once per process. When it fails, the process switches
 `HF_HUB_OFFLINE=1` does), so a cached model or dataset still loads and a missing one fails at once.
 Setting `HF_HUB_OFFLINE` (to any value) skips the check: the user has decided (`HF_HUB_OFFLINE=0` for a
 hub that is reachable but slower than the check's timeout to connect).
+
+Our own hub calls pass `local_files_only=True` once offline (`cache_only()`), which is public API. The
+libraries that we cannot pass it to (transformers' loaders under peft, `datasets.load_dataset`, and
+lm-eval loading its tasks' data) read the mode from module constants copied from the environment when
+they were imported; `go_offline` sets those constants: the one place that touches another library's
+internals (tests/test_hub.py pins the names it relies on for the supported versions).
+`check_now()` runs the check before a command hands the hub to another library (`codi lm-eval`).
 """
 
 from __future__ import annotations
@@ -91,8 +98,12 @@ def user_chose_mode() -> bool:
 
 def go_offline() -> None:
     """Switch huggingface_hub, transformers and datasets to offline mode for this process (and its
-    children). They read the mode at call time from these module constants (set from the environment
-    at import), so setting the constants, not only the variable, is what takes effect."""
+    children). The environment variable is the public switch, but they read it once, at import:
+    huggingface_hub into `constants.HF_HUB_OFFLINE` (what `is_offline_mode()` and every request check
+    at call time; transformers asks it too) and datasets into `datasets.config.HF_HUB_OFFLINE`. So the
+    constants of modules already imported are set as well. Should a release rename them, the
+    assignments below would silently do nothing and an unreachable hub would cost the minute of
+    retries again: tests/test_hub.py::test_offline_switch_reaches_the_pinned_libraries fails first."""
     from huggingface_hub import constants
 
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -103,33 +114,79 @@ def go_offline() -> None:
         datasets_config.HF_DATASETS_OFFLINE = True
 
 
-def prepare_hub_access(source: str) -> None:
-    """Before loading `source` from the hub: when the hub is unreachable, go offline (cache only)."""
-    if is_local(source) or user_chose_mode() or _went_offline:
-        return
-    if not hub_reachable():
+def cache_only() -> bool:
+    """Whether hub files come from the HF cache only in this process (pass as `local_files_only`)."""
+    from huggingface_hub import is_offline_mode
+
+    return bool(_went_offline) or is_offline_mode()
+
+
+def check_now() -> None:
+    """The one check of `prepare_hub_access`, now, for a command that hands hub access to another
+    library (lm-eval fetches its tasks' datasets itself): run before that library is imported."""
+    if not user_chose_mode() and not _went_offline and not hub_reachable():
         _went_offline.append(endpoint())
         go_offline()
 
 
+def prepare_hub_access(source: str) -> None:
+    """Before loading `source` from the hub: when the hub is unreachable, go offline (cache only)."""
+    if not is_local(source):
+        check_now()
+
+
 def offline_reason() -> str | None:
     """Why hub ids resolve from the cache only in this process, or None when the hub is in use."""
-    from huggingface_hub import constants
+    from huggingface_hub import is_offline_mode
 
     if _went_offline:
         return f"the hub at {_went_offline[0]} is unreachable"
-    if constants.HF_HUB_OFFLINE:
+    if is_offline_mode():
         return "offline mode is on (HF_HUB_OFFLINE)"
     return None
 
 
 def note_cache_use(what: str, source: str) -> None:
     """Log (once per source) that `source` came from the cache because the hub is unreachable."""
-    if _went_offline and source not in _noted:
+    if _went_offline and not is_local(source) and source not in _noted:
         _noted.add(source)
         logger.info(
             "%s %r loaded from the HF cache: the hub at %s is unreachable", what, source, _went_offline[0]
         )
+
+
+def download_repo(source: str, what: str, *, local_files_only: bool = False, **kwargs) -> str:
+    """The local folder of the hub repository `source` (`snapshot_download`, with its kwargs): from the
+    cache alone when offline or unreachable; one line naming `source` when that cannot be done."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    prepare_hub_access(source)
+    try:
+        folder = snapshot_download(source, local_files_only=local_files_only or cache_only(), **kwargs)
+    except LocalEntryNotFoundError as error:
+        if offline_reason() is None:  # local_files_only asked by the caller
+            raise OfflineError(
+                f"the {what} {source!r} is not (fully) in the HF cache (local_files_only)"
+            ) from error
+        raise OfflineError(offline_message(what, source)) from error
+    except (HfHubHTTPError, ValueError) as error:  # unknown repository, gated, bad revision or id
+        raise FileNotFoundError(
+            f"{source}: no such local folder, nor a {what} on the hub ({error})"
+        ) from error
+    note_cache_use(what, source)
+    return folder
+
+
+def upload_folder(folder: str, repo_id: str, *, allow_patterns: list[str] | None = None, **kwargs):
+    """`HfApi.upload_folder` of `folder` to the model repository `repo_id` (created when missing)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=kwargs.pop("token", None))
+    repo_id = api.create_repo(repo_id, private=kwargs.pop("private", None), exist_ok=True).repo_id
+    return api.upload_folder(
+        repo_id=repo_id, folder_path=folder, allow_patterns=allow_patterns, repo_type="model", **kwargs
+    )
 
 
 def offline_message(what: str, source: str) -> str:
@@ -144,3 +201,66 @@ def offline_message(what: str, source: str) -> str:
         f"cannot load the {what} {source!r}: {offline_reason() or 'offline'} and {source!r} is not (fully) "
         f"in the HF cache ({constants.HF_HUB_CACHE}). Pass a local path instead, or {then}"
     )
+
+
+# The files of a checkpoint folder that make the model (what a hub repository of it holds); a run folder
+# also holds training state (optimizer, scheduler, RNG, metrics, checkpoint-N), which is not pushed.
+MODEL_FILE_PATTERNS = [
+    "*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
+    "adapter_config.json", "codi_config.json", "coconut_config.json", "tokenizer*", "special_tokens_map.json",
+    "added_tokens.json", "vocab.json", "merges.txt", "chat_template*", "README.md", "MODEL_CARD.md",
+]  # fmt: skip
+
+
+class TrainerPushMixin:
+    """For an HF Trainer whose model saves `codi.checkpoint` folders: `--push_to_hub` (`--hub_model_id`,
+    `--hub_strategy`, `--hub_token`, `--hub_revision`) uploads the folders our saver wrote. The Trainer's
+    own push copies only the HF weight files into the run folder (half a CODI checkpoint) and replaces
+    the model card with its training summary."""
+
+    def create_model_card(self, *args, **kwargs) -> None:
+        """Nothing: `save_pretrained` wrote this package's card (a README.md of the user's is kept)."""
+
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        private: bool | None = None,
+        **kwargs,
+    ):
+        """Save the final model into the run folder and upload its model files to `hub_model_id`."""
+        if self.hub_model_id is None:
+            self.init_hf_repo(token=token, private=private)
+        self.save_model(_internal_call=True)
+        if not self.is_world_process_zero():
+            return None
+        return upload_folder(
+            self.args.output_dir, self.hub_model_id, allow_patterns=MODEL_FILE_PATTERNS,
+            commit_message=commit_message, token=token or self.args.hub_token,
+            revision=revision or self.args.hub_revision,
+        )  # fmt: skip
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """On each save (hub_strategy every_save, checkpoint, all_checkpoints): the checkpoint's model
+        files to the repository's root, and with `checkpoint`/`all_checkpoints` the whole folder too.
+        Synchronous: the folder is renamed into place when the Trainer's save returns."""
+        strategy = str(getattr(self.args.hub_strategy, "value", self.args.hub_strategy))
+        if not self.is_world_process_zero() or strategy == "end":
+            return
+        message = f"Training in progress, step {self.state.global_step}"
+        options = {"token": self.args.hub_token, "revision": self.args.hub_revision}
+        upload_folder(
+            checkpoint_folder,
+            self.hub_model_id,
+            allow_patterns=MODEL_FILE_PATTERNS,
+            commit_message=message,
+            **options,
+        )
+        if strategy in ("checkpoint", "all_checkpoints"):
+            where = "last-checkpoint" if strategy == "checkpoint" else os.path.basename(checkpoint_folder)
+            message += ", checkpoint"
+            upload_folder(
+                checkpoint_folder, self.hub_model_id, path_in_repo=where, commit_message=message, **options
+            )

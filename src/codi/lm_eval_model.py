@@ -8,8 +8,8 @@ has no entry-point or `--include_path` hook for models. Importing this module re
         of lm-eval's own command line: same flags, the model registered first), or
     import codi.lm_eval_model; lm_eval.simple_evaluate(model="codi", model_args="pretrained=DIR", ...)
 
-model_args: pretrained (checkpoint folder, required), mode (latent | cot), base_model (LoRA base if
-moved), num_latent (default: the checkpoint's inf_latent_iterations), max_gen_toks (256), dtype,
+model_args: pretrained (checkpoint folder or hub id, required; loaded with `codi.load`), mode
+(latent | cot), base_model (LoRA base if moved), num_latent (default: the checkpoint's inf_latent_iterations), max_gen_toks (256), dtype,
 device, batch_size, feed_answer_prompt. `generate_until` requests are answered with
 `codi.generate.generate` (contexts normalised as `codi eval` does, so the same question gets the same
 answer), then cut at the request's `until` strings. Log-likelihood requests are refused: a CODI
@@ -63,7 +63,7 @@ class CODILM(LM):
             raise ValueError(f"codi: model_args mode must be latent or cot, got {mode!r}")
         import torch
 
-        from .methods.coconut import load_checkpoint
+        from .loader import load
 
         self.mode = mode
         # "auto" (lm-eval's batch-size search) has no meaning here: generation is already batched.
@@ -71,7 +71,7 @@ class CODILM(LM):
         self.num_latent = num_latent
         self.max_gen_toks = int(max_gen_toks)
         self.feed_answer_prompt = bool(feed_answer_prompt)
-        self.model = load_checkpoint(str(pretrained), base_model, dtype=dtype)
+        self.model = load(str(pretrained), base_model, dtype=dtype)
         if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
             # lm-eval's command line asks for cuda by default: fall back as its own HF model does
             if device is not None:
@@ -199,10 +199,20 @@ def run_lm_eval_cli(argv: list[str]) -> int:
     """lm-eval's command line (same flags) with the `codi` model registered (`codi lm-eval`)."""
     from lm_eval.__main__ import cli_evaluate
 
+    from . import hub
+
     saved = sys.argv
     sys.argv = ["lm-eval", *argv]
     try:
         cli_evaluate()
+    except (ConnectionError, FileNotFoundError) as error:  # a task's hub dataset, offline and not cached
+        reason = hub.offline_reason()
+        if reason is None:
+            raise
+        raise hub.OfflineError(
+            f"{str(error).splitlines()[0]}: {reason}, and lm-eval's task data is not in the HF cache; "
+            "run where the hub is reachable once, or use a task over local files (--include_path)"
+        ) from error
     finally:
         sys.argv = saved
     return 0

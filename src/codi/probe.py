@@ -238,11 +238,11 @@ def run_probe(
     directory. `metadata` is merged into the summary (e.g. model and data paths); kwargs go to `probe`.
     Returns the summary with the written file paths under "paths"."""
     if isinstance(model, str):
-        from .model import CODIModel
+        from .loader import load
 
         metadata = {"model": model, **(metadata or {})}
         title = title or f"CODI probe: {model}"
-        model = CODIModel.from_pretrained(model)
+        model = load(model)
     records = probe(model, records_or_questions, **kwargs)
     summary = {**(metadata or {}), **summarize(records)}
     summary["paths"] = write_report(records, summary, out_dir, title=title)

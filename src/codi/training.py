@@ -20,6 +20,7 @@ from .checkpoint import write_json_atomically
 from .config import CODIDataArguments, CODIModelArguments, CODITrainingArguments
 from .data import CODICollator, CODIDataset, DataStats, build_dataset
 from .hf import max_positions
+from .hub import TrainerPushMixin
 from .losses import TrainingObjective
 from .model import CODIModel
 from .records import load_records
@@ -41,8 +42,8 @@ class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; raised with the step so the run can be resumed or fixed."""
 
 
-class CODITrainer(Trainer):
-    """HF Trainer that logs every loss component and saves/loads CODI checkpoints."""
+class CODITrainer(TrainerPushMixin, Trainer):
+    """HF Trainer that logs every loss component and saves/loads (and pushes) CODI checkpoints."""
 
     def __init__(self, *args, run_signature: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)

@@ -12,7 +12,7 @@ from .args import parse
 class AblateArguments:
     """Flags of `codi ablate` (every field is `--name VALUE` on the command line)."""
 
-    model: str = field(metadata={"help": "CODI checkpoint directory (save_pretrained)."})
+    model: str = field(metadata={"help": "CODI checkpoint: a directory (save_pretrained) or a hub id."})
     data: str = field(
         metadata={"help": "Question file: ICoT .txt, or .jsonl/.json rows laid out as --dataset's."}
     )
@@ -84,11 +84,9 @@ class AblateArguments:
 def _load(path: str, args: AblateArguments):
 
     from ..distributed import local_device
-    from ..methods.coconut import load_checkpoint
+    from ..loader import load
 
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint directory not found: {path}")
-    model = load_checkpoint(path, args.base_model, dtype=args.dtype)
+    model = load(path, args.base_model, dtype=args.dtype)
     model.to(args.device or str(local_device()))
     return model.eval()
 

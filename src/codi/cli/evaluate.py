@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 class EvalArguments:
     """Evaluate a CODI checkpoint: accuracy (the reference's and a strict score) and speed, per dataset."""
 
-    model: str = field(metadata={"help": "CODI checkpoint directory (save_pretrained)."})
+    model: str = field(metadata={"help": "CODI checkpoint: a directory (save_pretrained) or a hub id."})
     base_model: str | None = field(
         default=None, metadata={"help": "Base model for a LoRA checkpoint, if it moved since training."}
     )
@@ -97,7 +97,8 @@ def main(argv: list[str]) -> int:
         logger.warning("--fix_attn_mask has no effect without --reference_compat")
     from .. import distributed
     from ..evaluate import evaluate_sets, load_eval_sets
-    from ..methods.coconut import load_checkpoint
+    from ..loader import load
+    from ..model_card import record_eval_results
 
     distributed.init()  # no-op unless launched by torchrun / accelerate with several processes
     sets = load_eval_sets(args.datasets, args.data_dir, args.data_file, args.limit)
@@ -106,7 +107,7 @@ def main(argv: list[str]) -> int:
         overrides["inf_latent_iterations"] = args.inf_latent_iterations
     if args.reference_compat:
         overrides.update(reference_compat=True, fix_attn_mask=args.fix_attn_mask)
-    model = load_checkpoint(  # a Coconut checkpoint decodes as Coconut (its ablations differ)
+    model = load(  # the class the checkpoint needs: a Coconut checkpoint decodes as Coconut
         args.model, args.base_model, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
         allow_base_mismatch=args.allow_base_mismatch, **overrides,
     )  # fmt: skip
@@ -133,6 +134,7 @@ def main(argv: list[str]) -> int:
     )
     if distributed.is_main_process():  # metrics and files once
         print(summary["table"])
+        record_eval_results(args.model, summary["results"])  # into the checkpoint's model card
     distributed.finish()
     return 0
 

@@ -12,7 +12,7 @@ class ExploreArguments:
     """A local web page to look inside a checkpoint's latent thoughts (needs the `explore` extra)."""
 
     model: str = field(
-        metadata={"help": "CODI checkpoint directory (e.g. the demo's runs/demo-<time>/codi)."}
+        metadata={"help": "CODI checkpoint: a directory (e.g. the demo's runs/demo-<time>/codi) or a hub id."}
     )
     port: int = field(default=7860, metadata={"help": "Port to serve on."})
     host: str = field(

@@ -35,6 +35,9 @@ def main(argv: list[str]) -> int:
         print(USAGE)
         return 0
     paths, rest = split_config(argv)
+    from .. import hub
+
+    hub.check_now()  # before lm-eval and datasets are imported: they read the offline switch then
     from ..lm_eval_model import run_lm_eval_cli
 
     return run_lm_eval_cli([flag for path in paths for flag in config_flags(path)] + rest)

@@ -12,7 +12,7 @@ class ProbeArguments:
     """Probe the latent thoughts (paper section 5, Table 3): top-k tokens of each latent, optionally
     after the projection and through every layer (logit lens), the Table-3 match rates, an HTML report."""
 
-    model: str = field(metadata={"help": "CODI checkpoint directory."})
+    model: str = field(metadata={"help": "CODI checkpoint: a directory or a hub id."})
     data: str = field(metadata={"help": "ICoT .txt, or GSM8k / {question, cot, answer} .jsonl."})
     output_dir: str = field(metadata={"help": "Where the records, summary, plots and HTML report go."})
     limit: int | None = field(default=None, metadata={"help": "Probe the first N records."})
@@ -39,13 +39,13 @@ def main(argv: list[str]) -> int:
     (args,) = parse("codi probe", (ProbeArguments,), argv)
 
     from ..distributed import local_device
-    from ..methods.coconut import load_checkpoint
+    from ..loader import load
     from ..probe import run_probe
     from ..probe_metric import format_summary
     from ..records import read_records
 
     records = read_records(args.data)[: args.limit]
-    model = load_checkpoint(args.model, args.base_model)
+    model = load(args.model, args.base_model)
     model.to(args.device or str(local_device()))
     summary = run_probe(
         model,

@@ -306,9 +306,9 @@ def run_demo(preset: Preset, seed: int, out_dir: str, probe: bool = True, device
         timings["train_no_cot_s"] = time.perf_counter() - start
     no_cot = None
     if not preset.skip_no_cot:
-        from ..model import CODIModel
+        from ..loader import load
 
-        no_cot = CODIModel.from_pretrained(no_cot_dir)
+        no_cot = load(no_cot_dir)
         if device == "cuda":
             no_cot.to("cuda")
     stages.update()

@@ -1,7 +1,7 @@
 """Coconut (Hao et al. 2024): continuous thoughts fed back as input embeddings, a stage curriculum.
 
 `codi train --method coconut`: `train_coconut`; decoding: `CoconutModel.generate` (same outputs as
-CODI's `codi.generate.generate`); checkpoints: `CoconutModel.from_pretrained`.
+CODI's `codi.generate.generate`); checkpoints: `CoconutModel.from_pretrained` (or `codi.load`, which picks it for a Coconut checkpoint).
 """
 
 from .data import (
@@ -19,7 +19,6 @@ from .model import (
     build_coconut_model,
     init_marker_embeddings,
     is_coconut_checkpoint,
-    load_checkpoint,
 )
 from .schedule import CoconutArguments, record_stage, stage_for_epoch, stage_for_step, stage_plan
 from .training import CoconutTrainer, CurriculumCallback, train_coconut
@@ -37,7 +36,6 @@ __all__ = [
     "build_coconut_model",
     "init_marker_embeddings",
     "is_coconut_checkpoint",
-    "load_checkpoint",
     "loss_targets",
     "record_stage",
     "stage_features",

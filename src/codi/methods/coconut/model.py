@@ -76,19 +76,19 @@ class CoconutModel(CODIModel):
                     module.weight.requires_grad_(trainable)
         return self.tokenizer.convert_tokens_to_ids(PAUSE_TOKEN)
 
-    def save_pretrained(self, output_dir: str, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-        """The CODI checkpoint folder plus `coconut_config.json` (the settings, for decoding)."""
-        super().save_pretrained(output_dir, state_dict=state_dict)
-        with open(os.path.join(output_dir, COCONUT_CONFIG_NAME), "w") as handle:
+    def _save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        """The CODI checkpoint folder plus `coconut_config.json` (the settings, for decoding), written
+        before `codi_config.json`, which completes the folder."""
+        os.makedirs(save_directory, exist_ok=True)
+        with open(os.path.join(save_directory, COCONUT_CONFIG_NAME), "w") as handle:
             json.dump({"format": "coconut", "settings": self.coconut.to_dict()}, handle, indent=2)
+        super()._save_pretrained(save_directory, *args, **kwargs)
 
     @classmethod
-    def from_pretrained(
-        cls, path: str, base_model_name_or_path: str | None = None, dtype: str | None = None, **overrides
-    ) -> CoconutModel:
-        """A Coconut checkpoint, or any CODI-format checkpoint (e.g. CoT-SFT) to start Coconut from
-        (then call `configure`)."""
-        model = super().from_pretrained(path, base_model_name_or_path, dtype, **overrides)
+    def _load_folder(cls, path: str, *args, **overrides) -> CoconutModel:
+        """A Coconut checkpoint folder, or any CODI-format checkpoint (e.g. CoT-SFT) to start Coconut from
+        (then call `configure`); `from_pretrained` (folder or hub id) comes here with the local folder."""
+        model = super()._load_folder(path, *args, **overrides)
         if is_coconut_checkpoint(path):
             with open(os.path.join(path, COCONUT_CONFIG_NAME)) as handle:
                 saved = json.load(handle)
@@ -244,11 +244,3 @@ def build_coconut_model(model_args, settings: CoconutArguments) -> tuple[Coconut
     if settings.init_markers_from and not continuing and settings.variant != "no_thoughts":
         init_marker_embeddings(model, settings.init_markers_from)
     return model.train(), continuing
-
-
-def load_checkpoint(
-    path: str, base_model_name_or_path: str | None = None, dtype: str | None = None, **overrides
-):
-    """A `CoconutModel` for a Coconut checkpoint (its ablations decode differently), else a `CODIModel`."""
-    cls = CoconutModel if is_coconut_checkpoint(path) else CODIModel
-    return cls.from_pretrained(path, base_model_name_or_path, dtype, **overrides)
