@@ -113,6 +113,8 @@ def test_explore_port_range_and_a_network_wide_host(monkeypatch, capsys):
     monkeypatch.setattr(codi.explore, "launch", lambda *args, **kwargs: launched.append(kwargs["host"]))
     status, _, err = run(["explore", "--model", "m", "--port", "70000"], capsys)
     assert status == 2 and "--port must be in 1..65535, got 70000" in one_line_error(err)
+    status, _, err = run(["explore", "--model", "m", "--top_k", "0"], capsys)
+    assert status == 2 and "--top_k must be >= 1, got 0" in one_line_error(err)
     assert not launched
     status, _, err = run(["explore", "--model", "m", "--host", "0.0.0.0"], capsys)
     assert status == 0 and launched == ["0.0.0.0"]
