@@ -223,7 +223,8 @@ class CODITrainingArguments(TrainingArguments):
     distill_loss_factor: float = field(
         default=LossSettings.distill_loss_factor, metadata={"help": "beta: weight of the distillation loss."}
     )
-    distill_loss_div_std: bool | None = field(
+    # None until __post_init__ (it depends on the method); typed bool so that a bare flag means True
+    distill_loss_div_std: bool = field(
         default=None,
         metadata={
             "help": "Divide each layer's distillation loss by the teacher's std. Default: true for method "
