@@ -74,10 +74,9 @@ def configure_threads(environ: MutableMapping[str, str] = os.environ) -> int | N
     environ["OMP_NUM_THREADS"] = str(threads)
     if threads < cpus:
         logger.info(
-            "%d of %d CPU cores busy (load %.1f): torch uses %d thread(s); set OMP_NUM_THREADS to choose",
-            cpus - threads,
-            cpus,
+            "CPU busy (load %.1f on %d cores): torch uses %d thread(s); set OMP_NUM_THREADS to choose",
             load,
+            cpus,
             threads,
         )
     return threads
