@@ -135,6 +135,14 @@ def test_lm_eval_without_arguments_or_a_checkpoint_is_a_usage_error(capsys):
     assert status == 2 and "--model_args batch_size: 'abc' is not a positive integer" in one_line_error(err)
     status, _, err = run([*base, '{"pretrained": "x"}', "--batch_size", "0"], capsys)
     assert status == 2 and "--batch_size: '0' is not a positive integer" in one_line_error(err)
+    from codi.cli.lm_eval import check_codi_arguments
+
+    # lm-eval's results then state the batch size used
+    assert check_codi_arguments(["--model", "codi", "--model_args", "pretrained=x,batch_size=4"]) == [
+        "--batch_size",
+        "4",
+    ]
+    assert check_codi_arguments(["--model", "codi", "-a", "pretrained=x", "batch_size=4", "-b", "8"]) == []
 
 
 def test_lm_eval_batch_size_in_model_args_is_used(checkpoint, tmp_path):

@@ -76,22 +76,27 @@ def check_batch_size(value: str, where: str) -> None:
     raise UsageError(f"{where}: {value!r} is not a positive integer (or auto)")
 
 
-def check_codi_arguments(argv: list[str]) -> None:
-    """For `--model codi`: `pretrained` given, `batch_size` (model_args or lm-eval's flag) a number."""
+def check_codi_arguments(argv: list[str]) -> list[str]:
+    """For `--model codi`: `pretrained` given, `batch_size` (model_args or lm-eval's flag) a number.
+    Returns the flags to add: a model_args batch_size also as lm-eval's `--batch_size`, so that the
+    results lm-eval writes state the batch size used (the model's wins either way)."""
     model = _flag_values(argv, "--model", "-M")
     if not model or model[0] != "codi":
-        return
+        return []
     args = model_arguments(_flag_values(argv, "--model_args", "-a") or [])
     if not args.get("pretrained"):
         raise UsageError(
             "--model codi needs --model_args pretrained=DIR (a CODI checkpoint folder), e.g. "
             "--model_args pretrained=runs/codi,mode=latent"
         )
-    if "batch_size" in args:
-        check_batch_size(args["batch_size"], "--model_args batch_size")
     flag = _flag_values(argv, "--batch_size", "-b")
     if flag:
         check_batch_size(flag[0], "--batch_size")
+    if "batch_size" in args:
+        check_batch_size(args["batch_size"], "--model_args batch_size")
+        if not flag:
+            return ["--batch_size", args["batch_size"]]
+    return []
 
 
 def main(argv: list[str]) -> int:
@@ -103,7 +108,7 @@ def main(argv: list[str]) -> int:
         return 0
     paths, rest = split_config(argv)
     flags = [flag for path in paths for flag in config_flags(path)] + rest
-    check_codi_arguments(flags)
+    flags += check_codi_arguments(flags)
     from ..lm_eval_model import run_lm_eval_cli
 
     return run_lm_eval_cli(flags)
