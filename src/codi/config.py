@@ -30,6 +30,9 @@ ALIASES = {
     "mse_loss_type": "distill_loss_type",
     "mse_loss_factor": "distill_loss_factor",
 }
+# Defaults when --learning_rate is not given: the Llama presets' LoRA value, HF's for full fine-tuning.
+LORA_LEARNING_RATE = 8e-4
+FULL_LEARNING_RATE = 5e-5
 METHODS = ("codi", "cot_sft", "no_cot_sft", "icot", "coconut")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 
@@ -67,7 +70,13 @@ class CODIModelArguments:
     use_prj: bool = field(
         default=True, metadata={"help": "Project each latent thought before feeding it back."}
     )
-    prj_dim: int = field(default=768, metadata={"help": "Hidden width of the projection MLP."})
+    prj_dim: int | None = field(
+        default=None,
+        metadata={
+            "help": "Hidden width of the projection MLP. Default: the base model's hidden size (as in "
+            "every preset: 768 for GPT-2, 2048 for Llama-3.2-1B)."
+        },
+    )
     prj_dropout: float = field(default=0.0, metadata={"help": "Dropout at the projection's input."})
     prj_no_ln: bool = field(default=False, metadata={"help": "Omit the projection's final LayerNorm."})
     train_special_token_embeddings: bool = field(
@@ -118,7 +127,7 @@ class CODIModelArguments:
         _check(self.lora_alpha > 0, f"lora_alpha must be positive, got {self.lora_alpha}")
         _check(0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         _check(0.0 <= self.prj_dropout < 1.0, f"prj_dropout must be in [0, 1), got {self.prj_dropout}")
-        _check(self.prj_dim > 0, f"prj_dim must be positive, got {self.prj_dim}")
+        _check(self.prj_dim is None or self.prj_dim > 0, f"prj_dim must be positive, got {self.prj_dim}")
         _check(self.num_latent >= 0, f"num_latent must be >= 0, got {self.num_latent}")
         _check(
             self.inf_latent_iterations >= 0,
@@ -214,9 +223,20 @@ class CODITrainingArguments(TrainingArguments):
     distill_loss_factor: float = field(
         default=LossSettings.distill_loss_factor, metadata={"help": "beta: weight of the distillation loss."}
     )
+    # None until __post_init__ (it depends on the method); typed bool so that a bare flag means True
     distill_loss_div_std: bool = field(
-        default=LossSettings.distill_loss_div_std,
-        metadata={"help": "Divide each layer's distillation loss by the teacher's std."},
+        default=None,
+        metadata={
+            "help": "Divide each layer's distillation loss by the teacher's std. Default: true for method "
+            "codi (as in every CODI preset), false otherwise (no distillation)."
+        },
+    )
+    learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": f"Peak learning rate. Default: {LORA_LEARNING_RATE} with LoRA (the Llama presets' "
+            f"value), {FULL_LEARNING_RATE} for full fine-tuning."
+        },
     )
     ref_loss_factor: float = field(
         default=LossSettings.ref_loss_factor, metadata={"help": "gamma: weight of the teacher CE loss."}
@@ -266,6 +286,12 @@ class CODITrainingArguments(TrainingArguments):
 
     def __post_init__(self) -> None:
         _check(self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}")
+        if self.distill_loss_div_std is None:
+            self.distill_loss_div_std = self.method == "codi"
+        _check(
+            self.learning_rate is None or self.learning_rate > 0,
+            f"learning_rate must be positive, got {self.learning_rate}",
+        )
         _check(
             self.distill_loss_type in DISTILL_LOSS_TYPES,
             f"distill_loss_type must be one of {DISTILL_LOSS_TYPES}, got {self.distill_loss_type!r}",
@@ -301,6 +327,22 @@ class CODITrainingArguments(TrainingArguments):
         if self.logging_dir and self.report_to in ("tensorboard", ["tensorboard"]):
             os.environ.setdefault("TENSORBOARD_LOGGING_DIR", self.logging_dir)
         super().__post_init__()
+
+
+def resolve_defaults(
+    model_args: CODIModelArguments, training_args=None, hidden_size: int | None = None
+) -> None:
+    """Fill, in place, the defaults that follow other settings: the learning rate follows `use_lora`;
+    `prj_dim` the base model's hidden size (known once it is loaded). Values given are kept."""
+    if hidden_size is not None and model_args.prj_dim is None:
+        model_args.prj_dim = hidden_size
+    if training_args is not None and getattr(training_args, "learning_rate", 0) is None:
+        training_args.learning_rate = LORA_LEARNING_RATE if model_args.use_lora else FULL_LEARNING_RATE
+        logger.info(
+            "learning_rate not given: %g (%s)",
+            training_args.learning_rate,
+            "LoRA" if model_args.use_lora else "full fine-tuning",
+        )
 
 
 def _has_accelerator() -> bool:
@@ -347,7 +389,9 @@ def parse_args(argv: list[str] | None = None, classes: Sequence[type] = ARGUMENT
     from .cli.args import parse
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    return parse("codi train", classes, argv, aliases=ALIASES, description=TRAIN_DESCRIPTION)
+    parsed = parse("codi train", classes, argv, aliases=ALIASES, description=TRAIN_DESCRIPTION)
+    resolve_defaults(parsed[0], parsed[2] if len(parsed) > 2 else None)
+    return parsed
 
 
 def args_from_dict(values: dict[str, Any], cls: type) -> Any:

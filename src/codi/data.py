@@ -251,6 +251,7 @@ def build_dataset(
     stats = DataStats()
     examples = []
     first_without_steps = ""  # where the first record without equation steps is (step targets only)
+    without_cot: list[str] = []  # kept records with no CoT at all (where each is)
     for record in records:
         if max_samples is not None and stats.kept >= max_samples:
             break
@@ -288,11 +289,14 @@ def build_dataset(
             stats.first_flagged.setdefault("non_numeric_answer", f"{record.where} ({value!r})")
         examples.append(example)
         stats.kept += 1
+        if not record.cot.strip():
+            without_cot.append(record.where)
         if step_targets and example.step_value_ids == [] and not first_without_steps:
             first_without_steps = record.where
     stats.log(name, logger)
     if not examples:
         raise DataError(f"{name}: no usable records (read {stats.read}, dropped {dict(stats.dropped)})")
+    _check_cot_present(name, method, len(examples), without_cot)
     if step_targets and method == "codi":
         _check_step_targets(name, examples, first_without_steps)
     return CODIDataset(examples, method), stats
@@ -343,6 +347,26 @@ def _positions_needed(example: Example, num_latent: int) -> int:
     """The longest sequence of positions the model sees for this example (teacher or student)."""
     student = len(example.student_input_ids) + num_latent + len(example.decoder_input_ids)
     return max(len(example.teacher_input_ids), student if example.student_input_ids else 0)
+
+
+def _check_cot_present(name: str, method: str, kept: int, without_cot: list[str]) -> None:
+    """CODI and CoT-SFT learn from the chain of thought: records with none would silently train a
+    No-CoT model (e.g. a JSONL whose CoT key is misspelt, read as GSM8k rows without annotations)."""
+    if method not in ("codi", "cot_sft") or not without_cot:
+        return
+    if len(without_cot) == kept:
+        raise DataError(
+            f"{name}: method {method} learns from a chain of thought, and none of the {kept} records has "
+            f"one (first: {without_cot[0]}): give each record a `cot` (or GSM8k <<...>> annotations in its "
+            "answer), or train --method no_cot_sft"
+        )
+    logger.warning(
+        "%s: %d of %d records have no chain of thought (first: %s)",
+        name,
+        len(without_cot),
+        kept,
+        without_cot[0],
+    )
 
 
 def _check_step_targets(name: str, examples: list[Example], first_without_steps: str) -> None:

@@ -9,8 +9,9 @@ has no entry-point or `--include_path` hook for models. Importing this module re
     import codi.lm_eval_model; lm_eval.simple_evaluate(model="codi", model_args="pretrained=DIR", ...)
 
 model_args: pretrained (checkpoint folder or hub id, required; loaded with `codi.load`), mode
-(latent | cot), base_model (LoRA base if moved), num_latent (default: the checkpoint's inf_latent_iterations), max_gen_toks (256), dtype,
-device, batch_size, feed_answer_prompt. `generate_until` requests are answered with
+(latent | cot), base_model (LoRA base if moved), num_latent (default: the checkpoint's inf_latent_iterations),
+max_gen_toks (256), dtype, device, batch_size (wins over lm-eval's `--batch_size`), feed_answer_prompt.
+`generate_until` requests are answered with
 `codi.generate.generate` (contexts normalised as `codi eval` does, so the same question gets the same
 answer), then cut at the request's `until` strings. Log-likelihood requests are refused: a CODI
 model's answer distribution only exists after its latent thoughts, which multiple-choice scoring skips.
@@ -42,9 +43,22 @@ logger = logging.getLogger(__name__)
 class CODILM(LM):
     """lm-eval's view of a `CODIModel`: generation only (latent or explicit-CoT decoding)."""
 
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> CODILM:
+        # lm-eval passes its own --batch_size (default 1) beside model_args: a batch_size in model_args
+        # would be a duplicate keyword. The model's own arguments are the more specific: they win.
+        return super().create_from_arg_obj(arg_dict, without_keys(additional_config, arg_dict))
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> CODILM:
+        from lm_eval.utils import simple_parse_args_string
+
+        given = simple_parse_args_string(arg_string)
+        return super().create_from_arg_string(arg_string, without_keys(additional_config, given))
+
     def __init__(
         self,
-        pretrained: str,
+        pretrained: str | None = None,
         mode: str = "latent",
         batch_size: int | str = 16,
         max_batch_size: int | None = None,
@@ -59,6 +73,8 @@ class CODILM(LM):
         super().__init__()
         if unknown:
             raise ValueError(f"codi: unknown model_args {sorted(unknown)}; see `codi.lm_eval_model`")
+        if not pretrained:
+            raise ValueError("codi: model_args needs pretrained=DIR (a CODI checkpoint folder)")
         if mode not in ("latent", "cot"):
             raise ValueError(f"codi: model_args mode must be latent or cot, got {mode!r}")
         import torch
@@ -67,7 +83,7 @@ class CODILM(LM):
 
         self.mode = mode
         # "auto" (lm-eval's batch-size search) has no meaning here: generation is already batched.
-        self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16
+        self.batch_size = batch_size_value(batch_size)
         self.num_latent = num_latent
         self.max_gen_toks = int(max_gen_toks)
         self.feed_answer_prompt = bool(feed_answer_prompt)
@@ -139,6 +155,22 @@ class CODILM(LM):
         if ignored:
             logger.warning("codi: generation arguments ignored: %s", ignored)
         return setting
+
+
+def without_keys(config: dict | None, given: dict) -> dict:
+    """`config` less the keys the model arguments already set."""
+    return {key: value for key, value in (config or {}).items() if key not in given}
+
+
+def batch_size_value(value: int | str) -> int:
+    """A positive integer; lm-eval's `auto` / `auto:N` (a batch-size search) is 16: generation is
+    already batched and length-sorted."""
+    text = str(value).strip()
+    if text == "auto" or text.startswith("auto:"):
+        return 16
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"codi: batch_size must be a positive integer (or auto), got {value!r}")
+    return int(text)
 
 
 def cut_at(text: str, until: list[str]) -> str:

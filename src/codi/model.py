@@ -19,6 +19,7 @@ is in `codi.hf`, checkpoints in `codi.checkpoint`, decoding in `codi.generate`.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections import OrderedDict
 from functools import partial
 
@@ -78,12 +79,14 @@ class CODIModel(CheckpointMixin, nn.Module):
         super().__init__()
         self.lm = lm
         self.tokenizer = tokenizer
+        hidden_size = self.hf_model.get_input_embeddings().weight.shape[1]
+        if args.prj_dim is None:  # the default follows the model: its hidden size (codi.config)
+            args = dataclasses.replace(args, prj_dim=hidden_size)
         self.args = args
         self.base_vocab_rows = base_vocab_rows
         self.objective = objective or TrainingObjective()
         self.policy = ReferencePolicy.from_flags(args.reference_compat, args.fix_attn_mask)
         self.pad_id, self.bot_id, self.eot_id = add_special_tokens(tokenizer)
-        hidden_size = self.hf_model.get_input_embeddings().weight.shape[1]
         self.prj = build_projection(hidden_size, args)
         self.special_token_embeddings = None
         if args.train_special_token_embeddings:

@@ -5,6 +5,7 @@ Every record keeps where it came from (`file:line`, `dataset[split][index]`), an
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import os
@@ -109,6 +110,26 @@ def gsm8k_to_record(question: str, solution: str, where: str) -> RawRecord:
     return RawRecord(question.strip(), " ".join(f"<<{step}>>" for step in steps), answer, where)
 
 
+# The keys a training record may have: {question, cot, answer}, whynlp/gsm8k-aug's {question, steps,
+# answer}, or GSM8k's {question, answer} (its CoT is the answer's <<...>> annotations).
+RECORD_KEYS = ("question", "cot", "answer", "steps")
+
+
+def check_record_keys(record: object, where: str) -> None:
+    """A local record's keys must be known: a misspelt CoT key (`CoT`, `chain_of_thought`) would
+    otherwise read as a GSM8k row whose CoT is empty, and train with no chain of thought."""
+    if not isinstance(record, dict):
+        return  # `_require` names the type
+    for key in record:
+        if key not in RECORD_KEYS:
+            close = difflib.get_close_matches(str(key).lower(), RECORD_KEYS, n=1, cutoff=0.5)
+            hint = f" Did you mean: {close[0]}?" if close else ""
+            raise DataError(
+                f"{where}: unknown key {key!r}.{hint} A record has the keys question, cot, answer "
+                "(or question, steps, answer; or GSM8k's question, answer with <<...>> annotations)"
+            )
+
+
 def _json_record(record: dict, where: str) -> RawRecord:
     if isinstance(record, dict) and "cot" not in record and isinstance(record.get("steps"), list):
         # whynlp/gsm8k-aug: the CoT is a list of steps ("<<600*30/100=180>>", ...), the answer bare.
@@ -134,12 +155,16 @@ def read_json_rows(path: str) -> list[tuple[object, str]]:
                     rows.append((json.loads(line), where))
                 except json.JSONDecodeError as error:
                     raise DataError(f"{where}: invalid JSON: {error.msg}") from error
+                except RecursionError:
+                    raise DataError(f"{where}: JSON nested too deeply to read") from None
         return rows
     with open(path, encoding="utf-8-sig") as handle, named_decode_errors(path):
         try:
             items = json.load(handle)
         except json.JSONDecodeError as error:
             raise DataError(f"{path}: invalid JSON at line {error.lineno}: {error.msg}") from error
+        except RecursionError:
+            raise DataError(f"{path}: JSON nested too deeply to read") from None
     if not isinstance(items, list):
         raise DataError(f"{path}: expected a JSON array of records")
     return [(item, f"{path}[{index}]") for index, item in enumerate(items)]
@@ -158,7 +183,10 @@ def read_records(path: str) -> list[RawRecord]:
                 if line.strip()
             ]
     elif path.endswith((".jsonl", ".json")):
-        records = [_json_record(item, where) for item, where in read_json_rows(path)]
+        rows = read_json_rows(path)
+        for item, where in rows:
+            check_record_keys(item, where)
+        records = [_json_record(item, where) for item, where in rows]
     else:
         raise DataError(f"{path}: unknown data format (expected .txt, .jsonl or .json)")
     if not records:

@@ -17,7 +17,7 @@ from transformers import Trainer, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .checkpoint import write_json_atomically
-from .config import CODIDataArguments, CODIModelArguments, CODITrainingArguments
+from .config import CODIDataArguments, CODIModelArguments, CODITrainingArguments, resolve_defaults
 from .data import CODICollator, CODIDataset, DataStats, build_dataset
 from .hf import max_positions
 from .hub import TrainerPushMixin
@@ -256,6 +256,7 @@ def start_run(model_args, data_args, training_args, method_args=None) -> tuple[s
     """What every training function does first: seed, the checkpoint to resume (checked against this
     run's arguments) and the output folder's rules (`codi.runs`). Returns (resume path, run signature)."""
     set_seed(training_args.seed)
+    resolve_defaults(model_args, training_args)  # Python callers skip parse_args, which does it too
     resume = _resume_path(training_args)
     prepare_output_dir(
         training_args.output_dir,

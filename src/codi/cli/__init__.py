@@ -1,7 +1,8 @@
 """Command line: `codi COMMAND [--config x.yaml] [--flag value ...]`. Parses and calls the library.
 
 `COMMANDS` maps each command to the function that runs it (`module:function` under `codi.cli`,
-imported only when that command runs: `codi --help` and `codi --version` import no torch). Every
+imported only when that command runs: `codi --help` and `codi --version` import no torch; a command's
+`--help` is cached, and torch's CPU threads are chosen before a command runs: `codi.cli.startup`). Every
 command parses its flags with `codi.cli.args.parse` (typed dataclasses, `--config`, one-line errors),
 except `lm-eval`, which passes lm-eval's own flags through (its `--config` YAML becomes flags).
 """
@@ -14,6 +15,8 @@ import logging
 import os
 import sys
 from typing import NamedTuple
+
+from . import startup
 
 
 class Command(NamedTuple):
@@ -109,8 +112,15 @@ def main(argv: list[str] | None = None) -> int:
     name, rest = resolved
     module, function = COMMANDS[name].target.split(":")
     _setup_logging()
-    try:
+
+    def run() -> int:
         return getattr(importlib.import_module(f"codi.cli.{module}"), function)(rest) or 0
+
+    try:
+        if name != "lm-eval" and startup.wants_help(rest):  # lm-eval prints lm-eval's own help
+            return startup.help_from_cache(name, rest, run)
+        startup.configure_threads()
+        return run()
     except SystemExit as done:  # `--help`: argparse printed the flags and exits
         if isinstance(done.code, str):
             print(done.code, file=sys.stderr)

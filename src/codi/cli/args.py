@@ -152,6 +152,11 @@ def read_yaml(path: str) -> dict[str, Any]:
             values = yaml.safe_load(handle) or {}
         except yaml.YAMLError as error:
             raise UsageError(f"{path}: invalid YAML: {' '.join(str(error).split())}") from None
+        except UnicodeDecodeError as error:  # a binary file (a checkpoint, an image) given as --config
+            raise UsageError(
+                f"{path}: not a YAML text file (byte 0x{error.object[error.start : error.start + 1].hex()} "
+                "is not UTF-8)"
+            ) from None
     if not isinstance(values, dict):
         raise UsageError(f"{path}: expected a mapping of argument names to values at the top level")
     return values
@@ -183,6 +188,18 @@ def _check_value(action: argparse.Action, tokens: list[str], where: str) -> None
             raise UsageError(f"{where}: {token!r} is not one of {', '.join(map(str, action.choices))}")
 
 
+def check_null(action: argparse.Action, where: str) -> None:
+    """A YAML `null` means "not given", which is right only where the default is None: for a field with
+    another default (`num_latent: null`) it would silently keep that default."""
+    if action.default is None or action.default is argparse.SUPPRESS:
+        return
+    kind = getattr(action.type, "__name__", "value")
+    kind = "boolean (true / false)" if kind == "string_to_bool" else kind
+    raise UsageError(
+        f"{where}: null is not a valid {kind}; give a value, or leave the key out for the default ({action.default})"
+    )
+
+
 def yaml_to_argv(path: str, parser: CommandParser, aliases: Mapping[str, str] | None = None) -> list[str]:
     """A YAML preset as flags (checked key by key), so that later command-line flags override it."""
     aliases = aliases or {}
@@ -192,6 +209,7 @@ def yaml_to_argv(path: str, parser: CommandParser, aliases: Mapping[str, str] | 
         if name not in parser.flag_actions:
             raise unknown_name_error(str(key), path, [*parser.flag_actions, *aliases], parser.prog)
         if value is None:
+            check_null(parser.flag_actions[name], f"{path}: {key}")
             continue
         tokens = _tokens(value)
         _check_value(parser.flag_actions[name], tokens, f"{path}: {key}")

@@ -35,6 +35,12 @@ class ProbeArguments:
                 raise UsageError(f"--{name} must be >= 1, got {value}")
 
 
+def check_top_k(top_k: int, vocabulary: int) -> None:
+    """--top_k past the vocabulary would silently mean "every token" (records as large as the vocabulary)."""
+    if top_k > vocabulary:
+        raise UsageError(f"--top_k {top_k} exceeds the model's vocabulary ({vocabulary} tokens)")
+
+
 def main(argv: list[str]) -> int:
     (args,) = parse("codi probe", (ProbeArguments,), argv)
 
@@ -46,6 +52,7 @@ def main(argv: list[str]) -> int:
 
     records = read_records(args.data)[: args.limit]
     model = load(args.model, args.base_model)
+    check_top_k(args.top_k, len(model.tokenizer))
     model.to(args.device or str(local_device()))
     summary = run_probe(
         model,
