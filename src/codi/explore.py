@@ -210,7 +210,7 @@ def _gradio():
     try:
         import gradio
     except ImportError as error:
-        raise ImportError("codi explore needs gradio: pip install 'codi[explore]'") from error
+        raise ImportError("codi explore needs gradio: pip install 'codi-latent[explore]'") from error
     return gradio
 
 

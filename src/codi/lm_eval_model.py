@@ -32,7 +32,7 @@ try:
     from lm_eval.api.model import LM
     from lm_eval.api.registry import register_model
 except ImportError as error:  # an optional extra
-    raise ImportError("codi lm-eval needs lm-evaluation-harness: pip install 'codi[lm_eval]'") from error
+    raise ImportError("codi lm-eval needs lm-evaluation-harness: pip install 'codi-latent[lm_eval]'") from error
 
 from .eval_data import normalize_question
 
