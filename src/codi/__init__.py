@@ -4,6 +4,12 @@ from ._version import __version__ as __version__
 
 # Imported on first use, so that `import codi.cli` (`codi --help`, `codi --version`) loads no torch.
 _LAZY = {
+    "CODIConfig": "config",
+    "CODITrainer": "training",
+    "CoconutConfig": "methods.coconut",
+    "CoconutTrainer": "methods.coconut",
+    "ICoTConfig": "methods.icot",
+    "ICoTTrainer": "methods.icot",
     "CODIDataArguments": "config",
     "CODIModelArguments": "config",
     "CODITrainingArguments": "config",
@@ -30,6 +36,12 @@ def train(*args, **kwargs):
 
 
 __all__ = [
+    "CODIConfig",
+    "CODITrainer",
+    "CoconutConfig",
+    "CoconutTrainer",
+    "ICoTConfig",
+    "ICoTTrainer",
     "CODIDataArguments",
     "CODIModel",
     "CODIModelArguments",

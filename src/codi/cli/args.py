@@ -45,24 +45,6 @@ def unknown_name_error(name: str, source: str, valid: Iterable[str], prog: str |
     return UsageError(f"unknown argument {name!r} in {source}.{hint}")
 
 
-class _OneSpelling:
-    """Stands in for the parser while `HfArgumentParser` declares one field: keeps the field's own
-    name as the only option string and drops the `--no_X` complement it adds to True-by-default
-    bools, recording each action by field name (for the YAML checks)."""
-
-    def __init__(self, target, actions: dict[str, argparse.Action]):
-        self.target, self.actions = target, actions
-
-    def add_argument(self, *options: str, **kwargs: Any) -> argparse.Action | None:
-        if kwargs.get("action") == "store_false":  # the `--no_X` complement
-            return None
-        if getattr(kwargs.get("type"), "__name__", "") == "string_to_bool":
-            kwargs["metavar"] = "true|false"  # `--use_lora [true|false]`, not `[USE_LORA]`
-        action = self.target.add_argument(options[0], **kwargs)
-        self.actions[action.dest] = action
-        return action
-
-
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows a flag's default only when it has one worth showing (not for required flags or None)."""
 
@@ -75,13 +57,20 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 class CommandParser(HfArgumentParser):
     """`HfArgumentParser` for one `codi` command: `prog` in the usage line, one spelling per flag,
     `--config` listed, one flag group per dataclass when there are several, errors raised as
-    `UsageError` instead of a usage dump and exit."""
+    `UsageError` instead of a usage dump and exit.
+
+    Only public methods are overridden: `HfArgumentParser` declares each field with `add_argument`,
+    which this class intercepts to keep the field's own name as the only option string, drop the
+    `--no_X` complement of True-by-default bools, show bools as `true|false`, file each flag under
+    its dataclass's group and record its action by field name (for the YAML checks).
+    """
 
     def __init__(self, prog: str, classes: Sequence[type], description: str | None = None):
+        # set before HfArgumentParser.__init__, which declares the fields through add_argument
         self.flag_actions: dict[str, argparse.Action] = {}
+        self._owner = {f.name: cls for cls in classes for f in dataclasses.fields(cls) if f.init}
         self._grouped = len(classes) > 1
-        self._target: Any = None
-        self._config_listed = False
+        self._groups: dict[type, Any] = {}
         super().__init__(
             list(classes),
             prog=prog,
@@ -92,21 +81,30 @@ class CommandParser(HfArgumentParser):
             allow_abbrev=False,  # `--num_lat` must not silently mean `--num_latent`
         )
 
-    def _add_dataclass_arguments(self, dtype: type) -> None:
-        if not self._config_listed:  # first in the help; `split_config` reads it before argparse does
-            self.add_argument("--config", metavar="YAML", default=argparse.SUPPRESS, help=CONFIG_HELP)
-            self._config_listed = True
+    def add_argument(self, *options: str, **kwargs: Any) -> argparse.Action | None:
+        name = options[0][2:] if options and options[0].startswith("--") else None
+        if name not in self._owner or kwargs.get("dest", name) != name:
+            if kwargs.get("action") == "store_false" and kwargs.get("dest") in self._owner:
+                return None  # the `--no_X` complement of a field
+            return super().add_argument(*options, **kwargs)  # -h/--help, --config
+        if not self.flag_actions:  # first in the help; `split_config` reads it before argparse does
+            super().add_argument("--config", metavar="YAML", default=argparse.SUPPRESS, help=CONFIG_HELP)
+        if getattr(kwargs.get("type"), "__name__", "") == "string_to_bool":
+            kwargs["metavar"] = "true|false"  # `--use_lora [true|false]`, not `[USE_LORA]`
         if self._grouped:
-            about = _first_paragraph(dtype)
-            self._target = self.add_argument_group(
-                dtype.__name__, None if about == self.description else about
-            )
+            action = self._group(self._owner[name]).add_argument(options[0], **kwargs)
         else:
-            self._target = self
-        super()._add_dataclass_arguments(dtype)
+            action = super().add_argument(options[0], **kwargs)
+        self.flag_actions[name] = action
+        return action
 
-    def _parse_dataclass_field(self, parser, field: dataclasses.Field) -> None:  # overrides a staticmethod
-        HfArgumentParser._parse_dataclass_field(_OneSpelling(self._target, self.flag_actions), field)
+    def _group(self, cls: type) -> Any:
+        if cls not in self._groups:
+            about = _first_paragraph(cls)
+            self._groups[cls] = self.add_argument_group(
+                cls.__name__, None if about == self.description else about
+            )
+        return self._groups[cls]
 
     def error(self, message: str) -> typing.NoReturn:
         raise UsageError(f"{message} (`{self.prog} --help` lists the flags)")
@@ -232,10 +230,34 @@ def parse(
     `__post_init__` raises its own ValueError.
     """
     parser = CommandParser(prog, classes, description)
+    merged = _merged_argv(parser, argv, aliases)
+    return tuple(parser.parse_args_into_dataclasses(args=merged, look_for_args_file=False))
+
+
+def _merged_argv(parser: CommandParser, argv: Sequence[str], aliases: Mapping[str, str] | None) -> list[str]:
     paths, rest = split_config(argv)
     merged = [flag for path in paths for flag in yaml_to_argv(path, parser, aliases)]
-    merged += normalise_flags(rest, parser, aliases)
-    return tuple(parser.parse_args_into_dataclasses(args=merged, look_for_args_file=False))
+    return merged + normalise_flags(rest, parser, aliases)
+
+
+def parse_into(
+    prog: str,
+    classes: Sequence[type],
+    into: type,
+    argv: Sequence[str],
+    *,
+    aliases: Mapping[str, str] | None = None,
+    description: str | None = None,
+) -> Any:
+    """As `parse`, into ONE instance of `into`, a dataclass with the fields of all `classes` (a config
+    such as `codi.config.CODIConfig`): the flags and help come from `classes` (one group each), the
+    defaults from `into` where it sets its own."""
+    parser = CommandParser(prog, classes, description)
+    declared = {f.name: f.default for cls in classes for f in dataclasses.fields(cls) if f.init}
+    own = {f.name: f.default for f in dataclasses.fields(into) if f.init and f.name in declared}
+    parser.set_defaults(**{name: value for name, value in own.items() if value != declared[name]})
+    namespace = parser.parse_args(_merged_argv(parser, argv, aliases))
+    return into(**vars(namespace))
 
 
 def optional_fields(
