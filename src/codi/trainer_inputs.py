@@ -28,7 +28,7 @@ def is_rows(value: Any) -> bool:
     """A `datasets.Dataset`, or a list of dicts: rows to turn into records (not a built training set)."""
     if isinstance(value, Sequence) and not isinstance(value, str):
         return all(isinstance(row, Mapping) for row in value[:1])
-    return hasattr(value, "column_names") and hasattr(value, "features")
+    return hasattr(value, "column_names")  # a datasets.Dataset (or a DatasetDict, refused by name)
 
 
 def _columns(rows: Any, name: str) -> list[str]:
