@@ -187,3 +187,54 @@ def test_the_package_names_in_the_distribution_metadata():
     assert re.search(r'^name = "codi-latent"', text, re.M)
     assert re.search(r'^codi = "codi.cli:main"', text, re.M)
     assert sys.modules["codi"].__name__ == "codi"
+
+
+def test_one_number_of_latents_for_training_and_inference(make_model, tmp_path):
+    """`num_latent` is the count in training and, by default, at inference; the reference's
+    `inf_latent_iterations` is another name for it (flags, YAML, old checkpoints' configs), and two
+    different values for it in one source are refused."""
+    from codi.cli.args import LATENT_ALIASES, UsageError, parse
+    from codi.cli.evaluate import EvalArguments
+    from codi.config import CODIModelArguments
+    from codi.probe import probe
+
+    out = ["--output_dir", str(tmp_path)]
+    assert parse_args(["--inf_latent_iterations", "4", *out])[0].num_latent == 4
+    assert parse_args(["--num_latent", "4", "--inf_latent_iterations", "4", *out])[0].num_latent == 4
+    with pytest.raises(
+        UsageError, match=r"--num_latent 3 and --inf_latent_iterations 6 set the same setting"
+    ):
+        parse_args(["--num_latent", "3", "--inf_latent_iterations", "6", *out])
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("num_latent: 3\ninf_latent_iterations: 6\n")
+    with pytest.raises(UsageError, match=r"preset.yaml: num_latent 3 and inf_latent_iterations 6"):
+        parse_args(["--config", str(preset), *out])
+    preset.write_text("num_latent: 6\ninf_latent_iterations: 6\n")  # as every preset of configs/
+    assert parse_args(["--config", str(preset), "--num_latent", "2", *out])[0].num_latent == 2
+    (args,) = parse(
+        "codi eval",
+        (EvalArguments,),
+        ["--model", "m", "--inf_latent_iterations", "2"],
+        aliases=LATENT_ALIASES,
+    )
+    assert args.num_latent == 2
+
+    arguments = CODIModelArguments(num_latent=3)
+    assert (
+        arguments.latents() == 3
+        and arguments.latents(5) == 5
+        and "inf_latent_iterations" not in arguments.to_dict()
+    )
+    with pytest.raises(ValueError, match="num_latent must be >= 0, got -1"):
+        arguments.latents(-1)
+    model = make_model("gpt2", num_latent=2)
+    assert [o.num_latent_positions for o in model.generate(["Tom has 3 apples."], max_new_tokens=2)] == [2]
+    assert len(probe(model, ["Tom has 3 apples."], predict=False)[0].positions) == 3  # <bot> + 2 latents
+
+    # a checkpoint written when the two were separate settings decodes with its inference count
+    model.save_pretrained(str(tmp_path / "old"))
+    path = tmp_path / "old" / "codi_config.json"
+    saved = json.loads(path.read_text())
+    saved["model_args"]["inf_latent_iterations"] = 5
+    path.write_text(json.dumps(saved))
+    assert CODIModel.from_pretrained(str(tmp_path / "old")).args.num_latent == 5

@@ -29,6 +29,10 @@ CONFIG_HELP = (
 )
 
 
+# The reference's name for the number of latents at inference: the same setting as `num_latent`.
+LATENT_ALIASES = {"inf_latent_iterations": "num_latent"}
+
+
 class UsageError(ValueError):
     """A bad flag, YAML key or value: one line, exit status 2."""
 
@@ -185,6 +189,7 @@ def yaml_to_argv(path: str, parser: CommandParser, aliases: Mapping[str, str] | 
     """A YAML preset as flags (checked key by key), so that later command-line flags override it."""
     aliases = aliases or {}
     argv: list[str] = []
+    given: dict[str, tuple[str, list[str]]] = {}
     for key, value in read_yaml(path).items():
         name = aliases.get(str(key), str(key))
         if name not in parser.flag_actions:
@@ -193,8 +198,20 @@ def yaml_to_argv(path: str, parser: CommandParser, aliases: Mapping[str, str] | 
             continue
         tokens = _tokens(value)
         _check_value(parser.flag_actions[name], tokens, f"{path}: {key}")
+        _check_one_value(given, name, str(key), tokens, path)
         argv += [f"--{name}", *tokens]
     return argv
+
+
+def _check_one_value(given: dict, name: str, spelling: str, tokens: list[str], where: str) -> None:
+    """Two spellings of one setting (an alias and its field) in one source must agree: which one would
+    win is not obvious, and e.g. `num_latent` and `inf_latent_iterations` are one count now."""
+    other = given.setdefault(name, (spelling, tokens))
+    if other[0] != spelling and other[1] != tokens:
+        raise UsageError(
+            f"{where}: {other[0]} {' '.join(other[1])} and {spelling} {' '.join(tokens)} set the same "
+            f"setting ({name}) to different values; give it once"
+        )
 
 
 def normalise_flags(
@@ -205,11 +222,15 @@ def normalise_flags(
     aliases = aliases or {}
     valid = [*parser.flag_actions, *aliases]
     out = []
-    for token in argv:
+    given: dict[str, tuple[str, list[str]]] = {}
+    for index, token in enumerate(argv):
         if token.startswith("--") and token not in ("--", "--help"):  # --help: argparse prints the flags
             name, sep, value = token[2:].partition("=")
             if name not in valid:
                 raise unknown_name_error(name, "the command line", valid, parser.prog)
+            following = argv[index + 1 : index + 2]
+            tokens = [value] if sep else [t for t in following if not t.startswith("--")]
+            _check_one_value(given, aliases.get(name, name), f"--{name}", tokens, "the command line")
             token = f"--{aliases.get(name, name)}{sep}{value}"
         out.append(token)
     return out

@@ -313,10 +313,10 @@ class ICoTConfig(CODIConfig, ICoTArguments):
     METHOD_PARTS = (ICoTArguments,)
     method: str = field(default="icot", metadata={"help": "icot (or cot_sft: the same loss)."})
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, inf_latent_iterations: int | None = None) -> None:
         if self.method not in ("icot", "cot_sft"):
             raise ValueError(f"iCoT: method must be icot (or cot_sft), got {self.method!r}")
-        super().__post_init__()
+        super().__post_init__(inf_latent_iterations)
 
 
 class ICoTTrainer(CODITrainer):

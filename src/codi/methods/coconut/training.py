@@ -139,8 +139,10 @@ class CoconutConfig(CODIConfig, CoconutArguments):
         metadata={"help": "Thoughts fed at inference: c_thought x max_latent_stage, the final stage's."},
     )
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, inf_latent_iterations: int | None = None) -> None:
         thoughts = self.inference_latents
+        if inf_latent_iterations is not None:  # the alias
+            self.num_latent = inf_latent_iterations
         if self.num_latent is None:
             self.num_latent = thoughts
         elif self.num_latent != thoughts:
