@@ -111,6 +111,8 @@ def test_coconut_and_icot_follow_the_same_pattern(tiny_gpt2, tmp_path):
     trainer = ICoTTrainer(model=tiny_gpt2, args=icot, train_dataset=datasets.Dataset.from_list(ROWS))
     trainer.train()
     assert trainer.icot.changes == [(1, 1)]
+    with pytest.raises(TypeError, match="CoconutTrainer: args must be a CoconutConfig, got CODIConfig"):
+        CoconutTrainer(model=tiny_gpt2, args=CODIConfig(output_dir=str(tmp_path), **TINY), train_dataset=ROWS)
     with pytest.raises(ValueError, match="iCoT: method must be icot"):
         ICoTConfig(output_dir=str(tmp_path), method="codi")
 

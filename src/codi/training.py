@@ -68,6 +68,10 @@ class CODITrainer(Trainer):
         **kwargs,
     ):
         self.config = args if isinstance(args, CODIConfig) else None
+        if self.config is not None and not isinstance(args, self.config_class):
+            raise TypeError(
+                f"{type(self).__name__}: args must be a {self.config_class.__name__}, got {type(args).__name__}"
+            )
         self.train_stats: DataStats | None = None
         self.eval_stats: DataStats | None = None
         if self.config is not None:
