@@ -272,11 +272,14 @@ def parse_into(
 ) -> Any:
     """As `parse`, into ONE instance of `into`, a dataclass with the fields of all `classes` (a config
     such as `codi.config.CODIConfig`): the flags and help come from `classes` (one group each), the
-    defaults from `into` where it sets its own."""
+    defaults and help from `into` where it sets its own."""
     parser = CommandParser(prog, classes, description)
-    declared = {f.name: f.default for cls in classes for f in dataclasses.fields(cls) if f.init}
-    own = {f.name: f.default for f in dataclasses.fields(into) if f.init and f.name in declared}
-    parser.set_defaults(**{name: value for name, value in own.items() if value != declared[name]})
+    declared = {f.name: f for cls in classes for f in dataclasses.fields(cls) if f.init}
+    own = [f for f in dataclasses.fields(into) if f.init and f.name in declared]
+    parser.set_defaults(**{f.name: f.default for f in own if f.default != declared[f.name].default})
+    for f in own:  # the config's own help for a field it redefines (Coconut's num_latent)
+        if f.metadata.get("help") and f.metadata != declared[f.name].metadata:
+            parser.flag_actions[f.name].help = f.metadata["help"]
     namespace = parser.parse_args(_merged_argv(parser, argv, aliases))
     return into(**vars(namespace))
 

@@ -311,7 +311,10 @@ class ICoTConfig(CODIConfig, ICoTArguments):
     """`CODIConfig` with iCoT-SI's removal settings (`ICoTArguments`); the method is icot."""
 
     METHOD_PARTS = (ICoTArguments,)
-    method: str = field(default="icot", metadata={"help": "icot (or cot_sft: the same loss)."})
+    method: str = field(
+        default="icot",
+        metadata={"help": "icot (or cot_sft: the same loss); iCoT's flags are listed with the others."},
+    )
 
     def __post_init__(self, inf_latent_iterations: int | None = None) -> None:
         if self.method not in ("icot", "cot_sft"):

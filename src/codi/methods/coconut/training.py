@@ -133,10 +133,15 @@ class CoconutConfig(CODIConfig, CoconutArguments):
     """`CODIConfig` with Coconut's settings (`CoconutArguments`); the method is coconut."""
 
     METHOD_PARTS = (CoconutArguments,)
-    method: str = field(default="coconut", metadata={"help": "coconut (set by this config)."})
+    method: str = field(
+        default="coconut", metadata={"help": "coconut: Coconut's flags are listed with the others."}
+    )
     num_latent: int | None = field(
         default=None,
-        metadata={"help": "Thoughts fed at inference: c_thought x max_latent_stage, the final stage's."},
+        metadata={
+            "help": "Thoughts fed at inference: c_thought x max_latent_stage (the final stage's), the "
+            "default and the only value accepted (`codi eval --num_latent` decodes with another)."
+        },
     )
 
     def __post_init__(self, inf_latent_iterations: int | None = None) -> None:
