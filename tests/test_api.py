@@ -16,10 +16,11 @@ from conftest import RECORDS, REPO_ROOT
 
 from codi import CoconutConfig, CoconutTrainer, CODIConfig, CODITrainer, ICoTConfig, ICoTTrainer
 from codi.cli import main
-from codi.config import ARGUMENT_CLASSES, parse_args, parse_config
+from codi.config import ARGUMENT_CLASSES, parse_args
 from codi.methods.coconut import CoconutArguments
 from codi.model import CODIModel
 from codi.records import DataError
+from codi.trainer_inputs import parse_config
 
 ROWS = [{"question": r.question, "cot": r.cot, "answer": r.answer.removeprefix("#### ")} for r in RECORDS] * 5
 TINY = dict(lora_r=8, lora_alpha=16, prj_dim=16, per_device_train_batch_size=4, report_to="none")

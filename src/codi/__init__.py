@@ -4,7 +4,7 @@ from ._version import __version__ as __version__
 
 # Imported on first use, so that `import codi.cli` (`codi --help`, `codi --version`) loads no torch.
 _LAZY = {
-    "CODIConfig": "config",
+    "CODIConfig": "trainer_inputs",
     "CODITrainer": "training",
     "CoconutConfig": "methods.coconut",
     "CoconutTrainer": "methods.coconut",

@@ -3,17 +3,16 @@
 The field names are those of the authors' reference scripts, so their command lines work unchanged
 (`--num_latent 6 --use_prj True --distill_loss_factor 20 ...`); the older spellings `mse_loss_*` are
 accepted as aliases. `CODITrainingArguments` extends `transformers.TrainingArguments`, so every HF
-Trainer flag (batch size, schedule, bf16, DeepSpeed/FSDP, ...) is available too.
+Trainer flag (batch size, schedule, bf16, DeepSpeed/FSDP, ...) is available too. `codi.CODIConfig`
+(`codi.trainer_inputs`) holds all three in one object, as the trainers take them.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import os
 import sys
-import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -318,55 +317,6 @@ class CODITrainingArguments(TrainingArguments):
         super().__post_init__()
 
 
-@dataclass
-class CODIConfig(CODITrainingArguments, CODIDataArguments, CODIModelArguments):
-    """Every setting of a run in one object, as TRL's trainer configs: HF `TrainingArguments`, the CODI
-    loss and method, the model's settings (`CODIModelArguments`) and the data's (`CODIDataArguments`).
-
-        CODITrainer(model="gpt2", args=CODIConfig(output_dir="runs/x", num_latent=6), train_dataset=ds)
-    """
-
-    METHOD_PARTS: typing.ClassVar[tuple[type, ...]] = ()  # a method's own settings class (Coconut, iCoT)
-
-    def __post_init__(self, inf_latent_iterations: int | None = None) -> None:
-        CODIModelArguments.__post_init__(self, inf_latent_iterations)
-        for part in (CODIDataArguments, *self.METHOD_PARTS):
-            part.__post_init__(self)
-        CODITrainingArguments.__post_init__(self)
-
-    def part(self, cls: type) -> Any:
-        """The settings of `cls` (`CODIModelArguments`, `CODIDataArguments`, a method's) as a `cls`."""
-        return cls(**{f.name: getattr(self, f.name) for f in dataclasses.fields(cls) if f.init})
-
-    def model_args(self) -> CODIModelArguments:
-        return self.part(CODIModelArguments)
-
-    def data_args(self) -> CODIDataArguments:
-        return self.part(CODIDataArguments)
-
-    def method_args(self) -> Any:
-        """The method's own settings (`CoconutArguments`, `ICoTArguments`), or None."""
-        return self.part(self.METHOD_PARTS[0]) if self.METHOD_PARTS else None
-
-    @classmethod
-    def from_parts(cls, *parts: Any, **overrides: Any) -> CODIConfig:
-        """One config from separate argument objects (model, data, training, a method's), later ones
-        winning, then `overrides`; a `cls` among them is copied, not rebuilt (its training settings stay
-        as validated)."""
-        whole = None if overrides else next((part for part in parts if isinstance(part, cls)), None)
-        values = {}
-        for part in parts:
-            if part is not whole:
-                values |= {f.name: getattr(part, f.name) for f in dataclasses.fields(part) if f.init}
-        values |= overrides
-        if whole is None:
-            return cls(**values)
-        config = copy.copy(whole)
-        for name, value in values.items():
-            setattr(config, name, value)
-        return config
-
-
 def _has_accelerator() -> bool:
     import torch
 
@@ -412,19 +362,6 @@ def parse_args(argv: list[str] | None = None, classes: Sequence[type] = ARGUMENT
 
     argv = list(sys.argv[1:] if argv is None else argv)
     return parse("codi train", classes, argv, aliases=ALIASES, description=TRAIN_DESCRIPTION)
-
-
-def parse_config(
-    argv: list[str] | None = None, config_class: type = CODIConfig, classes: Sequence[type] = ARGUMENT_CLASSES
-) -> CODIConfig:
-    """As `parse_args`, into one `config_class` (e.g. `CoconutConfig`, with its arguments class added
-    to `classes`)."""
-    from .cli.args import parse_into
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    return parse_into(
-        "codi train", classes, config_class, argv, aliases=ALIASES, description=TRAIN_DESCRIPTION
-    )
 
 
 def args_from_dict(values: dict[str, Any], cls: type) -> Any:

@@ -1,6 +1,6 @@
-"""What the trainers (`codi.training.CODITrainer` and the methods') accept besides built objects: a model
-given by hub id or folder, and training data given as a `datasets.Dataset` (or a list of dicts) with
-`question`, `cot` and `answer` columns.
+"""What the trainers (`codi.training.CODITrainer` and the methods') are given: `CODIConfig`, every setting
+of a run in one object, and besides built objects a model given by hub id or folder and training data
+given as a `datasets.Dataset` (or a list of dicts) with `question`, `cot` and `answer` columns.
 
 A missing column, a `DatasetDict` instead of one split, or a value that is not text is a one-line
 `DataError` naming the dataset, the column and, for a value, the row.
@@ -8,16 +8,94 @@ A missing column, a `DatasetDict` instead of one split, or a value that is not t
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import sys
+import typing
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from .config import CODIDataArguments, CODIModelArguments, CODITrainingArguments
+from .config import (
+    ALIASES,
+    ARGUMENT_CLASSES,
+    TRAIN_DESCRIPTION,
+    CODIDataArguments,
+    CODIModelArguments,
+    CODITrainingArguments,
+)
 from .data import CODIDataset, DataStats, build_dataset
 from .hf import max_positions
 from .losses import TrainingObjective
 from .model import CODIModel
 from .records import DataError, RawRecord, load_records
+
+
+@dataclass
+class CODIConfig(CODITrainingArguments, CODIDataArguments, CODIModelArguments):
+    """Every setting of a run in one object, as TRL's trainer configs: HF `TrainingArguments`, the CODI
+    loss and method, the model's settings (`CODIModelArguments`) and the data's (`CODIDataArguments`).
+
+        CODITrainer(model="gpt2", args=CODIConfig(output_dir="runs/x", num_latent=6), train_dataset=ds)
+    """
+
+    METHOD_PARTS: typing.ClassVar[tuple[type, ...]] = ()  # a method's own settings class (Coconut, iCoT)
+
+    def __post_init__(self, inf_latent_iterations: int | None = None) -> None:
+        CODIModelArguments.__post_init__(self, inf_latent_iterations)
+        for part in (CODIDataArguments, *self.METHOD_PARTS):
+            part.__post_init__(self)
+        CODITrainingArguments.__post_init__(self)
+
+    def part(self, cls: type) -> Any:
+        """The settings of `cls` (`CODIModelArguments`, `CODIDataArguments`, a method's) as a `cls`."""
+        return cls(**{f.name: getattr(self, f.name) for f in dataclasses.fields(cls) if f.init})
+
+    def model_args(self) -> CODIModelArguments:
+        return self.part(CODIModelArguments)
+
+    def data_args(self) -> CODIDataArguments:
+        return self.part(CODIDataArguments)
+
+    def method_args(self) -> Any:
+        """The method's own settings (`CoconutArguments`, `ICoTArguments`), or None."""
+        return self.part(self.METHOD_PARTS[0]) if self.METHOD_PARTS else None
+
+    @classmethod
+    def from_parts(cls, *parts: Any, **overrides: Any) -> CODIConfig:
+        """One config from separate argument objects (model, data, training, a method's), later ones
+        winning, then `overrides`; a `cls` among them is copied, not rebuilt (its training settings stay
+        as validated)."""
+        whole = None if overrides else next((part for part in parts if isinstance(part, cls)), None)
+        values = {}
+        for part in parts:
+            if part is not whole:
+                values |= {f.name: getattr(part, f.name) for f in dataclasses.fields(part) if f.init}
+        values |= overrides
+        if whole is None:
+            return cls(**values)
+        config = copy.copy(whole)
+        for name, value in values.items():
+            setattr(config, name, value)
+        return config
+
+
+def parse_config(
+    argv: list[str] | None = None,
+    config_class: type | None = None,
+    classes: Sequence[type] = ARGUMENT_CLASSES,
+) -> Any:
+    """As `parse_args`, into one `config_class` (default `CODIConfig`; e.g. `CoconutConfig`, with its
+    arguments class added to `classes`)."""
+    from .cli.args import parse_into
+
+    config_class = config_class or CODIConfig
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return parse_into(
+        "codi train", classes, config_class, argv, aliases=ALIASES, description=TRAIN_DESCRIPTION
+    )
+
 
 COLUMNS = ("question", "cot", "answer")
 # No-CoT-SFT trains on question + answer only: a dataset without CoTs is enough for it.

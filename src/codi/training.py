@@ -22,7 +22,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from . import trainer_inputs
 from .checkpoint import write_json_atomically
-from .config import CODIConfig, CODIDataArguments, CODIModelArguments, CODITrainingArguments
+from .config import CODIDataArguments, CODIModelArguments, CODITrainingArguments
 from .data import CODICollator, CODIDataset, DataStats
 from .losses import TrainingObjective
 from .model import CODIModel
@@ -35,7 +35,7 @@ from .runs import (
     prepare_output_dir,
     run_signature,
 )
-from .trainer_inputs import build_datasets, build_model  # noqa: F401  (importable from here too)
+from .trainer_inputs import CODIConfig, build_datasets, build_model  # noqa: F401  (importable from here too)
 
 logger = logging.getLogger(__name__)
 COMPONENTS = ("student_ce", "teacher_ce", "distill_loss", "latent_step_ce")

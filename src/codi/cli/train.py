@@ -74,8 +74,9 @@ def main(argv: list[str]) -> int:
     trainer's `run` (the same path as the Python API)."""
     import importlib
 
-    from ..config import ARGUMENT_CLASSES, CODIConfig, parse_config
+    from ..config import ARGUMENT_CLASSES
     from ..distributed import close_process_group
+    from ..trainer_inputs import CODIConfig, parse_config
 
     classes, config_class, trainer_class = ARGUMENT_CLASSES, CODIConfig, None
     extra = METHOD_ARGUMENTS.get(requested_method(argv) or "")

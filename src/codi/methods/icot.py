@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from transformers import TrainerCallback
 
-from ..config import CODIConfig
+from ..trainer_inputs import CODIConfig
 from ..training import CODITrainer
 from .icot_data import (  # noqa: F401  (re-exported: the removal is part of this method's API)
     ICoTCollator,

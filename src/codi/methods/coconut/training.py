@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from transformers import TrainerCallback
 
 from ... import trainer_inputs
-from ...config import CODIConfig, CODIDataArguments, CODIModelArguments, CODITrainingArguments
+from ...config import CODIDataArguments, CODIModelArguments, CODITrainingArguments
 from ...data import DataStats, load_records
-from ...trainer_inputs import eval_source, train_source
+from ...trainer_inputs import CODIConfig, eval_source, train_source
 from ...training import CODITrainer, TrainResult
 from .data import CoconutCollator, CoconutDataset, MarkerIds, RecordIndices, tokenize_records
 from .model import CoconutModel, build_coconut_model
