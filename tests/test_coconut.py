@@ -439,7 +439,7 @@ def test_batched_generation_equals_batch_one_and_reference(tiny_dirs, arch):
     ]
     # w/o thought: trained without markers or thoughts, it decodes from the question alone
     bare = coconut_model(tiny_dirs[arch], CoconutArguments(no_thoughts=True))
-    assert bare.args.inf_latent_iterations == 0
+    assert bare.args.num_latent == 0
     latent = bare.generate(QUESTIONS[:3], max_new_tokens=6, num_latent=3)
     cot = generate(bare, QUESTIONS[:3], mode="cot", max_new_tokens=6)
     assert [o.token_ids for o in latent] == [o.token_ids for o in cot]
@@ -511,7 +511,7 @@ def test_train_from_cot_sft_checkpoint_saves_and_generates(tiny_gpt2, train_file
         (1, True),
         (1, False),
     ]
-    assert result.model.args.use_prj is False and result.model.args.inf_latent_iterations == 1
+    assert result.model.args.use_prj is False and result.model.args.num_latent == 1
     trained = result.model.generate(QUESTIONS, max_new_tokens=6)
     loaded = CoconutModel.from_pretrained(str(tmp_path / "run"))
     assert loaded.coconut == settings
@@ -524,9 +524,10 @@ def test_train_from_cot_sft_checkpoint_saves_and_generates(tiny_gpt2, train_file
     ]
     assert isinstance(load(str(tmp_path / "run")), CoconutModel)
     assert not isinstance(load(str(sft)), CoconutModel)
-    # `codi eval --inf_latent_iterations 3` still overrides the saved default
+    # `codi eval --num_latent 3` (or the reference name --inf_latent_iterations) overrides the saved default
     overridden = CoconutModel.from_pretrained(str(tmp_path / "run"), inf_latent_iterations=3)
-    assert overridden.args.inf_latent_iterations == 3
+    assert overridden.args.num_latent == 3
+    assert CoconutModel.from_pretrained(str(tmp_path / "run"), num_latent=2).args.num_latent == 2
 
 
 class _StepProbe(TrainerCallback):

@@ -61,9 +61,9 @@ def test_exploration_matches_generate_and_the_intervention_reaches_the_model(mak
         [QUESTION], max_new_tokens=12, latent_transform=lambda s, x: seen.append(s) or transform(s, x)
     )
     assert result.intervened_text == expected[0].text and seen == list(
-        range(model.args.inf_latent_iterations)
+        range(model.args.num_latent)
     )
-    num_positions = model.args.inf_latent_iterations + 1
+    num_positions = model.args.num_latent + 1
     assert [p.label for p in result.positions][:2] == ["<bot>", "latent 1"]
     assert len(result.positions) == len(result.intervened_positions) == num_positions
     # the zeroed latent is what the intervened probe decodes at position 0 (the latent fed next)

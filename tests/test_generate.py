@@ -184,7 +184,7 @@ def test_generation_stops_at_the_position_limit(tmp_path):
     model = CODIModel.from_base(CODIModelArguments(model_name_or_path=directory, lora_r=4, prj_dim=16))
     question = "How many apples does Tom have now?"
     used = (
-        len(generation.encode_question(model.tokenizer, question)) + 1 + model.args.inf_latent_iterations + 1
+        len(generation.encode_question(model.tokenizer, question)) + 1 + model.args.num_latent + 1
     )
     out = generate(model, [question], max_new_tokens=256)
     assert out[0].num_generated_tokens <= 40 - used

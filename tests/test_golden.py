@@ -63,7 +63,10 @@ def _record(make_model, arch: str, name: str) -> dict:
     }
     if method == "codi":
         for mode in ("latent", "cot"):
-            answers = model.generate(QUESTIONS, mode=mode, max_new_tokens=8, batch_size=4)
+            # pinned with 6 latents at inference: the models train with num_latent=3, and the inference
+            # count was a second setting whose default was 6 (one setting now: the count is explicit)
+            latents = {"num_latent": 6} if mode == "latent" else {}
+            answers = model.generate(QUESTIONS, mode=mode, max_new_tokens=8, batch_size=4, **latents)
             result[f"greedy_{mode}"] = [answer.token_ids for answer in answers]
     return result
 

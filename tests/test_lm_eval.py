@@ -93,6 +93,26 @@ def test_loglikelihood_is_refused_and_bad_args_named(saved):
         CODILM(pretrained=str(root / "model")).loglikelihood([])
 
 
+def test_max_new_tokens_model_arg_sets_the_answer_length(saved):
+    """`--model_args pretrained=DIR,max_new_tokens=N` (the name `codi lm-eval --help` advertises) is the
+    default answer length; lm-eval's own `max_gen_toks` is accepted too, and both must agree."""
+    from lm_eval.api.instance import Instance
+
+    from codi.methods.coconut import load_checkpoint
+
+    root, _ = saved
+    lm = CODILM.create_from_arg_string(f"pretrained={root / 'model'},mode=cot,max_new_tokens=3")
+    assert lm.max_gen_toks == 3
+    question = "Tom has 3 apples and buys 4 more. How many apples does he have?"
+    request = Instance("generate_until", {}, (question, {"until": []}), 0)
+    expected = load_checkpoint(str(root / "model")).generate([question], mode="cot", max_new_tokens=3)
+    assert lm.generate_until([request], disable_tqdm=True) == [expected[0].text]
+    assert expected[0].num_generated_tokens <= 3
+    assert CODILM(pretrained=str(root / "model"), max_gen_toks=5).max_gen_toks == 5
+    with pytest.raises(ValueError, match="max_new_tokens=3 and max_gen_toks=5 disagree"):
+        CODILM(pretrained=str(root / "model"), max_new_tokens=3, max_gen_toks=5)
+
+
 def test_cut_at_stop_strings():
     assert cut_at("a b\n\nc", ["\n\n"]) == "a b"
     assert cut_at("The answer is: 4 Question", ["Question", "Q:"]) == "The answer is: 4 "

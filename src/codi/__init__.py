@@ -4,6 +4,12 @@ from ._version import __version__ as __version__
 
 # Imported on first use, so that `import codi.cli` (`codi --help`, `codi --version`) loads no torch.
 _LAZY = {
+    "CODIConfig": "trainer_inputs",
+    "CODITrainer": "training",
+    "CoconutConfig": "methods.coconut",
+    "CoconutTrainer": "methods.coconut",
+    "ICoTConfig": "methods.icot",
+    "ICoTTrainer": "methods.icot",
     "CODIDataArguments": "config",
     "CODIModelArguments": "config",
     "CODITrainingArguments": "config",
@@ -33,6 +39,12 @@ def train(*args, **kwargs):
 
 __all__ = [
     "AutoCODIModel",
+    "CODIConfig",
+    "CODITrainer",
+    "CoconutConfig",
+    "CoconutTrainer",
+    "ICoTConfig",
+    "ICoTTrainer",
     "CODIDataArguments",
     "CODIModel",
     "CODIModelArguments",

@@ -3,7 +3,8 @@
 The field names are those of the authors' reference scripts, so their command lines work unchanged
 (`--num_latent 6 --use_prj True --distill_loss_factor 20 ...`); the older spellings `mse_loss_*` are
 accepted as aliases. `CODITrainingArguments` extends `transformers.TrainingArguments`, so every HF
-Trainer flag (batch size, schedule, bf16, DeepSpeed/FSDP, ...) is available too.
+Trainer flag (batch size, schedule, bf16, DeepSpeed/FSDP, ...) is available too. `codi.CODIConfig`
+(`codi.trainer_inputs`) holds all three in one object, as the trainers take them.
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ from .scoring import ANSWER_PROMPT
 logger = logging.getLogger(__name__)
 
 
-# The seed README's names -> the later reference names. Both spellings are accepted everywhere.
+# Other names of a setting -> its field: the seed README's spellings of the loss settings, and the
+# reference's name for the number of latents at inference. Every spelling is accepted everywhere.
 ALIASES = {
     "mse_loss_div_std": "distill_loss_div_std",
     "mse_loss_type": "distill_loss_type",
     "mse_loss_factor": "distill_loss_factor",
+    "inf_latent_iterations": "num_latent",  # the reference scripts pass both, with the same value
 }
 # Defaults when --learning_rate is not given: the Llama presets' LoRA value, HF's for full fine-tuning.
 LORA_LEARNING_RATE = 8e-4
@@ -86,10 +89,16 @@ class CODIModelArguments:
             "keeps them at their random initial values, which produced the paper's numbers."
         },
     )
-    num_latent: int = field(default=6, metadata={"help": "Latent thoughts fed during training."})
-    inf_latent_iterations: int = field(
-        default=6, metadata={"help": "Latent thoughts fed at inference (may differ from num_latent)."}
+    num_latent: int = field(
+        default=6,
+        metadata={
+            "help": "Latent thoughts, in training and by default at inference (`codi eval --num_latent` "
+            "decodes with another count). The reference's inf_latent_iterations is the same setting."
+        },
     )
+    # The reference's name for the count at inference, accepted (and in old checkpoints' configs, where
+    # it is what decoding used) as an alias: given, it sets num_latent. Not a field: one name is saved.
+    inf_latent_iterations: dataclasses.InitVar[int | None] = None
     remove_eos: bool = field(
         default=True,
         metadata={"help": "Reference flag; every reference script sets it. Only True is supported."},
@@ -122,17 +131,15 @@ class CODIModelArguments:
         default=False, metadata={"help": "Allow custom modelling code from the hub."}
     )
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, inf_latent_iterations: int | None = None) -> None:
+        if inf_latent_iterations is not None:
+            self.num_latent = inf_latent_iterations
         _check(self.lora_r > 0, f"lora_r must be positive, got {self.lora_r}")
         _check(self.lora_alpha > 0, f"lora_alpha must be positive, got {self.lora_alpha}")
         _check(0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         _check(0.0 <= self.prj_dropout < 1.0, f"prj_dropout must be in [0, 1), got {self.prj_dropout}")
         _check(self.prj_dim is None or self.prj_dim > 0, f"prj_dim must be positive, got {self.prj_dim}")
         _check(self.num_latent >= 0, f"num_latent must be >= 0, got {self.num_latent}")
-        _check(
-            self.inf_latent_iterations >= 0,
-            f"inf_latent_iterations must be >= 0, got {self.inf_latent_iterations}",
-        )
         _check(
             self.remove_eos, "remove_eos=False is not supported: every reference script uses remove_eos=True"
         )
@@ -141,6 +148,13 @@ class CODIModelArguments:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def latents(self, requested: int | None = None) -> int:
+        """The number of latent thoughts to feed: `requested` (a decoding option, an intervention's
+        count), else `num_latent`. Every command and decoding path resolves the count here."""
+        count = self.num_latent if requested is None else int(requested)
+        _check(count >= 0, f"num_latent must be >= 0, got {count}")
+        return count
 
 
 @dataclass

@@ -39,7 +39,7 @@ class DecodingConfig:
 
     mode: str = _help("latent: CODI's latent reasoning; cot: teacher-mode explicit CoT.", default="latent")
     num_latent: int | None = _help(
-        "Latent thoughts (default: the model's inf_latent_iterations).", default=None
+        "Latent thoughts (default: the model's num_latent).", default=None
     )
     max_new_tokens: int = _help("Answer tokens to generate at most.", default=256)
     min_new_tokens: int = _help("No EOS before this many tokens (benchmarks: fixed lengths).", default=0)

@@ -101,7 +101,7 @@ def explore_question(
     question = normalize_question(question)
     if not question:
         raise ValueError("the question is empty")
-    num_latent = model.args.inf_latent_iterations if num_latent is None else int(num_latent)
+    num_latent = model.args.latents(num_latent)
     if intervention != "none" and not 1 <= int(latent_index) <= num_latent:
         raise ValueError(f"latent {latent_index} does not exist: choose 1..{num_latent}")
     decoder = _Decoder(model, int(top_k))
@@ -210,7 +210,7 @@ def _gradio():
     try:
         import gradio
     except ImportError as error:
-        raise ImportError("codi explore needs gradio: pip install 'codi[explore]'") from error
+        raise ImportError("codi explore needs gradio: pip install 'codi-latent[explore]'") from error
     return gradio
 
 
@@ -235,7 +235,7 @@ def build_app(
     `source`: the checkpoint's name shown in the header (default: the base model's)."""
     gr = _gradio()
     examples = list(examples or EXAMPLES)
-    default_latents = model.args.inf_latent_iterations
+    default_latents = model.args.latents()
 
     def run(question, k, num_latent, intervention, latent_index, sigma):
         try:

@@ -259,7 +259,7 @@ def answer_prompt_ids(model) -> list[int]:
 
 
 def _num_latent(model, config: DecodingConfig) -> int:
-    return model.args.inf_latent_iterations if config.num_latent is None else config.num_latent
+    return model.args.latents(config.num_latent)
 
 
 def _encode(model, questions: Sequence, config: DecodingConfig) -> tuple[list[list[int]], dict[int, str]]:
@@ -305,7 +305,7 @@ def generate(
     """Answer `questions` with a `CODIModel`, in input order: one `GenerationOutput` per question.
 
     `config` (a `DecodingConfig`), with any of its fields given as keywords on top (`mode="cot"`, ...):
-    mode "latent": Q ++ [bot], `num_latent` latent thoughts (default `model.args.inf_latent_iterations`),
+    mode "latent": Q ++ [bot], `num_latent` latent thoughts (default `model.args.num_latent`),
     then [eot] and greedy decoding (or sampling) until EOS or `max_new_tokens`.
     mode "cot": teacher-mode explicit chain-of-thought decoding from the question.
     `seed` seeds private generators for sampling (token sampling then depends on the batch composition;

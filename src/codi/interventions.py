@@ -3,7 +3,7 @@
 Each intervention changes the latents a CODI model feeds itself between `<bot>` and `<eot>`
 (docs/method.md#inference) and nothing else; the answer is then decoded greedily and scored as
 `codi eval` scores it. L below is the number of latents the model runs by default
-(`inf_latent_iterations`, normally the trained `num_latent`).
+(its `num_latent`, the trained count unless `codi eval --num_latent` says otherwise).
 
 - `none`: the unmodified model (the reference every other row is compared with).
 - `zero`: every latent is replaced by a zero vector (the LM receives zeros as input embeddings; a
@@ -358,7 +358,7 @@ def ablate(
     """
     if not items:
         raise ValueError("ablate: no items to evaluate")
-    steps = model.args.inf_latent_iterations
+    steps = model.args.latents()
     interventions = list(interventions or build_interventions(num_latent=steps))
     interventions = [Intervention("none")] + [iv for iv in interventions if iv.family != "none"]
     questions = [item.question for item in items]

@@ -8,10 +8,10 @@ has no entry-point or `--include_path` hook for models. Importing this module re
         of lm-eval's own command line: same flags, the model registered first), or
     import codi.lm_eval_model; lm_eval.simple_evaluate(model="codi", model_args="pretrained=DIR", ...)
 
-model_args: pretrained (checkpoint folder or hub id, required; loaded with `codi.load`), mode
-(latent | cot), base_model (LoRA base if moved), num_latent (default: the checkpoint's inf_latent_iterations),
-max_gen_toks (256), dtype, device, batch_size (wins over lm-eval's `--batch_size`), feed_answer_prompt.
-`generate_until` requests are answered with
+model_args: pretrained (checkpoint folder or hub id, required; loaded with `codi.load`), mode (latent | cot), base_model (LoRA base if
+moved), num_latent (default: the checkpoint's), max_new_tokens (256; lm-eval's own name max_gen_toks is
+accepted too; a task's `max_gen_toks` wins for its requests), dtype, device, batch_size (wins over lm-eval's `--batch_size`),
+feed_answer_prompt. `generate_until` requests are answered with
 `codi.generate.generate` (contexts normalised as `codi eval` does, so the same question gets the same
 answer), then cut at the request's `until` strings. Log-likelihood requests are refused: a CODI
 model's answer distribution only exists after its latent thoughts, which multiple-choice scoring skips.
@@ -32,11 +32,33 @@ try:
     from lm_eval.api.model import LM
     from lm_eval.api.registry import register_model
 except ImportError as error:  # an optional extra
-    raise ImportError("codi lm-eval needs lm-evaluation-harness: pip install 'codi[lm_eval]'") from error
+    raise ImportError("codi lm-eval needs lm-evaluation-harness: pip install 'codi-latent[lm_eval]'") from error
 
 from .eval_data import normalize_question
 
 logger = logging.getLogger(__name__)
+
+
+DEFAULT_MAX_NEW_TOKENS = 256
+
+
+def _generation_length(max_new_tokens, max_gen_toks) -> int:
+    """The default answer length: `max_new_tokens` (the name every `codi` command uses) or lm-eval's own
+    `max_gen_toks`; both given must agree."""
+    given = {
+        name: int(value)
+        for name, value in (("max_new_tokens", max_new_tokens), ("max_gen_toks", max_gen_toks))
+        if value is not None
+    }
+    if len(set(given.values())) > 1:
+        raise ValueError(
+            f"codi: model_args max_new_tokens={given['max_new_tokens']} and max_gen_toks={given['max_gen_toks']} "
+            "disagree: they are one setting, give one"
+        )
+    length = next(iter(given.values()), DEFAULT_MAX_NEW_TOKENS)
+    if length < 1:
+        raise ValueError(f"codi: model_args max_new_tokens must be >= 1, got {length}")
+    return length
 
 
 @register_model("codi")
@@ -66,8 +88,9 @@ class CODILM(LM):
         base_model: str | None = None,
         dtype: str | None = None,
         num_latent: int | None = None,
-        max_gen_toks: int = 256,
+        max_new_tokens: int | None = None,
         feed_answer_prompt: bool = False,
+        max_gen_toks: int | None = None,
         **unknown,
     ):
         super().__init__()
@@ -85,7 +108,7 @@ class CODILM(LM):
         # "auto" (lm-eval's batch-size search) has no meaning here: generation is already batched.
         self.batch_size = batch_size_value(batch_size)
         self.num_latent = num_latent
-        self.max_gen_toks = int(max_gen_toks)
+        self.max_gen_toks = _generation_length(max_new_tokens, max_gen_toks)
         self.feed_answer_prompt = bool(feed_answer_prompt)
         self.model = load(str(pretrained), base_model, dtype=dtype)
         if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):

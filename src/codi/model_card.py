@@ -73,7 +73,6 @@ def model_card_info(
         "use_lora": bool(args.use_lora),
         "lora_r": args.lora_r if args.use_lora else None,
         "num_latent": args.num_latent,
-        "inf_latent_iterations": args.inf_latent_iterations,
         "use_prj": args.use_prj,
         "answer_prompt": args.answer_prompt,
         "model_type": getattr(model.hf_model.config, "model_type", None),
@@ -156,7 +155,7 @@ def _body(info: dict) -> str:
     lines = [f"# {title}", ""]
     lines.append(f"Trained with **{METHOD_NAMES.get(method, method)}** using the `codi` package.")
     lines += ["", "| setting | value |", "| --- | --- |"]
-    for key in ("base_model", "model_type", "use_lora", "lora_r", "num_latent", "inf_latent_iterations",
+    for key in ("base_model", "model_type", "use_lora", "lora_r", "num_latent",
                 "use_prj", "distill_loss_type", "distill_loss_factor", "ref_loss_factor",
                 "latent_step_loss_factor", "answer_prompt"):  # fmt: skip
         if info.get(key) is not None:

@@ -142,15 +142,13 @@ def probe(
     """Probe the latent thoughts of a `CODIModel` for each question (see the module docstring).
 
     `records_or_questions`: question strings, or records with `question` (and `cot`, `answer`: RawRecord
-    or dicts). `num_latent` defaults to `model.args.inf_latent_iterations`. With `predict` the answers
+    or dicts). `num_latent` defaults to `model.args.num_latent`. With `predict` the answers
     are generated greedily (`codi.generate`) and scored against the gold value. No weight is changed
     and the model's train/eval mode is restored.
     """
     if top_k < 1 or batch_size < 1:
         raise ValueError(f"top_k and batch_size must be >= 1, got {top_k}, {batch_size}")
-    num_latent = model.args.inf_latent_iterations if num_latent is None else num_latent
-    if num_latent < 0:
-        raise ValueError(f"num_latent must be >= 0, got {num_latent}")
+    num_latent = model.args.latents(num_latent)
     items = [_as_item(index, item) for index, item in enumerate(records_or_questions)]
     indices, items = _fitting(model, items, num_latent)
     decoder = _Decoder(model, top_k)

@@ -1,7 +1,11 @@
 """Training: setup -> fit -> validate -> save, on the HF Trainer (so DDP/FSDP/DeepSpeed work unchanged).
 
-from codi import train
-train(model_args, data_args, training_args)       # or: codi train --config configs/gpt2_gsm8k-aug.yaml
+    trainer = CODITrainer(model="gpt2", args=CODIConfig(output_dir="runs/x"), train_dataset=dataset)
+    trainer.train(); trainer.save_model()      # a datasets.Dataset with question / cot / answer columns
+
+`CODITrainer.run(config)` is what `codi train` does: the run folder's rules before any model loads,
+training, the final validation, the model, metrics and state saved. `train(model_args, data_args,
+training_args)` is the same with the settings as three objects.
 """
 
 from __future__ import annotations
@@ -16,14 +20,13 @@ import torch
 from transformers import Trainer, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from . import trainer_inputs
 from .checkpoint import write_json_atomically
 from .config import CODIDataArguments, CODIModelArguments, CODITrainingArguments, resolve_defaults
-from .data import CODICollator, CODIDataset, DataStats, build_dataset
-from .hf import max_positions
+from .data import CODICollator, CODIDataset, DataStats
 from .hub import TrainerPushMixin
 from .losses import TrainingObjective
 from .model import CODIModel
-from .records import load_records
 from .runs import (
     RUN_FILE,
     STAGING_DIR,
@@ -33,6 +36,7 @@ from .runs import (
     prepare_output_dir,
     run_signature,
 )
+from .trainer_inputs import CODIConfig, build_datasets, build_model  # noqa: F401  (importable from here too)
 
 logger = logging.getLogger(__name__)
 COMPONENTS = ("student_ce", "teacher_ce", "distill_loss", "latent_step_ce")
@@ -43,13 +47,139 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class CODITrainer(TrainerPushMixin, Trainer):
-    """HF Trainer that logs every loss component and saves/loads (and pushes) CODI checkpoints."""
+    """HF Trainer that logs every loss component and saves/loads (and pushes) CODI checkpoints.
 
-    def __init__(self, *args, run_signature: dict | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
+    With a `CODIConfig` as `args` it builds what is not given, TRL-style: `model` may be a hub id or a
+    folder (default: the config's `model_name_or_path`) or a built model; `train_dataset` /
+    `eval_dataset` a `datasets.Dataset` (or list of dicts) with question / cot / answer columns, or None
+    for the config's `train_file` / `data_name` (and `validation_file`); the collator follows the model.
+    """
+
+    config_class = CODIConfig
+
+    def __init__(
+        self,
+        model=None,
+        args: CODITrainingArguments | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        *,
+        run_signature: dict | None = None,
+        **kwargs,
+    ):
+        self.config = args if isinstance(args, CODIConfig) else None
+        if self.config is not None and not isinstance(args, self.config_class):
+            raise TypeError(
+                f"{type(self).__name__}: args must be a {self.config_class.__name__}, got {type(args).__name__}"
+            )
+        self.train_stats: DataStats | None = None
+        self.eval_stats: DataStats | None = None
+        if self.config is not None:
+            set_seed(self.config.seed)  # the weights a model builds (projection, new rows) are seeded
+            model = self.build_model(model)
+            train_dataset, eval_dataset = self.build_datasets(model, train_dataset, eval_dataset)
+            if eval_dataset is None and self.config.eval_strategy != "no":
+                raise ValueError("eval_strategy is set but there is no validation data (--validation_file)")
+            data_collator = data_collator or self.collator(model)
+            kwargs["callbacks"] = [*self.method_callbacks(), *(kwargs.get("callbacks") or ())]
+            self.prepare_args(self.config)
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            **kwargs,
+        )
         self.run_signature = run_signature  # written into every checkpoint (see codi.runs)
         self._sums = {"train": defaultdict(float), "eval": defaultdict(float)}
         self._counts = {"train": 0, "eval": 0}
+
+    # ----------------------------------------------------------------------------------------------
+    # What a method builds from its config (CoconutTrainer and ICoTTrainer override these)
+
+    def build_model(self, model):
+        model_args = trainer_inputs.model_arguments(model, self.config)
+        if model_args is None:
+            trainer_inputs.check_model(model, CODIModel, type(self).__name__)
+            return model
+        return CODIModel.from_base(model_args, TrainingObjective.from_args(self.config))
+
+    def build_datasets(self, model, train_dataset, eval_dataset):
+        """(training set, validation set or None); the data counts go to `train_stats`/`eval_stats`."""
+        if train_dataset is not None and not trainer_inputs.is_rows(train_dataset):
+            return train_dataset, eval_dataset  # built already
+        train_set, self.train_stats, eval_set, self.eval_stats = trainer_inputs.build_datasets(
+            model, self.config.data_args(), self.config, *self.records(train_dataset, eval_dataset)
+        )
+        return train_set, eval_set
+
+    def records(self, train_dataset, eval_dataset) -> tuple[list | None, list | None]:
+        """The records of datasets given as rows (None: read from the config's files)."""
+        method = self.config.method
+        return tuple(
+            None if rows is None else trainer_inputs.dataset_records(rows, name, method)
+            for rows, name in ((train_dataset, "train_dataset"), (eval_dataset, "eval_dataset"))
+        )
+
+    def collator(self, model):
+        return CODICollator(model.pad_id)
+
+    def method_callbacks(self) -> list:
+        """Callbacks of the method (its schedule), run before those given to the constructor."""
+        return []
+
+    @staticmethod
+    def prepare_args(args) -> None:
+        if args.label_names is None:
+            args.label_names = ["teacher_labels"]
+        args.prediction_loss_only = True
+
+    def extra_metrics(self) -> dict:
+        """What `all_results.json` records besides the Trainer's metrics and the data counts."""
+        return {}
+
+    def result(self, metrics: dict) -> TrainResult:
+        return TrainResult(self.model, self, self.train_stats, self.eval_stats, metrics)
+
+    def evaluate_accuracy(self, dataset, mode: str | None = None, **decoding) -> dict:
+        """Answer the questions of `dataset` (rows with question and answer columns) and score them as
+        `codi eval` does; returns its summary (`accuracy` in %, speed). `mode`: latent, or cot for the
+        baselines by default; `decoding`: `DecodingConfig` fields (`max_new_tokens=`, `batch_size=`)."""
+        from .evaluate import evaluate
+
+        model = self.accelerator.unwrap_model(self.model)
+        method = self.config.method if self.config is not None else model.objective.method
+        mode = mode or ("cot" if method in ("cot_sft", "no_cot_sft", "icot") else "latent")
+        was_training = model.training
+        try:
+            return evaluate(model.eval(), trainer_inputs.eval_items(dataset), mode, name="eval", **decoding)
+        finally:
+            model.train(was_training)
+
+    # ----------------------------------------------------------------------------------------------
+    # Running
+
+    @classmethod
+    def run(cls, config: CODIConfig, **kwargs) -> TrainResult:
+        """What `codi train` does: the run folder's rules (checked before any model loads), the trainer,
+        training, the final validation, the model saved to `output_dir` with metrics and state."""
+        resume, signature = start_run(config.model_args(), config.data_args(), config, config.method_args())
+        trainer = cls(args=config, run_signature=signature, **kwargs)
+        return trainer.result(fit_and_save(trainer, resume, trainer.train_stats, trainer.extra_metrics))
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        """HF `train`; built from a config (and not by `run`), the run folder's rules apply first: the
+        checkpoint to resume (`"last"` works) is checked against this run's settings (`codi.runs`)."""
+        if self.config is not None and self.run_signature is None:
+            if resume_from_checkpoint is not None:
+                self.config.resume_from_checkpoint = resume_from_checkpoint
+            config = self.config
+            resume_from_checkpoint, self.run_signature = start_run(
+                config.model_args(), config.data_args(), config, config.method_args()
+            )
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def _get_train_sampler(self, train_dataset=None):
         """`train_sampling_strategy="group_by_length"`: batches of similar teacher length (less padding).
@@ -134,14 +264,16 @@ class CODITrainer(TrainerPushMixin, Trainer):
     def _save_checkpoint(self, model, trial) -> None:
         """The Trainer's checkpoint, written into `<run>/.staging/` and renamed into place when complete:
         an interrupted save (kill, full disk) leaves no `checkpoint-N` behind (see codi.runs)."""
-        run_dir = self._get_output_dir(trial=trial)
+        run_dir = self.args.output_dir
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         staging, final = os.path.join(run_dir, STAGING_DIR), os.path.join(run_dir, name)
-        self._get_output_dir = lambda trial=None: staging  # the Trainer derives the folder from it
+        # The Trainer writes the checkpoint into `args.output_dir`/checkpoint-N: point it at the staging
+        # folder for the save (no hyperparameter search here, whose trials would nest run folders)
+        self.args.output_dir = staging
         try:
             super()._save_checkpoint(model, trial)
         finally:
-            del self._get_output_dir
+            self.args.output_dir = run_dir
         self.accelerator.wait_for_everyone()  # every rank has written its files (RNG states, shards)
         if self.args.should_save:
             if os.path.isdir(final):
@@ -184,49 +316,6 @@ class TrainResult:
     train_stats: DataStats
     eval_stats: DataStats | None
     metrics: dict
-
-
-def build_model(model_args: CODIModelArguments, training_args: CODITrainingArguments) -> CODIModel:
-    return CODIModel.from_base(model_args, TrainingObjective.from_args(training_args))
-
-
-def build_datasets(
-    model: CODIModel, data_args: CODIDataArguments, training_args: CODITrainingArguments
-) -> tuple[CODIDataset, DataStats, CODIDataset | None, DataStats | None]:
-    source = data_args.train_file or data_args.data_name
-    if source is None:
-        raise ValueError("no training data: pass --train_file PATH or --data_name HUB_ID")
-    common = dict(
-        bot_id=model.bot_id,
-        eot_id=model.eot_id,
-        method=training_args.method,
-        cot_style=data_args.cot_style,
-        include_last_cot=data_args.include_last_cot,
-        max_token_num=data_args.max_token_num,
-        skip_negative_answers=data_args.skip_negative_answers,
-        answer_prompt=model.args.answer_prompt,
-        step_targets=training_args.latent_step_loss_factor > 0,
-        position_limit=max_positions(model.hf_model),
-        num_latent=model.args.num_latent,
-    )
-    train_set, train_stats = build_dataset(
-        load_records(source, "train"),
-        model.tokenizer,
-        max_samples=data_args.max_train_samples,
-        name="train",
-        **common,
-    )
-    eval_source = data_args.validation_file or (data_args.data_name if data_args.validation_split else None)
-    if eval_source is None:
-        return train_set, train_stats, None, None
-    eval_set, eval_stats = build_dataset(
-        load_records(eval_source, data_args.validation_split or "validation"),
-        model.tokenizer,
-        max_samples=data_args.max_eval_samples,
-        name="validation",
-        **common,
-    )
-    return train_set, train_stats, eval_set, eval_stats
 
 
 def _resume_path(training_args: CODITrainingArguments) -> str | None:
@@ -299,22 +388,6 @@ def fit_and_save(trainer: Trainer, resume: str | None, train_stats: DataStats, e
 def train(
     model_args: CODIModelArguments, data_args: CODIDataArguments, training_args: CODITrainingArguments
 ) -> TrainResult:
-    """Train CODI (or a CoT-SFT / No-CoT-SFT baseline), then save the final model to `output_dir`."""
-    resume, signature = start_run(model_args, data_args, training_args)
-    model = build_model(model_args, training_args)
-    train_set, train_stats, eval_set, eval_stats = build_datasets(model, data_args, training_args)
-    if eval_set is None and training_args.eval_strategy != "no":
-        raise ValueError("eval_strategy is set but there is no validation data (--validation_file)")
-    if training_args.label_names is None:
-        training_args.label_names = ["teacher_labels"]
-    training_args.prediction_loss_only = True
-    trainer = CODITrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_set,
-        eval_dataset=eval_set,
-        data_collator=CODICollator(model.pad_id),
-        run_signature=signature,
-    )
-    metrics = fit_and_save(trainer, resume, train_stats)
-    return TrainResult(model, trainer, train_stats, eval_stats, metrics)
+    """Train CODI (or a CoT-SFT / No-CoT-SFT baseline), then save the final model to `output_dir`
+    (`CODITrainer.run` with the three objects as one `CODIConfig`)."""
+    return CODITrainer.run(CODIConfig.from_parts(model_args, data_args, training_args))

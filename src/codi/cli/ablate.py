@@ -119,7 +119,7 @@ def run_ablate(args: AblateArguments) -> dict:
         no_cot_accuracy = scored["accuracy"] / 100
         del no_cot
     model = _load(args.model, args)
-    steps = model.args.inf_latent_iterations
+    steps = model.args.latents()
     result = ablate(
         model,
         items,

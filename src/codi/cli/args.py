@@ -29,6 +29,10 @@ CONFIG_HELP = (
 )
 
 
+# The reference's name for the number of latents at inference: the same setting as `num_latent`.
+LATENT_ALIASES = {"inf_latent_iterations": "num_latent"}
+
+
 class UsageError(ValueError):
     """A bad flag, YAML key or value: one line, exit status 2."""
 
@@ -45,24 +49,6 @@ def unknown_name_error(name: str, source: str, valid: Iterable[str], prog: str |
     return UsageError(f"unknown argument {name!r} in {source}.{hint}")
 
 
-class _OneSpelling:
-    """Stands in for the parser while `HfArgumentParser` declares one field: keeps the field's own
-    name as the only option string and drops the `--no_X` complement it adds to True-by-default
-    bools, recording each action by field name (for the YAML checks)."""
-
-    def __init__(self, target, actions: dict[str, argparse.Action]):
-        self.target, self.actions = target, actions
-
-    def add_argument(self, *options: str, **kwargs: Any) -> argparse.Action | None:
-        if kwargs.get("action") == "store_false":  # the `--no_X` complement
-            return None
-        if getattr(kwargs.get("type"), "__name__", "") == "string_to_bool":
-            kwargs["metavar"] = "true|false"  # `--use_lora [true|false]`, not `[USE_LORA]`
-        action = self.target.add_argument(options[0], **kwargs)
-        self.actions[action.dest] = action
-        return action
-
-
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows a flag's default only when it has one worth showing (not for required flags or None)."""
 
@@ -75,13 +61,20 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 class CommandParser(HfArgumentParser):
     """`HfArgumentParser` for one `codi` command: `prog` in the usage line, one spelling per flag,
     `--config` listed, one flag group per dataclass when there are several, errors raised as
-    `UsageError` instead of a usage dump and exit."""
+    `UsageError` instead of a usage dump and exit.
+
+    Only public methods are overridden: `HfArgumentParser` declares each field with `add_argument`,
+    which this class intercepts to keep the field's own name as the only option string, drop the
+    `--no_X` complement of True-by-default bools, show bools as `true|false`, file each flag under
+    its dataclass's group and record its action by field name (for the YAML checks).
+    """
 
     def __init__(self, prog: str, classes: Sequence[type], description: str | None = None):
+        # set before HfArgumentParser.__init__, which declares the fields through add_argument
         self.flag_actions: dict[str, argparse.Action] = {}
+        self._owner = {f.name: cls for cls in classes for f in dataclasses.fields(cls) if f.init}
         self._grouped = len(classes) > 1
-        self._target: Any = None
-        self._config_listed = False
+        self._groups: dict[type, Any] = {}
         super().__init__(
             list(classes),
             prog=prog,
@@ -92,21 +85,30 @@ class CommandParser(HfArgumentParser):
             allow_abbrev=False,  # `--num_lat` must not silently mean `--num_latent`
         )
 
-    def _add_dataclass_arguments(self, dtype: type) -> None:
-        if not self._config_listed:  # first in the help; `split_config` reads it before argparse does
-            self.add_argument("--config", metavar="YAML", default=argparse.SUPPRESS, help=CONFIG_HELP)
-            self._config_listed = True
+    def add_argument(self, *options: str, **kwargs: Any) -> argparse.Action | None:
+        name = options[0][2:] if options and options[0].startswith("--") else None
+        if name not in self._owner or kwargs.get("dest", name) != name:
+            if kwargs.get("action") == "store_false" and kwargs.get("dest") in self._owner:
+                return None  # the `--no_X` complement of a field
+            return super().add_argument(*options, **kwargs)  # -h/--help, --config
+        if not self.flag_actions:  # first in the help; `split_config` reads it before argparse does
+            super().add_argument("--config", metavar="YAML", default=argparse.SUPPRESS, help=CONFIG_HELP)
+        if getattr(kwargs.get("type"), "__name__", "") == "string_to_bool":
+            kwargs["metavar"] = "true|false"  # `--use_lora [true|false]`, not `[USE_LORA]`
         if self._grouped:
-            about = _first_paragraph(dtype)
-            self._target = self.add_argument_group(
-                dtype.__name__, None if about == self.description else about
-            )
+            action = self._group(self._owner[name]).add_argument(options[0], **kwargs)
         else:
-            self._target = self
-        super()._add_dataclass_arguments(dtype)
+            action = super().add_argument(options[0], **kwargs)
+        self.flag_actions[name] = action
+        return action
 
-    def _parse_dataclass_field(self, parser, field: dataclasses.Field) -> None:  # overrides a staticmethod
-        HfArgumentParser._parse_dataclass_field(_OneSpelling(self._target, self.flag_actions), field)
+    def _group(self, cls: type) -> Any:
+        if cls not in self._groups:
+            about = _first_paragraph(cls)
+            self._groups[cls] = self.add_argument_group(
+                cls.__name__, None if about == self.description else about
+            )
+        return self._groups[cls]
 
     def error(self, message: str) -> typing.NoReturn:
         raise UsageError(f"{message} (`{self.prog} --help` lists the flags)")
@@ -204,6 +206,7 @@ def yaml_to_argv(path: str, parser: CommandParser, aliases: Mapping[str, str] | 
     """A YAML preset as flags (checked key by key), so that later command-line flags override it."""
     aliases = aliases or {}
     argv: list[str] = []
+    given: dict[str, tuple[str, list[str]]] = {}
     for key, value in read_yaml(path).items():
         name = aliases.get(str(key), str(key))
         if name not in parser.flag_actions:
@@ -213,8 +216,20 @@ def yaml_to_argv(path: str, parser: CommandParser, aliases: Mapping[str, str] | 
             continue
         tokens = _tokens(value)
         _check_value(parser.flag_actions[name], tokens, f"{path}: {key}")
+        _check_one_value(given, name, str(key), tokens, path)
         argv += [f"--{name}", *tokens]
     return argv
+
+
+def _check_one_value(given: dict, name: str, spelling: str, tokens: list[str], where: str) -> None:
+    """Two spellings of one setting (an alias and its field) in one source must agree: which one would
+    win is not obvious, and e.g. `num_latent` and `inf_latent_iterations` are one count now."""
+    other = given.setdefault(name, (spelling, tokens))
+    if other[0] != spelling and other[1] != tokens:
+        raise UsageError(
+            f"{where}: {other[0]} {' '.join(other[1])} and {spelling} {' '.join(tokens)} set the same "
+            f"setting ({name}) to different values; give it once"
+        )
 
 
 def normalise_flags(
@@ -225,11 +240,15 @@ def normalise_flags(
     aliases = aliases or {}
     valid = [*parser.flag_actions, *aliases]
     out = []
-    for token in argv:
+    given: dict[str, tuple[str, list[str]]] = {}
+    for index, token in enumerate(argv):
         if token.startswith("--") and token not in ("--", "--help"):  # --help: argparse prints the flags
             name, sep, value = token[2:].partition("=")
             if name not in valid:
                 raise unknown_name_error(name, "the command line", valid, parser.prog)
+            following = argv[index + 1 : index + 2]
+            tokens = [value] if sep else [t for t in following if not t.startswith("--")]
+            _check_one_value(given, aliases.get(name, name), f"--{name}", tokens, "the command line")
             token = f"--{aliases.get(name, name)}{sep}{value}"
         out.append(token)
     return out
@@ -250,10 +269,37 @@ def parse(
     `__post_init__` raises its own ValueError.
     """
     parser = CommandParser(prog, classes, description)
+    merged = _merged_argv(parser, argv, aliases)
+    return tuple(parser.parse_args_into_dataclasses(args=merged, look_for_args_file=False))
+
+
+def _merged_argv(parser: CommandParser, argv: Sequence[str], aliases: Mapping[str, str] | None) -> list[str]:
     paths, rest = split_config(argv)
     merged = [flag for path in paths for flag in yaml_to_argv(path, parser, aliases)]
-    merged += normalise_flags(rest, parser, aliases)
-    return tuple(parser.parse_args_into_dataclasses(args=merged, look_for_args_file=False))
+    return merged + normalise_flags(rest, parser, aliases)
+
+
+def parse_into(
+    prog: str,
+    classes: Sequence[type],
+    into: type,
+    argv: Sequence[str],
+    *,
+    aliases: Mapping[str, str] | None = None,
+    description: str | None = None,
+) -> Any:
+    """As `parse`, into ONE instance of `into`, a dataclass with the fields of all `classes` (a config
+    such as `codi.config.CODIConfig`): the flags and help come from `classes` (one group each), the
+    defaults and help from `into` where it sets its own."""
+    parser = CommandParser(prog, classes, description)
+    declared = {f.name: f for cls in classes for f in dataclasses.fields(cls) if f.init}
+    own = [f for f in dataclasses.fields(into) if f.init and f.name in declared]
+    parser.set_defaults(**{f.name: f.default for f in own if f.default != declared[f.name].default})
+    for f in own:  # the config's own help for a field it redefines (Coconut's num_latent)
+        if f.metadata.get("help") and f.metadata != declared[f.name].metadata:
+            parser.flag_actions[f.name].help = f.metadata["help"]
+    namespace = parser.parse_args(_merged_argv(parser, argv, aliases))
+    return into(**vars(namespace))
 
 
 def optional_fields(

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from ..config import CODIModelArguments
-from .args import optional_fields, parse
+from .args import LATENT_ALIASES, optional_fields, parse
 
 # The model settings a reference checkpoint may need spelled out, declared once in CODIModelArguments.
 FROM_WEIGHTS = "Default: read from the weights."
@@ -22,7 +22,6 @@ ConvertModelSettings = optional_fields(
         "lora_alpha",
         "lora_target_modules",
         "num_latent",
-        "inf_latent_iterations",
         "dtype",
     ),
     doc="Model settings (CODIModelArguments) the weights cannot tell, or to check against them.",
@@ -58,7 +57,9 @@ class ConvertArguments:
 
 
 def main(argv: list[str]) -> int:
-    args, settings = parse("codi convert", (ConvertArguments, ConvertModelSettings), argv)
+    args, settings = parse(
+        "codi convert", (ConvertArguments, ConvertModelSettings), argv, aliases=LATENT_ALIASES
+    )
     from ..convert import convert_reference_checkpoint
 
     report = convert_reference_checkpoint(

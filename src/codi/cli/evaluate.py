@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .args import parse
+from .args import LATENT_ALIASES, parse
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +50,9 @@ class EvalArguments:
     top_k: int = field(default=0, metadata={"help": "Sample from the k most probable tokens (0: all)."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (1: all)."})
     seed: int = field(default=0, metadata={"help": "Run r samples with seed + r."})
-    inf_latent_iterations: int | None = field(
-        default=None, metadata={"help": "Latent thoughts at inference; default: the checkpoint's."}
+    num_latent: int | None = field(
+        default=None,
+        metadata={"help": "Latent thoughts (inf_latent_iterations: the same); default: the checkpoint's."},
     )
     feed_answer_prompt: bool = field(
         default=False,
@@ -92,7 +93,7 @@ class EvalArguments:
 
 
 def main(argv: list[str]) -> int:
-    (args,) = parse("codi eval", (EvalArguments,), argv)
+    (args,) = parse("codi eval", (EvalArguments,), argv, aliases=LATENT_ALIASES)
     if args.fix_attn_mask and not args.reference_compat:
         logger.warning("--fix_attn_mask has no effect without --reference_compat")
     from .. import distributed
@@ -103,8 +104,8 @@ def main(argv: list[str]) -> int:
     distributed.init()  # no-op unless launched by torchrun / accelerate with several processes
     sets = load_eval_sets(args.datasets, args.data_dir, args.data_file, args.limit)
     overrides = {}
-    if args.inf_latent_iterations is not None:
-        overrides["inf_latent_iterations"] = args.inf_latent_iterations
+    if args.num_latent is not None:
+        overrides["num_latent"] = args.num_latent
     if args.reference_compat:
         overrides.update(reference_compat=True, fix_attn_mask=args.fix_attn_mask)
     model = load(  # the class the checkpoint needs: a Coconut checkpoint decodes as Coconut
@@ -127,7 +128,7 @@ def main(argv: list[str]) -> int:
                 k: v for k, v in dataclasses.asdict(args).items() if k not in ("model", "no_progress")
             },
             "method": model.objective.method,
-            "inf_latent_iterations": model.args.inf_latent_iterations,
+            "num_latent": model.args.num_latent,
             "reference_compat": model.args.reference_compat,
         },
         **{name: getattr(args, name) for name in _DECODING},

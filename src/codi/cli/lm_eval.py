@@ -19,7 +19,8 @@ USAGE = """usage: codi lm-eval [--config YAML] [LM_EVAL_FLAGS ...]
 lm-evaluation-harness with the `codi` model registered (needs the `lm_eval` extra):
   codi lm-eval --model codi --model_args pretrained=DIR,mode=latent --tasks gsm8k --limit 50
   --config YAML    lm-eval flags as keys (model_args, tasks, limit, include_path, output_path, ...)
-model_args: pretrained=DIR (a CODI checkpoint), mode=latent|cot, batch_size=N, max_new_tokens=N.
+model_args: pretrained=DIR (a CODI checkpoint), mode=latent|cot, batch_size=N, max_new_tokens=N
+(the default answer length; a task's own max_gen_toks wins), num_latent=N.
 Every other flag is lm-eval's own (`lm-eval --help`)."""
 
 

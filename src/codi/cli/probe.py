@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .args import UsageError, parse
+from .args import LATENT_ALIASES, UsageError, parse
 
 
 @dataclass
@@ -21,7 +21,7 @@ class ProbeArguments:
     logit_lens: bool = field(default=False, metadata={"help": "Also decode every layer (logit lens)."})
     base_model: str | None = field(default=None, metadata={"help": "Base model path for a LoRA checkpoint."})
     num_latent: int | None = field(
-        default=None, metadata={"help": "Latent thoughts; default: the checkpoint's inf_latent_iterations."}
+        default=None, metadata={"help": "Latent thoughts; default: the checkpoint's num_latent."}
     )
     batch_size: int = field(default=16, metadata={"help": "Questions probed together."})
     max_new_tokens: int = field(default=256, metadata={"help": "Answer tokens to generate."})
@@ -42,7 +42,7 @@ def check_top_k(top_k: int, vocabulary: int) -> None:
 
 
 def main(argv: list[str]) -> int:
-    (args,) = parse("codi probe", (ProbeArguments,), argv)
+    (args,) = parse("codi probe", (ProbeArguments,), argv, aliases=LATENT_ALIASES)
 
     from ..distributed import local_device
     from ..loader import load

@@ -51,11 +51,8 @@ def ineffective_settings(model_args, training_args) -> list[str]:
     return notes
 
 
-# Methods with settings of their own: (module, arguments class, training function), imported on use.
-METHOD_ARGUMENTS = {
-    "icot": ("codi.methods.icot", "ICoTArguments", "train_icot"),
-    "coconut": ("codi.methods.coconut", "CoconutArguments", "train_coconut"),
-}
+# Methods with settings of their own: (module, class-name prefix: XArguments, XConfig, XTrainer).
+METHOD_ARGUMENTS = {"icot": ("codi.methods.icot", "ICoT"), "coconut": ("codi.methods.coconut", "Coconut")}
 
 
 def requested_method(argv: list[str]) -> str | None:
@@ -73,26 +70,32 @@ def requested_method(argv: list[str]) -> str | None:
 
 
 def main(argv: list[str]) -> int:
+    """Flags and presets -> one config (`CODIConfig`, `CoconutConfig` or `ICoTConfig`) -> the method's
+    trainer's `run` (the same path as the Python API)."""
     import importlib
 
-    from ..config import ARGUMENT_CLASSES, parse_args
+    from ..config import ARGUMENT_CLASSES
     from ..distributed import close_process_group
+    from ..trainer_inputs import CODIConfig, parse_config
 
+    classes, config_class, trainer_class = ARGUMENT_CLASSES, CODIConfig, None
     extra = METHOD_ARGUMENTS.get(requested_method(argv) or "")
-    module = importlib.import_module(extra[0]) if extra else None
-    classes = ARGUMENT_CLASSES + ((getattr(module, extra[1]),) if extra else ())
-    model_args, data_args, training_args, *method_args = parse_args(argv, classes)
-    check_reporting(training_args.report_to)
-    for note in ineffective_settings(model_args, training_args):
-        logger.warning(note)
-    from ..training import train
-
     if extra:
-        result = getattr(module, extra[2])(model_args, data_args, training_args, *method_args)
-    else:
-        result = train(model_args, data_args, training_args)
+        module = importlib.import_module(extra[0])
+        classes += (getattr(module, f"{extra[1]}Arguments"),)
+        config_class, trainer_class = (
+            getattr(module, f"{extra[1]}Config"),
+            getattr(module, f"{extra[1]}Trainer"),
+        )
+    config = parse_config(argv, config_class, classes)
+    check_reporting(config.report_to)
+    for note in ineffective_settings(config.model_args(), config):
+        logger.warning(note)
+    if trainer_class is None:
+        from ..training import CODITrainer as trainer_class
+    result = trainer_class.run(config)
     if result.trainer.is_world_process_zero():
         print({key: value for key, value in result.metrics.items() if isinstance(value, (int, float))})
-        print(f"model saved to {training_args.output_dir}")
+        print(f"model saved to {config.output_dir}")
     close_process_group()
     return 0

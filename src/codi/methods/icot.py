@@ -28,7 +28,6 @@ rate follows the Trainer's schedule (the reference's is constant: `lr_scheduler_
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
@@ -38,6 +37,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from transformers import TrainerCallback
 
+from ..trainer_inputs import CODIConfig
+from ..training import CODITrainer
 from .icot_data import (  # noqa: F401  (re-exported: the removal is part of this method's API)
     ICoTCollator,
     ICoTDataset,
@@ -305,71 +306,75 @@ class ICoTCallback(TrainerCallback):
         self.removal.on_step_begin(state.global_step, optimizer)
 
 
-@functools.cache
-def icot_trainer_class():
-    """`CODITrainer` whose `compute_loss` first applies the removal (built lazily: no import cycle when
-    the training module dispatches to `train_icot`)."""
-    from .. import training
+@dataclass
+class ICoTConfig(CODIConfig, ICoTArguments):
+    """`CODIConfig` with iCoT-SI's removal settings (`ICoTArguments`); the method is icot."""
 
-    base = training.CODITrainer
+    METHOD_PARTS = (ICoTArguments,)
+    method: str = field(
+        default="icot",
+        metadata={"help": "icot (or cot_sft: the same loss); iCoT's flags are listed with the others."},
+    )
 
-    class ICoTTrainer(base):
-        def __init__(self, *args, icot: ICoTRemoval, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.icot = icot
+    def __post_init__(self, inf_latent_iterations: int | None = None) -> None:
+        if self.method not in ("icot", "cot_sft"):
+            raise ValueError(f"iCoT: method must be icot (or cot_sft), got {self.method!r}")
+        super().__post_init__(inf_latent_iterations)
 
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            inputs = self.icot.transform(inputs, self.state.global_step, training=model.training)
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
-    return ICoTTrainer
+class ICoTTrainer(CODITrainer):
+    """`CODITrainer` whose `compute_loss` first applies the removal (`icot`, an `ICoTRemoval`).
+
+    Built from an `ICoTConfig`, the model is a plain causal LM trained on the CoT-SFT view, the removal
+    schedule follows the training set's optimizer steps per epoch and `ICoTCallback` runs first."""
+
+    config_class = ICoTConfig
+
+    def __init__(self, *args, icot: ICoTRemoval | None = None, **kwargs):
+        self.icot = icot
+        super().__init__(*args, **kwargs)
+
+    def build_datasets(self, model, train_dataset, eval_dataset):
+        train_set, eval_set = super().build_datasets(model, train_dataset, eval_dataset)
+        train_set = ICoTDataset(train_set.examples)
+        eval_set = ICoTDataset(eval_set.examples) if eval_set is not None else None
+        config = self.config
+        steps_per_epoch = optimizer_steps_per_epoch(
+            len(train_set),
+            config.per_device_train_batch_size,
+            config.gradient_accumulation_steps,
+            config.world_size,
+        )
+        settings = config.method_args()
+        self.icot = ICoTRemoval(settings, settings.schedule(steps_per_epoch), model.pad_id, config.seed)
+        logger.info("iCoT: %d steps per epoch, schedule %s", steps_per_epoch, self.icot.schedule)
+        return train_set, eval_set
+
+    def collator(self, model):
+        return ICoTCollator(model.pad_id)
+
+    def method_callbacks(self) -> list:
+        return [ICoTCallback(self.icot)]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = self.icot.transform(inputs, self.state.global_step, training=model.training)
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def result(self, metrics: dict):
+        """The run's result; `icot_state.json` in `output_dir` records the schedule and resets."""
+        if self.is_world_process_zero():
+            settings = {k: str(v) for k, v in asdict(self.config.method_args()).items()}
+            with open(os.path.join(self.args.output_dir, "icot_state.json"), "w") as handle:
+                json.dump({"icot_args": settings, **self.icot.summary()}, handle, indent=2)
+        metrics["icot"] = self.icot.summary()
+        return super().result(metrics)
 
 
 def train_icot(model_args, data_args, training_args, icot_args: ICoTArguments):
-    """Train iCoT-SI (a causal LM, CoT-SFT objective, CoT removed gradually); save to `output_dir`.
+    """Train iCoT-SI (a causal LM, CoT-SFT objective, CoT removed gradually); save to `output_dir`
+    (`ICoTTrainer.run` with the settings as one `ICoTConfig`).
 
     `training_args.method` is "icot" or "cot_sft" (the loss is the teacher CE either way). Returns the
     training module's `TrainResult`; `icot_state.json` in `output_dir` records the schedule and resets.
     """
-    from .. import training
-
-    if training_args.method not in ("icot", "cot_sft"):
-        raise ValueError(f"train_icot: method must be icot (or cot_sft), got {training_args.method!r}")
-    resume, signature = training.start_run(model_args, data_args, training_args, icot_args)
-    model = training.build_model(model_args, training_args)
-    train_set, train_stats, eval_set, eval_stats = training.build_datasets(model, data_args, training_args)
-    train_set = ICoTDataset(train_set.examples)
-    eval_set = ICoTDataset(eval_set.examples) if eval_set is not None else None
-    if eval_set is None and training_args.eval_strategy != "no":
-        raise ValueError("eval_strategy is set but there is no validation data (--validation_file)")
-    steps_per_epoch = optimizer_steps_per_epoch(
-        len(train_set),
-        training_args.per_device_train_batch_size,
-        training_args.gradient_accumulation_steps,
-        training_args.world_size,
-    )
-    removal = ICoTRemoval(icot_args, icot_args.schedule(steps_per_epoch), model.pad_id, training_args.seed)
-    logger.info("iCoT: %d steps per epoch, schedule %s", steps_per_epoch, removal.schedule)
-    if training_args.label_names is None:
-        training_args.label_names = ["teacher_labels"]
-    training_args.prediction_loss_only = True
-    trainer = icot_trainer_class()(
-        model=model,
-        args=training_args,
-        train_dataset=train_set,
-        eval_dataset=eval_set,
-        data_collator=ICoTCollator(model.pad_id),
-        callbacks=[ICoTCallback(removal)],
-        icot=removal,
-        run_signature=signature,
-    )
-    metrics = training.fit_and_save(trainer, resume, train_stats)
-    if trainer.is_world_process_zero():
-        with open(os.path.join(training_args.output_dir, "icot_state.json"), "w") as handle:
-            json.dump(
-                {"icot_args": {k: str(v) for k, v in asdict(icot_args).items()}, **removal.summary()},
-                handle,
-                indent=2,
-            )
-    metrics["icot"] = removal.summary()
-    return training.TrainResult(model, trainer, train_stats, eval_stats, metrics)
+    return ICoTTrainer.run(ICoTConfig.from_parts(model_args, data_args, training_args, icot_args))

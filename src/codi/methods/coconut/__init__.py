@@ -1,6 +1,6 @@
 """Coconut (Hao et al. 2024): continuous thoughts fed back as input embeddings, a stage curriculum.
 
-`codi train --method coconut`: `train_coconut`; decoding: `CoconutModel.generate` (same outputs as
+`CoconutTrainer(model=..., args=CoconutConfig(...), train_dataset=...)` (`codi train --method coconut`); decoding: `CoconutModel.generate` (same outputs as
 CODI's `codi.generate.generate`); checkpoints: `CoconutModel.from_pretrained` (or `codi.load`, which picks it for a Coconut checkpoint).
 """
 
@@ -21,11 +21,12 @@ from .model import (
     is_coconut_checkpoint,
 )
 from .schedule import CoconutArguments, record_stage, stage_for_epoch, stage_for_step, stage_plan
-from .training import CoconutTrainer, CurriculumCallback, train_coconut
+from .training import CoconutConfig, CoconutTrainer, CurriculumCallback, train_coconut
 
 __all__ = [
     "CoconutArguments",
     "CoconutCollator",
+    "CoconutConfig",
     "CoconutDataset",
     "CoconutModel",
     "CoconutRecord",

@@ -55,9 +55,7 @@ class CoconutModel(CODIModel):
         self.coconut = settings
         self.prj = nn.Identity()
         latents = settings.inference_latents
-        self.args = dataclasses.replace(
-            self.args, use_prj=False, num_latent=latents, inf_latent_iterations=latents
-        )
+        self.args = dataclasses.replace(self.args, use_prj=False, num_latent=latents)
         if settings.pause_as_thought:
             self.pause_id = self._add_pause_token()
         return self
@@ -100,7 +98,7 @@ class CoconutModel(CODIModel):
             latents = {
                 key: overrides[key] for key in ("num_latent", "inf_latent_iterations") if key in overrides
             }
-            if latents:  # e.g. `codi eval --inf_latent_iterations N`
+            if latents:  # e.g. `codi eval --num_latent N` (inf_latent_iterations: the same)
                 model.args = dataclasses.replace(model.args, **latents)
         return model.eval()
 

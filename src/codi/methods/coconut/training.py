@@ -1,7 +1,7 @@
 """Coconut training on the HF Trainer: the stage curriculum and the optimizer resets as a callback.
 
-from codi.methods.coconut import CoconutArguments, train_coconut
-train_coconut(model_args, data_args, training_args, CoconutArguments(c_thought=2, ...))
+    CoconutTrainer(model="gpt2", args=CoconutConfig(output_dir="runs/x", c_thought=2), train_dataset=ds)
+    train_coconut(model_args, data_args, training_args, CoconutArguments(c_thought=2, ...))  # the same
 
 The reference's schedule: each epoch the callback sets the stage (start_epoch + epoch) // epochs_per_stage
 on the datasets. With `steps_per_stage` > 0 (this project's addition, for runs budgeted in optimizer
@@ -22,12 +22,15 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from transformers import TrainerCallback
 
+from ... import trainer_inputs
 from ...config import CODIDataArguments, CODIModelArguments, CODITrainingArguments
 from ...data import DataStats, load_records
-from ...training import CODITrainer, TrainResult, fit_and_save, start_run
+from ...trainer_inputs import CODIConfig, eval_source, train_source
+from ...training import CODITrainer, TrainResult
 from .data import CoconutCollator, CoconutDataset, MarkerIds, RecordIndices, tokenize_records
 from .model import CoconutModel, build_coconut_model
 from .schedule import CoconutArguments, stage_for_epoch, stage_for_step
@@ -125,9 +128,46 @@ class CurriculumCallback(TrainerCallback):
         logger.info("coconut: step %d, stage %d%s", step, stage, ", optimizer state cleared" if reset else "")
 
 
+@dataclass
+class CoconutConfig(CODIConfig, CoconutArguments):
+    """`CODIConfig` with Coconut's settings (`CoconutArguments`); the method is coconut."""
+
+    METHOD_PARTS = (CoconutArguments,)
+    method: str = field(
+        default="coconut", metadata={"help": "coconut: Coconut's flags are listed with the others."}
+    )
+    num_latent: int | None = field(
+        default=None,
+        metadata={
+            "help": "Thoughts fed at inference: c_thought x max_latent_stage (the final stage's), the "
+            "default and the only value accepted (`codi eval --num_latent` decodes with another)."
+        },
+    )
+
+    def __post_init__(self, inf_latent_iterations: int | None = None) -> None:
+        thoughts = self.inference_latents
+        if inf_latent_iterations is not None:  # the alias
+            self.num_latent = inf_latent_iterations
+        if self.num_latent is None:
+            self.num_latent = thoughts
+        elif self.num_latent != thoughts:
+            # the curriculum decides the thoughts trained; a recorded count that differs would be decoded
+            raise ValueError(
+                f"num_latent {self.num_latent}: Coconut trains c_thought x max_latent_stage = "
+                f"{self.c_thought} x {self.max_latent_stage} = {thoughts} thoughts (w/o thought: 0); set "
+                "those, or leave num_latent out (decode with another count: codi eval --num_latent N)"
+            )
+        super().__post_init__()
+
+
 class CoconutTrainer(CODITrainer):
     """`CODITrainer` that builds a training micro-batch (record indices, see `RecordIndices`) at the
-    stage set for the step that trains on it; evaluation batches come built from the eval dataset."""
+    stage set for the step that trains on it; evaluation batches come built from the eval dataset.
+
+    Built from a `CoconutConfig`, the model is a `CoconutModel` (from a base LM or a CoT-SFT checkpoint,
+    Coconut's stage 0) and the stage curriculum runs as the first callback (`curriculum`)."""
+
+    config_class = CoconutConfig
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if "record_index" in inputs:
@@ -135,13 +175,63 @@ class CoconutTrainer(CODITrainer):
             inputs = self._prepare_inputs(batch)
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
+    def build_model(self, model):
+        model_args = trainer_inputs.model_arguments(model, self.config)
+        if model_args is None:
+            trainer_inputs.check_model(model, CoconutModel, type(self).__name__)
+            return model
+        return build_coconut_model(model_args, self.config.method_args())[0]
+
+    def build_datasets(self, model, train_dataset, eval_dataset):
+        config = self.config
+        if config.dataloader_persistent_workers and config.dataloader_num_workers > 0:
+            # the Trainer keeps persistent evaluation workers, each with a copy of the dataset's first stage
+            raise ValueError(
+                "coconut: dataloader_persistent_workers would keep the first stage in eval workers"
+            )
+        if train_dataset is not None and not trainer_inputs.is_rows(train_dataset):
+            raise TypeError(
+                "CoconutTrainer: pass the training data as rows (a datasets.Dataset) or in the config"
+            )
+        train_set, self.train_stats, eval_set, self.eval_stats = build_coconut_datasets(
+            model,
+            config.data_args(),
+            config.method_args(),
+            config.seed,
+            *self.records(train_dataset, eval_dataset),
+        )
+        self.curriculum = CurriculumCallback(config.method_args(), [train_set, eval_set])
+        return RecordIndices(train_set), eval_set
+
+    def collator(self, model):
+        return CoconutCollator(model.pad_id)
+
+    def method_callbacks(self) -> list:
+        return [self.curriculum]
+
+    @staticmethod
+    def prepare_args(args) -> None:
+        args.label_names = ["labels"]
+        args.prediction_loss_only = True
+
+    def extra_metrics(self) -> dict:
+        return {"coconut_stages": [entry["stage"] for entry in self.curriculum.history]}
+
+    def result(self, metrics: dict) -> TrainResult:
+        logger.info("coconut: stages %s", self.curriculum.history)
+        return TrainResult(self.model.eval(), self, self.train_stats, self.eval_stats, metrics)
+
 
 def build_coconut_datasets(
-    model: CoconutModel, data_args: CODIDataArguments, settings: CoconutArguments, seed: int
+    model: CoconutModel,
+    data_args: CODIDataArguments,
+    settings: CoconutArguments,
+    seed: int,
+    train_records: list | None = None,
+    eval_records: list | None = None,
 ) -> tuple[CoconutDataset, DataStats, CoconutDataset | None, DataStats | None]:
-    source = data_args.train_file or data_args.data_name
-    if source is None:
-        raise ValueError("no training data: pass --train_file PATH or --data_name HUB_ID")
+    """Training and validation sets from the records given, or else from the files or hub dataset that
+    `data_args` names."""
     common = dict(
         cot_style=data_args.cot_style,
         include_last_cot=data_args.include_last_cot,
@@ -150,18 +240,18 @@ def build_coconut_datasets(
         answer_prompt=model.args.answer_prompt,
     )
     ids = MarkerIds(model.bot_id, model.eot_id, model.pause_id)
+    if train_records is None:
+        train_records = load_records(train_source(data_args), "train")
     records, train_stats = tokenize_records(
-        load_records(source, "train"), model.tokenizer, max_samples=data_args.max_train_samples, **common
+        train_records, model.tokenizer, max_samples=data_args.max_train_samples, **common
     )
-    eval_source = data_args.validation_file or (data_args.data_name if data_args.validation_split else None)
-    if eval_source is None:
+    source = eval_source(data_args)
+    if eval_records is None and source is not None:
+        eval_records = load_records(source, data_args.validation_split or "validation")
+    if eval_records is None:
         return CoconutDataset(records, settings, ids, seed), train_stats, None, None
     eval_records, eval_stats = tokenize_records(
-        load_records(eval_source, data_args.validation_split or "validation"),
-        model.tokenizer,
-        max_samples=data_args.max_eval_samples,
-        name="validation",
-        **common,
+        eval_records, model.tokenizer, max_samples=data_args.max_eval_samples, name="validation", **common
     )
     return (
         CoconutDataset(records, settings, ids, seed),
@@ -178,35 +268,14 @@ def train_coconut(
     coconut_args: CoconutArguments,
     callbacks: Sequence[TrainerCallback] = (),
 ) -> TrainResult:
-    """Train Coconut (or an ablation) with the stage curriculum, then save the model to `output_dir`.
+    """Train Coconut (or an ablation) with the stage curriculum, then save the model to `output_dir`
+    (`CoconutTrainer.run` with the settings as one `CoconutConfig`; `model_args.num_latent` is not
+    read: the thoughts are c_thought x max_latent_stage).
 
     `model_name_or_path` is usually a CoT-SFT checkpoint of this project (Coconut's stage 0; start at
     `start_epoch` = epochs_per_stage, or `start_stage` 1 under steps_per_stage, to skip that stage).
     `callbacks` run after the curriculum's.
     """
-    resume, signature = start_run(model_args, data_args, training_args, coconut_args)
-    if training_args.dataloader_persistent_workers and training_args.dataloader_num_workers > 0:
-        # the Trainer keeps persistent evaluation workers, each with a copy of the dataset's first stage
-        raise ValueError("coconut: dataloader_persistent_workers would keep the first stage in eval workers")
-    model, _ = build_coconut_model(model_args, coconut_args)
-    train_set, train_stats, eval_set, eval_stats = build_coconut_datasets(
-        model, data_args, coconut_args, training_args.seed
-    )
-    if eval_set is None and training_args.eval_strategy != "no":
-        raise ValueError("eval_strategy is set but there is no validation data (--validation_file)")
-    training_args.label_names = ["labels"]
-    training_args.prediction_loss_only = True
-    curriculum = CurriculumCallback(coconut_args, [train_set, eval_set])
-    trainer = CoconutTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=RecordIndices(train_set),
-        eval_dataset=eval_set,
-        data_collator=CoconutCollator(model.pad_id),
-        callbacks=[curriculum, *callbacks],
-        run_signature=signature,
-    )
-    stages = lambda: {"coconut_stages": [entry["stage"] for entry in curriculum.history]}  # noqa: E731
-    metrics = fit_and_save(trainer, resume, train_stats, stages)
-    logger.info("coconut: stages %s", curriculum.history)
-    return TrainResult(model.eval(), trainer, train_stats, eval_stats, metrics)
+    # the thought count follows the curriculum, whatever `model_args.num_latent` says
+    config = CoconutConfig.from_parts(model_args, data_args, training_args, coconut_args, num_latent=None)
+    return CoconutTrainer.run(config, callbacks=list(callbacks))
