@@ -98,7 +98,7 @@ def test_max_new_tokens_model_arg_sets_the_answer_length(saved):
     default answer length; lm-eval's own `max_gen_toks` is accepted too, and both must agree."""
     from lm_eval.api.instance import Instance
 
-    from codi.methods.coconut import load_checkpoint
+    from codi.loader import load as load_checkpoint
 
     root, _ = saved
     lm = CODILM.create_from_arg_string(f"pretrained={root / 'model'},mode=cot,max_new_tokens=3")

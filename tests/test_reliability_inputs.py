@@ -273,7 +273,7 @@ def test_every_preset_resolves_to_the_arguments_it_had_before():
         argv = ["--config", str(REPO_ROOT / "configs" / name)]
         extra = METHOD_ARGUMENTS.get(requested_method(argv) or "")
         classes = ARGUMENT_CLASSES + (
-            (getattr(importlib.import_module(extra[0]), extra[1]),) if extra else ()
+            (getattr(importlib.import_module(extra[0]), f"{extra[1]}Arguments"),) if extra else ()
         )
         model_args, data_args, training_args, *method_args = parse_args(argv, classes)
         resolve_defaults(model_args, training_args, hidden[model_args.model_name_or_path])
