@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
 from transformers import Trainer, set_seed
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .checkpoint import write_json_atomically
 from .config import CODIDataArguments, CODIModelArguments, CODITrainingArguments
@@ -23,13 +21,22 @@ from .hf import max_positions
 from .losses import TrainingObjective
 from .model import CODIModel
 from .records import load_records
+from .run_safety import (
+    SafeCheckpoints,
+    acquire_run_lock,
+    check_training_data,
+    records_fingerprint,
+    release_run_lock,
+)
 from .runs import (
     RUN_FILE,
-    STAGING_DIR,
+    check_max_steps,
     check_resume_compatible,
     checkpoint_problem,
     last_complete_checkpoint,
     prepare_output_dir,
+    refuse_finished_run,
+    refuse_foreign_checkpoints,
     run_signature,
 )
 
@@ -41,7 +48,7 @@ class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; raised with the step so the run can be resumed or fixed."""
 
 
-class CODITrainer(Trainer):
+class CODITrainer(SafeCheckpoints, Trainer):
     """HF Trainer that logs every loss component and saves/loads CODI checkpoints."""
 
     def __init__(self, *args, run_signature: dict | None = None, **kwargs):
@@ -130,34 +137,6 @@ class CODITrainer(Trainer):
         if self.run_signature is not None:
             write_json_atomically(os.path.join(output_dir, RUN_FILE), self.run_signature)
 
-    def _save_checkpoint(self, model, trial) -> None:
-        """The Trainer's checkpoint, written into `<run>/.staging/` and renamed into place when complete:
-        an interrupted save (kill, full disk) leaves no `checkpoint-N` behind (see codi.runs)."""
-        run_dir = self._get_output_dir(trial=trial)
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        staging, final = os.path.join(run_dir, STAGING_DIR), os.path.join(run_dir, name)
-        self._get_output_dir = lambda trial=None: staging  # the Trainer derives the folder from it
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            del self._get_output_dir
-        self.accelerator.wait_for_everyone()  # every rank has written its files (RNG states, shards)
-        if self.args.should_save:
-            if os.path.isdir(final):
-                shutil.rmtree(final)  # a checkpoint of this run at the same step: replaced whole
-            os.replace(os.path.join(staging, name), final)
-            if (self.state.best_model_checkpoint or "").startswith(staging):
-                self.state.best_model_checkpoint = self.state.best_model_checkpoint.replace(
-                    staging, run_dir, 1
-                )
-            rotate_checkpoints(
-                output_dir=run_dir,
-                save_total_limit=self.args.save_total_limit,
-                best_model_checkpoint=self.state.best_model_checkpoint,
-                use_mtime=False,
-            )
-        self.accelerator.wait_for_everyone()
-
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
             # Sharded engines resume from their own files (pytorch_model_fsdp*, global_step*), which the
@@ -208,13 +187,11 @@ def build_datasets(
         position_limit=max_positions(model.hf_model),
         num_latent=model.args.num_latent,
     )
+    records = load_records(source, "train")
     train_set, train_stats = build_dataset(
-        load_records(source, "train"),
-        model.tokenizer,
-        max_samples=data_args.max_train_samples,
-        name="train",
-        **common,
+        records, model.tokenizer, max_samples=data_args.max_train_samples, name="train", **common
     )
+    train_stats.fingerprint = records_fingerprint(source, records[: train_stats.read])
     eval_source = data_args.validation_file or (data_args.data_name if data_args.validation_split else None)
     if eval_source is None:
         return train_set, train_stats, None, None
@@ -255,16 +232,25 @@ def start_run(model_args, data_args, training_args, method_args=None) -> tuple[s
     """What every training function does first: seed, the checkpoint to resume (checked against this
     run's arguments) and the output folder's rules (`codi.runs`). Returns (resume path, run signature)."""
     set_seed(training_args.seed)
-    resume = _resume_path(training_args)
-    prepare_output_dir(
-        training_args.output_dir,
-        resume is not None,
-        training_args.overwrite_output_dir,
-        deletes=training_args.process_index == 0,
-    )
-    signature = run_signature(model_args, data_args, training_args, method_args)
-    if resume is not None:
-        check_resume_compatible(resume, signature)
+    check_max_steps(training_args.max_steps)
+    refuse_foreign_checkpoints(training_args.output_dir)
+    if training_args.process_index == 0:  # one lock per run, not per process of a launcher
+        acquire_run_lock(training_args.output_dir)
+    try:
+        resume = _resume_path(training_args)
+        prepare_output_dir(
+            training_args.output_dir,
+            resume is not None,
+            training_args.overwrite_output_dir,
+            deletes=training_args.process_index == 0,
+        )
+        signature = run_signature(model_args, data_args, training_args, method_args)
+        if resume is not None:
+            check_resume_compatible(resume, signature)
+            refuse_finished_run(resume)
+    except BaseException:
+        release_run_lock(training_args.output_dir)
+        raise
     return resume, signature
 
 
@@ -273,6 +259,7 @@ def fit_and_save(trainer: Trainer, resume: str | None, train_stats: DataStats, e
     final validation, the final model, metrics (`all_results.json`, with the data counts and what
     `extra_metrics()` returns after training) and state."""
     output_dir = trainer.args.output_dir
+    check_training_data(trainer, resume, train_stats.fingerprint)
     try:
         output = trainer.train(resume_from_checkpoint=resume)
     except KeyboardInterrupt:
@@ -290,6 +277,7 @@ def fit_and_save(trainer: Trainer, resume: str | None, train_stats: DataStats, e
         counts = {"train_records_kept": train_stats.kept, "train_records_dropped": dict(train_stats.dropped)}
         trainer.save_metrics("all", {**metrics, **counts, **extra_metrics()})
         trainer.save_state()
+        release_run_lock(output_dir)
     logger.info("trained %d optimiser steps; model saved to %s", trainer.state.global_step, output_dir)
     return metrics
 

@@ -27,6 +27,7 @@ from transformers import TrainerCallback
 
 from ...config import CODIDataArguments, CODIModelArguments, CODITrainingArguments
 from ...data import DataStats, load_records
+from ...run_safety import records_fingerprint
 from ...training import CODITrainer, TrainResult, fit_and_save, start_run
 from .data import CoconutCollator, CoconutDataset, MarkerIds, RecordIndices, tokenize_records
 from .model import CoconutModel, build_coconut_model
@@ -150,9 +151,11 @@ def build_coconut_datasets(
         answer_prompt=model.args.answer_prompt,
     )
     ids = MarkerIds(model.bot_id, model.eot_id, model.pause_id)
+    raw = load_records(source, "train")
     records, train_stats = tokenize_records(
-        load_records(source, "train"), model.tokenizer, max_samples=data_args.max_train_samples, **common
+        raw, model.tokenizer, max_samples=data_args.max_train_samples, **common
     )
+    train_stats.fingerprint = records_fingerprint(source, raw[: train_stats.read])
     eval_source = data_args.validation_file or (data_args.data_name if data_args.validation_split else None)
     if eval_source is None:
         return CoconutDataset(records, settings, ids, seed), train_stats, None, None
