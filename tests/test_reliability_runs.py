@@ -54,6 +54,9 @@ def test_a_users_checkpoint_folder_is_refused_up_front_and_never_replaced(tiny_g
     with pytest.raises(FileExistsError, match=r"holds checkpoint-2, not written by a codi run") as error:
         train(*quick_args(tiny_gpt2, train_file, run, *SAVE_EVERY_2))
     assert "\n" not in str(error.value)
+    overwrite = ["--overwrite_output_dir", "True"]  # replaces an earlier run of ours, never this folder
+    with pytest.raises(FileExistsError, match=r"holds checkpoint-2, not written by a codi run"):
+        train(*quick_args(tiny_gpt2, train_file, run, *SAVE_EVERY_2, *overwrite))
     assert (mine / "notes.txt").read_text() == "the user's own notes"
     assert not (run / LOCK_FILE).exists()  # a refused run leaves no lock behind
 
@@ -84,7 +87,18 @@ def test_rotation_deletes_only_this_runs_checkpoints(tiny_gpt2, train_file, tmp_
 
 def test_synth_refuses_to_replace_the_users_files_without_overwrite(tmp_path, capsys):
     (tmp_path / "train.txt").write_text("my data\n")
-    argv = ["data", "synth", "--out", str(tmp_path), "--n_train", "20", "--n_validation", "5", "--n_test", "5"]
+    argv = [
+        "data",
+        "synth",
+        "--out",
+        str(tmp_path),
+        "--n_train",
+        "20",
+        "--n_validation",
+        "5",
+        "--n_test",
+        "5",
+    ]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "train.txt" in err and "--overwrite" in err and len(err.splitlines()) == 1
@@ -99,7 +113,11 @@ def test_resuming_a_finished_run_is_refused_and_trains_no_extra_step(tiny_gpt2, 
     train(*quick_args(tiny_gpt2, train_file, tmp_path / "run", *common))
     for _ in range(2):
         with pytest.raises(ValueError, match=r"checkpoint-2 is the end of a finished run \(step 2 of 2\)"):
-            train(*quick_args(tiny_gpt2, train_file, tmp_path / "run", *common, "--resume_from_checkpoint", "last"))
+            train(
+                *quick_args(
+                    tiny_gpt2, train_file, tmp_path / "run", *common, "--resume_from_checkpoint", "last"
+                )
+            )
     assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-2"]
 
 
@@ -139,7 +157,11 @@ def test_a_second_run_into_a_busy_folder_is_refused_and_stale_locks_are_taken_ov
 
     (run / LOCK_FILE).write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": "then"}))
     with caplog.at_level(logging.WARNING, logger="codi.run_safety"):
-        train(*quick_args(tiny_gpt2, train_file, tmp_path / "run", "--max_steps", "1", "--overwrite_output_dir", "True"))
+        train(
+            *quick_args(
+                tiny_gpt2, train_file, tmp_path / "run", "--max_steps", "1", "--overwrite_output_dir", "True"
+            )
+        )
     assert "on another host, elsewhere" in caplog.text
 
 
@@ -177,10 +199,13 @@ def test_a_save_that_fails_at_the_disk_keeps_the_previous_checkpoint_and_cleans_
         train(*quick_args(tiny_gpt2, train_file, run, *SAVE_EVERY_2))
     message = str(error.value)
     assert "\n" not in message and f"could not save {run / 'checkpoint-4'}: No space left" in message
-    assert "GiB free there" in message and f"the last complete checkpoint is {run / 'checkpoint-2'}" in message
+    assert (
+        "GiB free there" in message and f"the last complete checkpoint is {run / 'checkpoint-2'}" in message
+    )
     assert not (run / ".staging").exists() and not (run / "checkpoint-4").exists()
     assert checkpoint_problem(str(run / "checkpoint-2")) is None
     assert (run / "mine" / "notes.txt").read_text() == "the user's own notes"
+    assert not (run / LOCK_FILE).exists()  # a failed run releases its folder
 
 
 _FSIZE_SCRIPT = """
@@ -207,7 +232,9 @@ except OSError as error:
 """
 
 
-def test_a_real_file_size_limit_during_a_save_is_one_line_and_leaves_no_staging(tiny_gpt2, train_file, tmp_path):
+def test_a_real_file_size_limit_during_a_save_is_one_line_and_leaves_no_staging(
+    tiny_gpt2, train_file, tmp_path
+):
     run = tmp_path / "run"
     script = tmp_path / "limit.py"
     script.write_text(textwrap.dedent(_FSIZE_SCRIPT))
@@ -225,7 +252,9 @@ def test_a_real_file_size_limit_during_a_save_is_one_line_and_leaves_no_staging(
 
 
 @pytest.mark.parametrize("name", ["optimizer.pt", "rng_state.pth"])
-def test_a_pickled_object_in_a_checkpoint_is_refused_in_one_line_naming_it(tiny_gpt2, train_file, tmp_path, name):
+def test_a_pickled_object_in_a_checkpoint_is_refused_in_one_line_naming_it(
+    tiny_gpt2, train_file, tmp_path, name
+):
     run = tmp_path / "run"
     train(*quick_args(tiny_gpt2, train_file, run, *SAVE_EVERY_2))
     torch.save({"state": argparse.Namespace(payload="anything")}, str(run / "checkpoint-2" / name))

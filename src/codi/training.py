@@ -259,16 +259,20 @@ def fit_and_save(trainer: Trainer, resume: str | None, train_stats: DataStats, e
     final validation, the final model, metrics (`all_results.json`, with the data counts and what
     `extra_metrics()` returns after training) and state."""
     output_dir = trainer.args.output_dir
-    check_training_data(trainer, resume, train_stats.fingerprint)
     try:
+        check_training_data(trainer, resume, train_stats.fingerprint)
         output = trainer.train(resume_from_checkpoint=resume)
     except KeyboardInterrupt:
+        release_run_lock(output_dir)
         last = last_complete_checkpoint(output_dir)
         where = f"the last complete checkpoint is {last}" if last else "no checkpoint was saved yet"
         raise TrainingInterrupted(
             f"interrupted at step {trainer.state.global_step}; {where}: rerun with "
             "--resume_from_checkpoint last to continue"
         ) from None
+    except BaseException:
+        release_run_lock(output_dir)
+        raise
     metrics = dict(output.metrics)
     if trainer.eval_dataset is not None:
         metrics.update(trainer.evaluate())
@@ -277,7 +281,7 @@ def fit_and_save(trainer: Trainer, resume: str | None, train_stats: DataStats, e
         counts = {"train_records_kept": train_stats.kept, "train_records_dropped": dict(train_stats.dropped)}
         trainer.save_metrics("all", {**metrics, **counts, **extra_metrics()})
         trainer.save_state()
-        release_run_lock(output_dir)
+    release_run_lock(output_dir)
     logger.info("trained %d optimiser steps; model saved to %s", trainer.state.global_step, output_dir)
     return metrics
 
