@@ -264,3 +264,24 @@ def test_a_pickled_object_in_a_checkpoint_is_refused_in_one_line_naming_it(
     message = str(error.value)
     assert message.startswith(f"{run / 'checkpoint-2' / name}: holds objects other than tensors")
     assert "\n" not in message and "weights_only" not in message
+
+
+def test_the_cli_prints_these_refusals_in_one_line(tiny_gpt2, train_file, tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["train", "--model_name_or_path", tiny_gpt2, "--train_file", train_file, "--output_dir", str(run)]
+    argv += ["--lora_r", "4", "--prj_dim", "8", "--num_latent", "2", "--per_device_train_batch_size", "2"]
+    argv += ["--report_to", "none", "--disable_tqdm", "True", "--save_strategy", "steps", "--save_steps", "1"]
+    assert cli.main([*argv, "--max_steps", "2"]) == 0
+    capsys.readouterr()
+    torch.save({"state": argparse.Namespace()}, str(run / "checkpoint-1" / "rng_state.pth"))
+    for extra, expected in [
+        (["--max_steps", "0"], "--max_steps 0: must be a positive number"),
+        (["--max_steps", "2", "--resume_from_checkpoint", "last"], "is the end of a finished run"),
+        (["--max_steps", "3", "--resume_from_checkpoint", "last"], "other arguments (max_steps: 2 -> 3)"),
+        (["--max_steps", "2", "--resume_from_checkpoint", str(run / "checkpoint-1")], "rng_state.pth: holds"),
+    ]:
+        assert cli.main([*argv, *extra]) == 2
+        err = capsys.readouterr().err
+        ours = [line for line in err.splitlines() if line.startswith("codi train")]
+        assert len(ours) == 1 and ours[0].startswith("codi train: error: ") and expected in ours[0], err
+        assert "Traceback" not in err and "weights_only" not in err
