@@ -41,6 +41,7 @@ from .runs import (
 logger = logging.getLogger(__name__)
 
 LOCK_FILE = ".codi.lock"
+_HELD: set[str] = set()  # locks whose release at exit is registered
 _DISK_FAULT = re.compile(r"No space left|File too large|Disk quota|os error (28|27|122)|fail\w* writ", re.I)
 
 
@@ -96,7 +97,9 @@ def acquire_run_lock(output_dir: str) -> str:
         os.replace(temporary, path)
     else:
         os.remove(temporary)
-    atexit.register(release_run_lock, output_dir)
+    if path not in _HELD:  # a process killed without exiting leaves a stale lock, taken over next time
+        _HELD.add(path)
+        atexit.register(release_run_lock, output_dir)
     return path
 
 

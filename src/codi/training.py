@@ -189,7 +189,11 @@ def build_datasets(
     )
     records = load_records(source, "train")
     train_set, train_stats = build_dataset(
-        records, model.tokenizer, max_samples=data_args.max_train_samples, name="train", **common
+        records,
+        model.tokenizer,
+        max_samples=data_args.max_train_samples,
+        name="train",
+        **common,
     )
     train_stats.fingerprint = records_fingerprint(source, records[: train_stats.read])
     eval_source = data_args.validation_file or (data_args.data_name if data_args.validation_split else None)
