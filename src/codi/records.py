@@ -233,6 +233,7 @@ class DataStats:
     flagged: Counter = field(default_factory=Counter)
     first_dropped: dict[str, str] = field(default_factory=dict)
     first_flagged: dict[str, str] = field(default_factory=dict)
+    fingerprint: dict | None = None  # of the records read for training (codi.run_safety)
 
     def log(self, name: str, log: logging.Logger = logger) -> None:
         """One INFO line of counts (each drop reason with its first record), one WARNING per flag."""

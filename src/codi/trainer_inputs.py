@@ -29,6 +29,7 @@ from .hf import max_positions
 from .losses import TrainingObjective
 from .model import CODIModel
 from .records import DataError, RawRecord, load_records
+from .run_safety import records_fingerprint
 
 
 @dataclass
@@ -221,13 +222,13 @@ def build_datasets(
         position_limit=max_positions(model.hf_model),
         num_latent=model.args.num_latent,
     )
+    source_name = "train_dataset" if train_records is not None else train_source(data_args)
+    if train_records is None:
+        train_records = load_records(source_name, "train")
     train_set, train_stats = build_dataset(
-        load_records(train_source(data_args), "train") if train_records is None else train_records,
-        model.tokenizer,
-        max_samples=data_args.max_train_samples,
-        name="train",
-        **common,
+        train_records, model.tokenizer, max_samples=data_args.max_train_samples, name="train", **common
     )
+    train_stats.fingerprint = records_fingerprint(source_name, train_records[: train_stats.read])
     source = eval_source(data_args)
     if eval_records is None and source is not None:
         eval_records = load_records(source, data_args.validation_split or "validation")

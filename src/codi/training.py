@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
 from transformers import Trainer, set_seed
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from . import trainer_inputs
 from .checkpoint import write_json_atomically
@@ -27,13 +25,21 @@ from .data import CODICollator, CODIDataset, DataStats
 from .hub import TrainerPushMixin
 from .losses import TrainingObjective
 from .model import CODIModel
+from .run_safety import (
+    SafeCheckpoints,
+    acquire_run_lock,
+    check_training_data,
+    release_run_lock,
+)
 from .runs import (
     RUN_FILE,
-    STAGING_DIR,
+    check_max_steps,
     check_resume_compatible,
     checkpoint_problem,
     last_complete_checkpoint,
     prepare_output_dir,
+    refuse_finished_run,
+    refuse_foreign_checkpoints,
     run_signature,
 )
 from .trainer_inputs import CODIConfig, build_datasets, build_model  # noqa: F401  (importable from here too)
@@ -46,7 +52,7 @@ class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; raised with the step so the run can be resumed or fixed."""
 
 
-class CODITrainer(TrainerPushMixin, Trainer):
+class CODITrainer(SafeCheckpoints, TrainerPushMixin, Trainer):
     """HF Trainer that logs every loss component and saves/loads (and pushes) CODI checkpoints.
 
     With a `CODIConfig` as `args` it builds what is not given, TRL-style: `model` may be a hub id or a
@@ -261,36 +267,6 @@ class CODITrainer(TrainerPushMixin, Trainer):
         if self.run_signature is not None:
             write_json_atomically(os.path.join(output_dir, RUN_FILE), self.run_signature)
 
-    def _save_checkpoint(self, model, trial) -> None:
-        """The Trainer's checkpoint, written into `<run>/.staging/` and renamed into place when complete:
-        an interrupted save (kill, full disk) leaves no `checkpoint-N` behind (see codi.runs)."""
-        run_dir = self.args.output_dir
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        staging, final = os.path.join(run_dir, STAGING_DIR), os.path.join(run_dir, name)
-        # The Trainer writes the checkpoint into `args.output_dir`/checkpoint-N: point it at the staging
-        # folder for the save (no hyperparameter search here, whose trials would nest run folders)
-        self.args.output_dir = staging
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self.args.output_dir = run_dir
-        self.accelerator.wait_for_everyone()  # every rank has written its files (RNG states, shards)
-        if self.args.should_save:
-            if os.path.isdir(final):
-                shutil.rmtree(final)  # a checkpoint of this run at the same step: replaced whole
-            os.replace(os.path.join(staging, name), final)
-            if (self.state.best_model_checkpoint or "").startswith(staging):
-                self.state.best_model_checkpoint = self.state.best_model_checkpoint.replace(
-                    staging, run_dir, 1
-                )
-            rotate_checkpoints(
-                output_dir=run_dir,
-                save_total_limit=self.args.save_total_limit,
-                best_model_checkpoint=self.state.best_model_checkpoint,
-                use_mtime=False,
-            )
-        self.accelerator.wait_for_everyone()
-
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
             # Sharded engines resume from their own files (pytorch_model_fsdp*, global_step*), which the
@@ -346,16 +322,25 @@ def start_run(model_args, data_args, training_args, method_args=None) -> tuple[s
     run's arguments) and the output folder's rules (`codi.runs`). Returns (resume path, run signature)."""
     set_seed(training_args.seed)
     resolve_defaults(model_args, training_args)  # Python callers skip parse_args, which does it too
-    resume = _resume_path(training_args)
-    prepare_output_dir(
-        training_args.output_dir,
-        resume is not None,
-        training_args.overwrite_output_dir,
-        deletes=training_args.process_index == 0,
-    )
-    signature = run_signature(model_args, data_args, training_args, method_args)
-    if resume is not None:
-        check_resume_compatible(resume, signature)
+    check_max_steps(training_args.max_steps)
+    refuse_foreign_checkpoints(training_args.output_dir)
+    if training_args.process_index == 0:  # one lock per run, not per process of a launcher
+        acquire_run_lock(training_args.output_dir)
+    try:
+        resume = _resume_path(training_args)
+        prepare_output_dir(
+            training_args.output_dir,
+            resume is not None,
+            training_args.overwrite_output_dir,
+            deletes=training_args.process_index == 0,
+        )
+        signature = run_signature(model_args, data_args, training_args, method_args)
+        if resume is not None:
+            check_resume_compatible(resume, signature)
+            refuse_finished_run(resume)
+    except BaseException:
+        release_run_lock(training_args.output_dir)
+        raise
     return resume, signature
 
 
@@ -365,14 +350,19 @@ def fit_and_save(trainer: Trainer, resume: str | None, train_stats: DataStats, e
     `extra_metrics()` returns after training) and state."""
     output_dir = trainer.args.output_dir
     try:
+        check_training_data(trainer, resume, train_stats.fingerprint)
         output = trainer.train(resume_from_checkpoint=resume)
     except KeyboardInterrupt:
+        release_run_lock(output_dir)
         last = last_complete_checkpoint(output_dir)
         where = f"the last complete checkpoint is {last}" if last else "no checkpoint was saved yet"
         raise TrainingInterrupted(
             f"interrupted at step {trainer.state.global_step}; {where}: rerun with "
             "--resume_from_checkpoint last to continue"
         ) from None
+    except BaseException:
+        release_run_lock(output_dir)
+        raise
     metrics = dict(output.metrics)
     if trainer.eval_dataset is not None:
         metrics.update(trainer.evaluate())
@@ -381,6 +371,7 @@ def fit_and_save(trainer: Trainer, resume: str | None, train_stats: DataStats, e
         counts = {"train_records_kept": train_stats.kept, "train_records_dropped": dict(train_stats.dropped)}
         trainer.save_metrics("all", {**metrics, **counts, **extra_metrics()})
         trainer.save_state()
+    release_run_lock(output_dir)
     logger.info("trained %d optimiser steps; model saved to %s", trainer.state.global_step, output_dir)
     return metrics
 

@@ -29,6 +29,7 @@ from transformers import TrainerCallback
 from ... import trainer_inputs
 from ...config import CODIDataArguments, CODIModelArguments, CODITrainingArguments
 from ...data import DataStats, load_records
+from ...run_safety import records_fingerprint
 from ...trainer_inputs import CODIConfig, eval_source, train_source
 from ...training import CODITrainer, TrainResult
 from .data import CoconutCollator, CoconutDataset, MarkerIds, RecordIndices, tokenize_records
@@ -240,11 +241,13 @@ def build_coconut_datasets(
         answer_prompt=model.args.answer_prompt,
     )
     ids = MarkerIds(model.bot_id, model.eot_id, model.pause_id)
+    source_name = "train_dataset" if train_records is not None else train_source(data_args)
     if train_records is None:
-        train_records = load_records(train_source(data_args), "train")
+        train_records = load_records(source_name, "train")
     records, train_stats = tokenize_records(
         train_records, model.tokenizer, max_samples=data_args.max_train_samples, **common
     )
+    train_stats.fingerprint = records_fingerprint(source_name, train_records[: train_stats.read])
     source = eval_source(data_args)
     if eval_records is None and source is not None:
         eval_records = load_records(source, data_args.validation_split or "validation")
