@@ -25,6 +25,8 @@ from dataclasses import asdict
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import checkpoint_checks
+from .checkpoint_checks import CheckpointError
 from .config import CODIModelArguments
 from .hf import ModelLoadError, build_lm
 from .losses import LossSettings, TrainingObjective
@@ -38,10 +40,6 @@ FORMAT_VERSION = 1
 # Loading options of the machine that loads, never read from a checkpoint (code execution, hardware).
 CALLER_OPTIONS = {"trust_remote_code": False, "dtype": "float32", "attn_implementation": "sdpa"}
 _FINGERPRINT_SAMPLE = 4096  # values per tensor: enough to tell two trainings apart, cheap for 1B models
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, truncated, corrupt or does not fit; the message names the file."""
 
 
 def write_json_atomically(path: str, value: dict) -> None:
@@ -105,6 +103,7 @@ def read_config(path: str) -> dict:
             raise CheckpointError(f"{config_path}: truncated or corrupt JSON ({error})") from error
     if not isinstance(config, dict) or config.get("format") != "codi":
         raise CheckpointError(f"{config_path}: not a CODI checkpoint config")
+    checkpoint_checks.check_config(config, config_path)
     if config.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{config_path}: unsupported checkpoint format {config.get('format_version')}")
     for key in ("model_args", "vocab_rows", "base_vocab_rows", "special_token_ids"):
@@ -189,6 +188,7 @@ class CheckpointMixin:
         trust_remote_code: bool = False,
         attn_implementation: str | None = None,
         allow_base_mismatch: bool = False,
+        allow_incomplete_weights: bool = False,
         **overrides,
     ):
         """Load a checkpoint written by `save_pretrained`. LoRA checkpoints need their base model:
@@ -200,6 +200,7 @@ class CheckpointMixin:
         `overrides`: other `CODIModelArguments` fields (e.g. `inf_latent_iterations`, `reference_compat`).
         """
         config = read_config(path)
+        checkpoint_checks.check_files(path, config)
         values = dict(config["model_args"])
         if values.pop("trust_remote_code", False) and not trust_remote_code:
             logger.warning(
@@ -238,6 +239,7 @@ class CheckpointMixin:
             raise ValueError(
                 f"{path}: tokenizer special ids {model.pad_id, model.bot_id, model.eot_id} != saved {ids}"
             )
+        checkpoint_checks.check_weights(model, path, config, allow_incomplete_weights)
         model.load_weights(path)
         model.eval()
         return model

@@ -70,9 +70,16 @@ def _evaluation_config(config, mode, batch_size, options) -> DecodingConfig:
 _LATENT_ONLY = ("latent_noise", "latent_dropout", "feed_answer_prompt")
 
 
+def refuse_if_none_fit(unfit: dict[int, str], total: int, what: str) -> None:
+    """An empty result is no result: when not one of `total` questions fits, say why (the limit)."""
+    if total and len(unfit) == total:
+        raise ValueError(f"{what}: none of the {total} question(s) can be answered; the first {unfit[0]}")
+
+
 def _skipped(model, items: Sequence[EvalItem], config: DecodingConfig, name: str) -> dict[int, str]:
     """{index: reason} of the items the model cannot answer, named in one warning."""
     skipped = unfit_questions(model, [item.question for item in items], config)
+    refuse_if_none_fit(skipped, len(items), name)
     if skipped:
         named = ", ".join(f"{items[index].where or f'item {index}'}" for index in list(skipped)[:10])
         more = f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""

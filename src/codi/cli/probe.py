@@ -38,6 +38,7 @@ class ProbeArguments:
 def main(argv: list[str]) -> int:
     (args,) = parse("codi probe", (ProbeArguments,), argv)
 
+    from ..checkpoint_checks import require_latents
     from ..distributed import local_device
     from ..methods.coconut import load_checkpoint
     from ..probe import run_probe
@@ -46,6 +47,7 @@ def main(argv: list[str]) -> int:
 
     records = read_records(args.data)[: args.limit]
     model = load_checkpoint(args.model, args.base_model)
+    require_latents(model, "probe")
     model.to(args.device or str(local_device()))
     summary = run_probe(
         model,
