@@ -171,9 +171,9 @@ def test_probe_and_ablate_refuse_checkpoints_without_latents(make_model, tiny_gp
 # Nothing answerable
 
 
-def test_eval_and_probe_refuse_when_no_question_fits_naming_the_limit(make_model):
-    from codi.eval_data import EvalItem
-    from codi.evaluate import evaluate
+def test_eval_and_probe_refuse_when_no_question_fits_naming_the_limit(make_model, tmp_path, capsys):
+    from codi.eval_data import EvalItem, eval_set_spec
+    from codi.evaluate import evaluate_sets
     from codi.probe import probe
 
     model = make_model("gpt2")
@@ -181,9 +181,15 @@ def test_eval_and_probe_refuse_when_no_question_fits_naming_the_limit(make_model
     long_question = "Tom has 12 apples. " * (limit // 4)
     items = [EvalItem(long_question, 42.0, "long.jsonl:1"), EvalItem(long_question, 1.0, "long.jsonl:2")]
     with pytest.raises(ValueError, match=rf"none of the 2 question\(s\).*the model's {limit} positions"):
-        evaluate(model, items, "latent", 2, name="long", max_new_tokens=2, warmup=False)
+        evaluate_sets(model, [(eval_set_spec("gsm8k"), items)], max_new_tokens=2, warmup=False)
     with pytest.raises(ValueError, match=rf"probe: none of the 1 question\(s\).*{limit} positions"):
         probe(model, [long_question], predict=False)
+    model.save_pretrained(str(tmp_path / "ckpt"))
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps({"question": long_question, "answer": "#### 42"}) + "\n")
+    argv = ["eval", "--model", str(tmp_path / "ckpt"), "--data_file", str(data), "--device", "cpu"]
+    assert cli.main([*argv, "--output_dir", str(tmp_path / "out"), "--no_progress", "True"]) == 2
+    assert "none of the 1 question(s) can be answered" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------------

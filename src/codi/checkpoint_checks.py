@@ -27,7 +27,7 @@ from .losses import LossSettings
 logger = logging.getLogger(__name__)
 
 # Commands that read latent thoughts, and the methods whose checkpoints have them.
-LATENT_METHODS = {"probe": ("codi",), "ablate": ("codi", "coconut"), "explore": ("codi",)}
+LATENT_METHODS = {"probe": ("codi",), "ablate": ("codi", "coconut")}
 _CALLER_KEYS = ("trust_remote_code", "dtype", "attn_implementation")  # dropped on load, any type
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
