@@ -198,6 +198,8 @@ class CheckpointMixin:
         `trust_remote_code`, `dtype` and `attn_implementation` are the caller's: a value stored in the
         file is ignored (a downloaded checkpoint must not be able to run its own code here).
         `overrides`: other `CODIModelArguments` fields (e.g. `inf_latent_iterations`, `reference_compat`).
+        A file lacking a tensor the model needs (or holding one it lacks) is an error unless
+        `allow_incomplete_weights` (`codi.checkpoint_checks`).
         """
         config = read_config(path)
         checkpoint_checks.check_files(path, config)
