@@ -33,6 +33,8 @@ from huggingface_hub import ModelCard, ModelHubMixin
 from safetensors.torch import load_file, save_file
 
 from . import hub
+from . import checkpoint_checks
+from .checkpoint_checks import CheckpointError
 from .config import CODIModelArguments
 from .hf import ModelLoadError, build_lm
 from .losses import LossSettings, TrainingObjective
@@ -46,10 +48,6 @@ FORMAT_VERSION = 1
 # Loading options of the machine that loads, never read from a checkpoint (code execution, hardware).
 CALLER_OPTIONS = {"trust_remote_code": False, "dtype": "float32", "attn_implementation": "sdpa"}
 _FINGERPRINT_SAMPLE = 4096  # values per tensor: enough to tell two trainings apart, cheap for 1B models
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, truncated, corrupt or does not fit; the message names the file."""
 
 
 def write_json_atomically(path: str, value: dict) -> None:
@@ -113,6 +111,7 @@ def read_config(path: str) -> dict:
             raise CheckpointError(f"{config_path}: truncated or corrupt JSON ({error})") from error
     if not isinstance(config, dict) or config.get("format") != "codi":
         raise CheckpointError(f"{config_path}: not a CODI checkpoint config")
+    checkpoint_checks.check_config(config, config_path)
     if config.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{config_path}: unsupported checkpoint format {config.get('format_version')}")
     for key in ("model_args", "vocab_rows", "base_vocab_rows", "special_token_ids"):
@@ -279,7 +278,9 @@ class CheckpointMixin(ModelHubMixin):
 
         `trust_remote_code`, `dtype` and `attn_implementation` are the caller's: a value stored in the
         file is ignored (a downloaded checkpoint must not be able to run its own code here). Other
-        `model_kwargs`: `CODIModelArguments` fields (e.g. `inf_latent_iterations`, `reference_compat`).
+        `model_kwargs`: `CODIModelArguments` fields (e.g. `num_latent`, `reference_compat`). A file lacking
+        a tensor the model needs (or holding one it lacks) is an error unless `allow_incomplete_weights=True`
+        (`codi.checkpoint_checks`).
         """
         return cls._from_pretrained(
             model_id=os.fspath(pretrained_model_name_or_path), revision=revision, cache_dir=cache_dir,
@@ -308,11 +309,13 @@ class CheckpointMixin(ModelHubMixin):
         trust_remote_code: bool = False,
         attn_implementation: str | None = None,
         allow_base_mismatch: bool = False,
+        allow_incomplete_weights: bool = False,
         **overrides,
     ):
         """`from_pretrained` from the local checkpoint folder `path` (its options)."""
         config = read_config(path)
         validate_folder(path, config)  # the folder is checked here, before anything is built from it
+        checkpoint_checks.check_files(path, config)
         values = dict(config["model_args"])
         if values.pop("trust_remote_code", False) and not trust_remote_code:
             logger.warning(
@@ -351,6 +354,7 @@ class CheckpointMixin(ModelHubMixin):
             raise ValueError(
                 f"{path}: tokenizer special ids {model.pad_id, model.bot_id, model.eot_id} != saved {ids}"
             )
+        checkpoint_checks.check_weights(model, path, config, allow_incomplete_weights)
         model.load_weights(path)
         model.eval()
         return model

@@ -70,9 +70,20 @@ def _evaluation_config(config, mode, batch_size, options) -> DecodingConfig:
 _LATENT_ONLY = ("latent_noise", "latent_dropout", "feed_answer_prompt")
 
 
-def _skipped(model, items: Sequence[EvalItem], config: DecodingConfig, name: str) -> dict[int, str]:
-    """{index: reason} of the items the model cannot answer, named in one warning."""
+def refuse_if_none_fit(unfit: dict[int, str], total: int, what: str) -> None:
+    """An empty result is no result: when not one of `total` questions fits, say why (the limit)."""
+    if total and len(unfit) == total:
+        raise ValueError(f"{what}: none of the {total} question(s) can be answered; the first {unfit[0]}")
+
+
+def _skipped(
+    model, items: Sequence[EvalItem], config: DecodingConfig, name: str, refuse_all: bool = False
+) -> dict[int, str]:
+    """{index: reason} of the items the model cannot answer, named in one warning (`refuse_all`: an
+    error when that is every item)."""
     skipped = unfit_questions(model, [item.question for item in items], config)
+    if refuse_all:
+        refuse_if_none_fit(skipped, len(items), name)
     if skipped:
         named = ", ".join(f"{items[index].where or f'item {index}'}" for index in list(skipped)[:10])
         more = f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""
@@ -146,6 +157,7 @@ def evaluate(
     output_dir: str | None = None,
     progress: bool = False,
     warmup: bool = True,
+    refuse_all_skipped: bool = False,
     **options,
 ) -> dict:
     """Generate answers for `items` `num_runs` times; accuracy (%, mean and std), speed, files.
@@ -159,6 +171,8 @@ def evaluate(
     Questions the model cannot answer (longer than its positions, empty in CoT mode) are skipped,
     named in a warning and counted WRONG: `n` and the denominator stay len(items); `skipped` counts
     them and `skipped_items` names them (`where`, else the index), and their JSONL lines say why.
+    `refuse_all_skipped` (`evaluate_sets`, i.e. `codi eval`): an error naming the reason when every
+    question would be skipped (an accuracy of 0 over nothing is no result).
 
     k samples (`num_samples` > 1, `latent_noise` > 0 or `latent_dropout`): the runs are greedy and
     `evaluate_samples` adds pass@k, pass@1 and majority-vote accuracy beside them.
@@ -170,7 +184,7 @@ def evaluate(
         raise ValueError(f"num_runs must be >= 1, got {num_runs}")
     sampled = config.num_samples > 1 or config.samples_latents
     run_config = config.greedy() if sampled else config
-    skipped = _skipped(model, items, config, name)
+    skipped = _skipped(model, items, config, name, refuse_all_skipped)
     kept = [index for index in range(len(items)) if index not in skipped]
     questions = [items[index].question for index in kept]
     if warmup and questions:
@@ -395,7 +409,8 @@ def evaluate_sets(
             try:
                 by_mode[mode] = evaluate(
                     model, items, mode, config=config, name=spec.name, answer_kind=spec.answer_kind,
-                    num_runs=num_runs, output_dir=output_dir, progress=progress, **options,
+                    num_runs=num_runs, output_dir=output_dir, progress=progress, refuse_all_skipped=True,
+                    **options,
                 )  # fmt: skip
             except Exception as error:
                 save({"dataset": spec.name, "mode": mode, "error": f"{type(error).__name__}: {error}"})

@@ -187,9 +187,11 @@ def probe(
 def _fitting(model, items: list, num_latent: int) -> tuple[list[int], list]:
     """(input indices, items) of the questions that fit the model's positions with its latents; the
     others are dropped, counted and named in a warning (a learned position table fails past its size)."""
+    from .evaluate import refuse_if_none_fit
     from .generate import unfit_questions
 
     unfit = unfit_questions(model, [question for question, _, _ in items], num_latent=num_latent)
+    refuse_if_none_fit(unfit, len(items), "probe")
     if unfit:
         first = next(iter(unfit.items()))
         logger.warning("probe: %d question(s) skipped (first: #%d, %s)", len(unfit), first[0], first[1])

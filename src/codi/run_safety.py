@@ -229,10 +229,12 @@ class SafeCheckpoints:
         an interrupted save (kill, full disk) leaves no `checkpoint-N` behind (see codi.runs)."""
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-        run_dir = self._get_output_dir(trial=trial)
+        run_dir = self.args.output_dir
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         staging, final = os.path.join(run_dir, STAGING_DIR), os.path.join(run_dir, name)
-        self._get_output_dir = lambda trial=None: staging  # the Trainer derives the folder from it
+        # The Trainer writes the checkpoint into `args.output_dir`/checkpoint-N: point it at the staging
+        # folder for the save (no hyperparameter search here, whose trials would nest run folders)
+        self.args.output_dir = staging
         try:
             super()._save_checkpoint(model, trial)
             if self.args.should_save and not os.path.isfile(os.path.join(staging, name, RUN_FILE)):
@@ -246,7 +248,7 @@ class SafeCheckpoints:
                 raise
             raise failure from None
         finally:
-            del self._get_output_dir
+            self.args.output_dir = run_dir
         self.accelerator.wait_for_everyone()  # every rank has written its files (RNG states, shards)
         if self.args.should_save:
             self._place_checkpoint(os.path.join(staging, name), final)

@@ -34,26 +34,36 @@ Prediction = float | str | None
 
 
 def as_number(text: str) -> float | None:
-    """`text` as a number when the whole of it is one (commas and surrounding whitespace ignored; no
-    exponent, inf or nan), else None."""
+    """`text` as a number when the whole of it is a plain decimal (commas and surrounding whitespace
+    ignored; no exponent, `_`, inf or nan) that a float holds finitely, else None. Digits beyond a
+    float's range (10^400) would become infinity, equal to every other such number: None."""
     text = text.strip().replace(",", "")
-    return float(text) if _WHOLE_NUMBER.match(text) else None
+    if not _WHOLE_NUMBER.match(text):
+        return None
+    value = float(text)
+    return value if math.isfinite(value) else None
 
 
 def parse_gold(value, where: str = "") -> float | None:
-    """Numeric gold: a number, or text whose part after the last `####` is one (commas removed)."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    text = str(value).rpartition("####")[2] if "####" in str(value) else str(value)
-    text = text.replace(",", "").strip()
-    try:
-        return float(text)
-    except ValueError:
-        # the reference uses float("inf") here: never correct. None is logged and counted wrong.
-        logger.warning("%s: gold answer %r is not a number; the item counts as wrong", where, value)
-        return None
+    """Numeric gold: a finite number, or text whose part after the last `####` is a plain decimal
+    (`as_number`). Anything else (words, `inf`, `nan`, `1_000`, 10^400) is logged and counted wrong."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except OverflowError:  # a JSON integer beyond a float's range
+            number = math.inf
+        if math.isfinite(number):
+            return number
+    elif not isinstance(value, bool):
+        text = str(value).rpartition("####")[2] if "####" in str(value) else str(value)
+        number = as_number(text)
+        if number is not None:
+            return number
+    # the reference uses float("inf") here: never correct. None is logged and counted wrong.
+    logger.warning(
+        "%s: gold answer %r is not a finite decimal number; the item counts as wrong", where, value
+    )
+    return None
 
 
 def extract_answer(text: str) -> float | None:
@@ -107,12 +117,14 @@ def is_correct(prediction: Prediction, gold: Prediction) -> bool:
     Why not the reference's exact `==`: both sides come from decimal text, so they only differ by
     float noise (e.g. gold 0.30000000000000004 from a computed target). Why not 1e-4 RELATIVE:
     GSM-Hard golds reach 1e7, where that would accept an off-by-one answer. Letters compare exactly;
-    a missing prediction or gold is wrong.
+    a missing prediction or gold is wrong, and so is an infinite or NaN one.
     """
     if prediction is None or gold is None:
         return False
     if isinstance(prediction, str) or isinstance(gold, str):
         return prediction == gold
+    if not (math.isfinite(prediction) and math.isfinite(gold)):
+        return False  # 10^400 and 2x10^400 both read as infinity: equal floats, different numbers
     return math.isclose(prediction, gold, rel_tol=REL_TOLERANCE, abs_tol=ABS_TOLERANCE)
 
 

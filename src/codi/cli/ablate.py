@@ -93,6 +93,7 @@ def _load(path: str, args: AblateArguments):
 
 def run_ablate(args: AblateArguments) -> dict:
     """Load the checkpoint(s) and the questions, run every intervention, write and print the results."""
+    from ..checkpoint_checks import require_latents
     from ..eval_data import eval_set_spec, load_eval_set
     from ..evaluate import evaluate
     from ..interventions import ablate, build_interventions, parse_families
@@ -119,6 +120,7 @@ def run_ablate(args: AblateArguments) -> dict:
         no_cot_accuracy = scored["accuracy"] / 100
         del no_cot
     model = _load(args.model, args)
+    require_latents(model, "ablate")
     steps = model.args.latents()
     result = ablate(
         model,

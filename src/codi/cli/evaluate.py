@@ -89,6 +89,10 @@ class EvalArguments:
         default=False,
         metadata={"help": "Allow the base model's custom code (never taken from a checkpoint)."},
     )
+    allow_incomplete_weights: bool = field(
+        default=False,
+        metadata={"help": "Load a checkpoint whose files lack tensors (left randomly initialised)."},
+    )
     no_progress: bool = field(default=False, metadata={"help": "No progress bar."})
 
 
@@ -110,7 +114,8 @@ def main(argv: list[str]) -> int:
         overrides.update(reference_compat=True, fix_attn_mask=args.fix_attn_mask)
     model = load(  # the class the checkpoint needs: a Coconut checkpoint decodes as Coconut
         args.model, args.base_model, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-        allow_base_mismatch=args.allow_base_mismatch, **overrides,
+        allow_base_mismatch=args.allow_base_mismatch,
+        allow_incomplete_weights=args.allow_incomplete_weights, **overrides,
     )  # fmt: skip
     model.to(args.device or str(distributed.local_device()))  # cuda:LOCAL_RANK when there is a GPU
     model.eval()

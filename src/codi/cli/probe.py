@@ -44,6 +44,7 @@ def check_top_k(top_k: int, vocabulary: int) -> None:
 def main(argv: list[str]) -> int:
     (args,) = parse("codi probe", (ProbeArguments,), argv, aliases=LATENT_ALIASES)
 
+    from ..checkpoint_checks import require_latents
     from ..distributed import local_device
     from ..loader import load
     from ..probe import run_probe
@@ -53,6 +54,7 @@ def main(argv: list[str]) -> int:
     records = read_records(args.data)[: args.limit]
     model = load(args.model, args.base_model)
     check_top_k(args.top_k, len(model.tokenizer))
+    require_latents(model, "probe")
     model.to(args.device or str(local_device()))
     summary = run_probe(
         model,
