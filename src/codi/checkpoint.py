@@ -32,8 +32,7 @@ import torch
 from huggingface_hub import ModelCard, ModelHubMixin
 from safetensors.torch import load_file, save_file
 
-from . import hub
-from . import checkpoint_checks
+from . import checkpoint_checks, hub
 from .checkpoint_checks import CheckpointError
 from .config import CODIModelArguments
 from .hf import ModelLoadError, build_lm
