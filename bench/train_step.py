@@ -12,9 +12,13 @@ variants:
                      exactly num_latent latents, the last fed with the decoder tokens.
   default            the default: as above, and the student reuses the teacher's question keys/values.
 
-It also counts the positions fed to the LM per step (a forward hook), which is what (a) saves.
+It also counts the positions fed to the LM per step (a forward hook), which is what (a) saves, and the
+host cost of one step of each variant (`host_cost.py`): ATen ops dispatched, launches, host-device
+syncs (CUDA) and CPU time / wall time; `--model overhead` (SmolLM2's depth and LoRA layout at a tiny
+width) is the overhead regime where a CPU is host-bound as a GPU is.
 
     python bench/train_step.py --model gpt2-124m [--batch_size 8 --steps 2 --repeats 3]
+    python bench/train_step.py --model overhead --batch_size 32 --steps 1 --repeats 3
     python bench/train_step.py --device cuda --dtype bf16 --batch_size 64
 """
 
@@ -32,6 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+import host_cost  # noqa: E402
 
 VARIANTS = {
     "reference_compat": {"reference_compat": True, "share_question": False},
@@ -49,12 +54,17 @@ def variant(model, name: str):
     )
 
 
-def make_batches(model, data: str | None, batch_size: int, count: int, seed: int) -> list[dict]:
-    """`count` collated batches of GSM8k-Aug valid records (pre-tokenised once, shuffled by seed)."""
+def make_batches(
+    model, data: str | None, batch_size: int, count: int, seed: int, max_token_num: int = 1000
+) -> list[dict]:
+    """`count` collated batches of GSM8k-Aug valid records (pre-tokenised once, shuffled by seed);
+    records longer than `max_token_num` tokens are skipped."""
     from codi.data import CODICollator, build_dataset, read_records
 
     records = read_records(str(common.data_path(data)))
-    dataset, _ = build_dataset(records, model.tokenizer, bot_id=model.bot_id, eot_id=model.eot_id)
+    dataset, _ = build_dataset(
+        records, model.tokenizer, bot_id=model.bot_id, eot_id=model.eot_id, max_token_num=max_token_num
+    )
     order = list(range(len(dataset)))
     random.Random(seed).shuffle(order)
     collate = CODICollator(model.pad_id)
@@ -94,6 +104,28 @@ def train_steps(model, optimizer, batches: list[dict], device: str, dtype: torch
         optimizer.zero_grad(set_to_none=True)
 
 
+def step_host_cost(view, optimizer, batch: dict, args: argparse.Namespace) -> dict[str, Any]:
+    """Host cost of ONE training step of each variant (`host_cost`): ATen ops dispatched (eager),
+    launches (profiler: top-level ATen ops + compiled kernels on CPU; kernel and graph launches on
+    CUDA), host-device syncs (CUDA), and CPU time / wall time of an uninstrumented step."""
+    dtype = common.DTYPES[args.dtype]
+
+    def step() -> None:
+        train_steps(view, optimizer, [batch], args.device, dtype)
+
+    cost = host_cost.host_cost(step, args.device)
+    names = {
+        "aten_ops": "aten_ops_per_step",
+        "top_ops": "most_frequent_aten_ops",
+        "launches": "launches_per_step",
+        "kernel_launches": "kernel_launches_per_step",
+        "graph_launches": "graph_launches_per_step",
+        "syncs": "host_device_syncs_per_step",
+        "cpu_over_wall": "cpu_time_over_wall_time",
+    }
+    return {label: cost[key] for key, label in names.items() if key in cost}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     dtype = common.DTYPES[args.dtype]
@@ -102,7 +134,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model.train()
     trainable = [param for param in model.parameters() if param.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5, weight_decay=0.1)
-    batches = make_batches(model, args.data, args.batch_size, args.steps, args.seed)
+    # the overhead model's tiny BPE vocabulary makes GSM8k-Aug ~3x longer than SmolLM2's tokenizer does:
+    # records up to 120 tokens keep the mean teacher length near SmolLM2's (~100)
+    max_tokens = 120 if args.model == "overhead" else 1000
+    batches = make_batches(model, args.data, args.batch_size, args.steps, args.seed, max_tokens)
     batches = [{key: value.to(args.device) for key, value in batch.items()} for batch in batches]
     setup_s = time.perf_counter() - start
 
@@ -115,6 +150,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         train_steps(view, optimizer, batches[:1], args.device, dtype)
         positions[name], calls[name] = counter.positions, counter.calls
     counter.handle.remove()
+    costs = {
+        name: step_host_cost(variant(model, name), optimizer, batches[0], args) for name in args.variants
+    }
 
     seconds: dict[str, list[float]] = {name: [] for name in args.variants}
     cpu_seconds: dict[str, list[float]] = {name: [] for name in args.variants}
@@ -146,6 +184,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "peak_memory_rise_mib": common.mib(common.median(delta[name])),
             "lm_positions_per_step": positions[name],
             "lm_calls_per_step": calls[name],
+            **costs[name],
         }
     base = variants.get("reference_compat")
     result: dict[str, Any] = {
