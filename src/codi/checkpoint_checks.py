@@ -68,14 +68,16 @@ def _check_fields(values, cls, where: str, skip: tuple[str, ...] = ()) -> None:
     if not isinstance(values, dict):
         raise CheckpointError(f"{where}: expected an object, got {type(values).__name__}")
     hints = typing.get_type_hints(cls)
-    known = {field.name for field in dataclasses.fields(cls)}
+    # init-only fields too: a checkpoint may spell a setting by its accepted old name
+    known = set(cls.__dataclass_fields__)
     for key, value in values.items():
         if key in skip:
             continue
         if key not in known:
             raise CheckpointError(f"{where}.{key}: unknown key (known: {', '.join(sorted(known))})")
-        if not _matches(value, hints[key]):
-            raise CheckpointError(f"{where}.{key}: {value!r} is not a valid {_type_name(hints[key])}")
+        hint = hints[key].type if isinstance(hints[key], dataclasses.InitVar) else hints[key]
+        if not _matches(value, hint):
+            raise CheckpointError(f"{where}.{key}: {value!r} is not a valid {_type_name(hint)}")
 
 
 def _type_name(hint) -> str:
