@@ -1,0 +1,239 @@
+"""Decoding on a static KV cache, optionally with compiled (CUDA-graph) steps (docs/speed.md#decoding).
+
+The eager loop of `codi.generate` is host-bound on a GPU: each step launches hundreds of small ops
+(a growing `DynamicCache`, a fresh 4-D mask built by transformers, a host sync in that mask code),
+and the GPU waits for Python. Here every single-position step (each latent thought, `<eot>`, the
+answer prompt, each answer or CoT token) has the same shapes:
+
+- keys/values go into a `transformers.StaticCache` of a fixed length (rounded up to `_BUCKET`, so
+  batches of a run share one cache and one compiled graph);
+- the attention mask is ours: one additive (B, 1, 1, length) buffer, 0 for the columns a row
+  attends (its tokens, latents and generated tokens) and the dtype's minimum elsewhere, written one
+  column per step in place; transformers takes a 4-D mask as it is;
+- position ids are one (B, 1) buffer advanced in place;
+- the all-finished check, the one host sync of the loop, runs every `SYNC_EVERY` tokens.
+
+Only the question's prefill runs eagerly (its length varies). With `compile` the step is
+`torch.compile(mode="reduce-overhead")`: on CUDA, one graph replay per position. Results are the
+eager loop's up to float rounding (attention over masked extra columns sums in another order); the
+tests check identical greedy tokens in float32. The eager loop stays the reference: it is used for
+`fast_decoding="off"`, the reference policy, `latent_dropout` and models whose latent loop is not
+CODI's own.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections import OrderedDict
+
+import torch
+from transformers import StaticCache
+from transformers.cache_utils import StaticLayer
+
+from .decoding import DecodingConfig, apply_processors, sample_next, token_processors
+
+logger = logging.getLogger(__name__)
+
+SYNC_EVERY = 8  # answer tokens between two all-finished checks (each one a host sync)
+_BUCKET = 64  # cache lengths are rounded up to this: batches of other lengths reuse the graph
+_KEEP_SESSIONS = 4  # static caches kept per model (each compiled graph is tied to one)
+_sessions: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def engine(model, config: DecodingConfig) -> str:
+    """The decoding loop for this model and config: "eager", "static" or "compile".
+
+    auto: "compile" on CUDA, "static" on other devices; "eager" wherever the static loop does not
+    reproduce the eager one (see the module docstring).
+    """
+    choice = config.fast_decoding
+    if choice == "off":
+        return "eager"
+    why_not = _unsupported(model, config)
+    if why_not:
+        if choice != "auto":
+            logger.info("fast_decoding=%s not used: %s; decoding eagerly", choice, why_not)
+        return "eager"
+    if choice == "auto":
+        return "compile" if model.device.type == "cuda" else "static"
+    return choice
+
+
+def _unsupported(model, config: DecodingConfig) -> str | None:
+    """Why the static loop cannot reproduce the eager one for this model, or None."""
+    if model.policy.is_reference:
+        return "the reference policy's steps are unmasked"
+    if config.mode == "latent" and config.latent_dropout:
+        return "latent_dropout"
+    own_loop = type(model).encode_latents.__qualname__ == "CODIModel.encode_latents"  # not overridden
+    coconut = getattr(model, "coconut", None)
+    if config.mode == "latent" and not own_loop and getattr(coconut, "variant", None) != "coconut":
+        return "the model feeds its own latents"
+    implementation = getattr(model.hf_model.config, "_attn_implementation", None)
+    if implementation not in ("sdpa", "eager"):
+        return f"attention {implementation!r} takes no 4-D mask"
+    return None
+
+
+class _Session:
+    """A static cache, its mask and positions for one (batch, length): reused across batches."""
+
+    def __init__(self, model, batch: int, length: int, compiled: bool):
+        hf_model = model.hf_model
+        self.hf_model = hf_model
+        device = model.device
+        self.dtype = hf_model.get_input_embeddings().weight.dtype
+        self.cache = StaticCache(config=hf_model.config, max_cache_len=length)
+        if any(type(layer) is not StaticLayer for layer in self.cache.layers):
+            raise ValueError("sliding-window layers")  # caught by `session`: decode eagerly
+        self.length = length
+        self.minimum = torch.finfo(self.dtype).min
+        self.mask = torch.full((batch, 1, 1, length), self.minimum, dtype=self.dtype, device=device)
+        self.position = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.column = 0
+        self.compiled = compiled
+        self._hidden_step, self._logits_step = self._hidden, self._logits
+        if compiled:
+            torch._dynamo.mark_static_address(self.mask)
+            torch._dynamo.mark_static_address(self.position)
+            options = dict(mode="reduce-overhead") if device.type == "cuda" else {}
+            self._hidden_step = torch.compile(self._hidden, dynamic=False, **options)
+            self._logits_step = torch.compile(self._logits, dynamic=False, **options)
+
+    def reset(self) -> None:
+        self.cache.reset()
+        self.mask.fill_(self.minimum)
+        self.column = 0
+
+    def _hidden(self, embeds, mask, position):
+        out = self.hf_model(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=position,
+            cache=self.cache,
+            use_cache=True,
+            output_hidden_states=True,
+            logits_to_keep=torch.empty(0, dtype=torch.long, device=embeds.device),
+        )
+        return out.hidden_states[-1][:, -1]
+
+    def _logits(self, embeds, mask, position):
+        out = self.hf_model(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=position,
+            cache=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1]
+
+    def prefill(self, embeds: torch.Tensor, attention_mask: torch.Tensor, logits: bool) -> torch.Tensor:
+        """The left-padded prompt (B, L) from column 0; the last position's logits or last-layer state."""
+        batch, width = attention_mask.shape
+        keep = attention_mask.bool()
+        self.mask[:, 0, 0, :width] = torch.where(keep, 0.0, self.minimum).to(self.dtype)
+        causal = torch.ones(width, width, dtype=torch.bool, device=keep.device).tril()
+        prompt_mask = torch.full(
+            (batch, 1, width, self.length), self.minimum, dtype=self.dtype, device=keep.device
+        )
+        prompt_mask[:, 0, :, :width] = torch.where(causal & keep[:, None, :], 0.0, self.minimum)
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        self.position.copy_(attention_mask.long().sum(-1, keepdim=True))
+        self.column = width
+        step = self._logits if logits else self._hidden  # varying lengths: never compiled
+        return step(embeds, prompt_mask, positions)
+
+    def step(self, embeds: torch.Tensor, input_mask: torch.Tensor, logits: bool) -> torch.Tensor:
+        """Feed one position per row (B, 1, d); rows with input_mask 0 are padding: nothing attends to
+        them and their position stays. Returns a copy of the logits (B, V) or the last-layer state."""
+        if self.column >= self.length:
+            raise RuntimeError(f"static cache of {self.length} positions is full")
+        keep = input_mask.reshape(-1, 1).bool()
+        self.mask[:, 0, 0, self.column : self.column + 1] = torch.where(keep, 0.0, self.minimum)
+        self.column += 1
+        if self.compiled:
+            torch.compiler.cudagraph_mark_step_begin()
+        out = (self._logits_step if logits else self._hidden_step)(embeds, self.mask, self.position)
+        self.position.add_(keep.long())
+        return out.clone() if self.compiled else out  # graph outputs are overwritten by the next replay
+
+
+def session(model, batch: int, length: int, compiled: bool) -> _Session | None:
+    """A reset session for this shape (reused when compiled: the graph belongs to it), or None when
+    the model's cache cannot be static."""
+    length = -(-length // _BUCKET) * _BUCKET
+    kept = _sessions.setdefault(model.hf_model, OrderedDict())
+    key = (batch, length, compiled, model.device, model.hf_model.get_input_embeddings().weight.dtype)
+    found = kept.pop(key, None)
+    if found is None:
+        try:
+            found = _Session(model, batch, length, compiled)
+        except ValueError:
+            return None
+    kept[key] = found
+    while len(kept) > (_KEEP_SESSIONS if compiled else 1):
+        kept.popitem(last=False)
+    found.reset()
+    return found
+
+
+def decode(model, input_ids, attention_mask, config: DecodingConfig, run: dict, compiled: bool) -> tuple | None:
+    """The static loop of `codi.generate._decode_batch`: generated ids (B, steps) and the latents.
+
+    run: num_latent, max_new_tokens, min_new_tokens, forced (answer prompt ids), suppress, sampling,
+    plan (`_LatentPlan`). Returns None when the model's cache cannot be static.
+    """
+    batch = input_ids.shape[0]
+    latent = config.mode == "latent"
+    num_latent = run["num_latent"] if latent else 0
+    extra = (num_latent + 1 + len(run["forced"])) if latent else 0
+    state = session(model, batch, input_ids.shape[1] + extra + run["max_new_tokens"], compiled)
+    if state is None:
+        return None
+    embeds = model.embed(input_ids)
+    latents: list[torch.Tensor] = []
+    if not latent:
+        logits = state.prefill(embeds, attention_mask, logits=True)
+    else:
+        hidden = state.prefill(embeds, attention_mask, logits=False)
+        ones = attention_mask.new_ones(batch)
+        transform = run["plan"].latent_transform
+        for step in range(num_latent):
+            thought = model.project(hidden)
+            if transform is not None:
+                thought = transform(step, thought)
+            latents.append(thought)
+            hidden = state.step(thought.unsqueeze(1), ones, logits=False)
+        for token in [model.eot_id] + run["forced"]:
+            ids = torch.full((batch, 1), token, dtype=torch.long, device=input_ids.device)
+            logits = state.step(model.embed(ids), ones, logits=True)
+    return _answer(model, state, logits, run), latents
+
+
+def _answer(model, state: _Session, logits: torch.Tensor, run: dict) -> torch.Tensor:
+    """The token loop: the eager loop's rules, the all-finished check every `SYNC_EVERY` tokens."""
+    device = logits.device
+    batch = logits.shape[0]
+    eos = model.tokenizer.eos_token_id
+    forced, max_new, min_new = run["forced"], run["max_new_tokens"], run["min_new_tokens"]
+    early = token_processors(run["suppress"], min_new, eos, device)
+    late = token_processors(run["suppress"], 0, eos, device)
+    generated = torch.full((batch, max_new), model.pad_id, dtype=torch.long, device=device)
+    if forced:
+        generated[:, : len(forced)] = torch.tensor(forced, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    steps = len(forced)
+    for position in range(len(forced), max_new):
+        logits = apply_processors(early if position < min_new else late, generated[:, :position], logits)
+        next_ids = sample_next(logits, **run["sampling"]).masked_fill(finished, model.pad_id)
+        generated[:, position] = next_ids
+        steps = position + 1
+        if eos is not None:
+            finished = finished | (next_ids == eos)
+        check = steps >= min_new and (steps - min_new) % SYNC_EVERY == 0
+        if steps == max_new or (check and bool(finished.all())):
+            break
+        logits = state.step(model.embed(next_ids.unsqueeze(1)), ~finished, logits=True)
+    return generated[:, :steps]
