@@ -391,7 +391,7 @@ def _generate_rows(
     was_training = model.training
     model.eval()  # dropout (LoRA, projection) off: greedy decoding must be deterministic
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), static_decode.prepared(model, config):
             for batch_number, indices in enumerate(batches):
                 batch_rows = [(keys[rows[r][0]], rows[r][1]) for r in indices]
                 plan = _plan(

@@ -23,6 +23,7 @@ CODI's own.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import weakref
 from collections import OrderedDict
@@ -38,7 +39,9 @@ logger = logging.getLogger(__name__)
 SYNC_EVERY = 8  # answer tokens between two all-finished checks (each one a host sync)
 _BUCKET = 64  # cache lengths are rounded up to this: batches of other lengths reuse the graph
 _KEEP_SESSIONS = 4  # static caches kept per model (each compiled graph is tied to one)
+_MERGE_LIMIT_BYTES = 2 << 30  # merged LoRA weights are a copy: not beyond this much memory
 _sessions: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_merged: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # LoRA layer -> (versions, weight)
 
 
 def engine(model, config: DecodingConfig) -> str:
@@ -237,3 +240,60 @@ def _answer(model, state: _Session, logits: torch.Tensor, run: dict) -> torch.Te
             break
         logits = state.step(model.embed(next_ids.unsqueeze(1)), ~finished, logits=True)
     return generated[:, :steps]
+
+
+# --------------------------------------------------------------------------------------------------
+# LoRA merged for decoding
+
+
+@contextlib.contextmanager
+def prepared(model, config: DecodingConfig):
+    """Around a whole `generate` call: with a fast engine, each LoRA projection runs as ONE linear
+    layer with the weight W + scale * B @ A (dropout is off while decoding), instead of three matmuls,
+    a dropout, a scale and an add per projection (most of a LoRA model's ops). The originals are put
+    back afterwards, untouched. Merged weights are kept while none of W, A, B changes (their version
+    counters), so evaluation during training re-merges after each optimiser step only."""
+    layers = _plain_lora_layers(model) if engine(model, config) != "eager" else None
+    if not layers:
+        yield
+        return
+    originals = [(layer.base_layer, layer.base_layer.weight) for layer in layers]
+    try:
+        for layer in layers:
+            layer.base_layer.weight = _merged_weight(layer)
+        with model.lm.disable_adapter():
+            yield
+    finally:
+        for base, weight in originals:
+            base.weight = weight
+
+
+def _plain_lora_layers(model) -> list | None:
+    """The LoRA linear layers when every one is plain (one active adapter, no variant, not merged)
+    and their merged copies fit `_MERGE_LIMIT_BYTES`; else None (decode with the adapters as they are)."""
+    if not model.is_lora:
+        return None
+    from peft.tuners.lora import Linear, LoraLayer
+
+    layers = [module for module in model.lm.modules() if isinstance(module, LoraLayer)]
+    size = 0
+    for layer in layers:
+        adapters = list(layer.active_adapters)
+        if type(layer) is not Linear or len(adapters) != 1 or layer.merged or layer.lora_variant:
+            return None
+        if adapters[0] not in layer.lora_A:
+            return None
+        size += layer.base_layer.weight.numel() * layer.base_layer.weight.element_size()
+    return layers if layers and size <= _MERGE_LIMIT_BYTES else None
+
+
+def _merged_weight(layer) -> torch.nn.Parameter:
+    adapter = layer.active_adapters[0]
+    weight, a, b = layer.base_layer.weight, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    key = (id(weight), weight._version, a._version, b._version, layer.scaling[adapter], weight.dtype)
+    found = _merged.get(layer)
+    if found is None or found[0] != key:
+        merged = weight.detach() + layer.get_delta_weight(adapter).to(weight.dtype)
+        found = (key, torch.nn.Parameter(merged, requires_grad=False))
+        _merged[layer] = found
+    return found[1]
