@@ -95,12 +95,12 @@ class _Session:
         self.mask = torch.full((batch, 1, 1, length), self.minimum, dtype=self.dtype, device=device)
         self.position = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.column = 0
-        self.compiled = compiled
+        self.graphs = compiled and device.type == "cuda"  # reduce-overhead: CUDA graphs
         self._hidden_step, self._logits_step = self._hidden, self._logits
         if compiled:
             torch._dynamo.mark_static_address(self.mask)
             torch._dynamo.mark_static_address(self.position)
-            options = dict(mode="reduce-overhead") if device.type == "cuda" else {}
+            options = dict(mode="reduce-overhead") if self.graphs else {}
             self._hidden_step = torch.compile(self._hidden, dynamic=False, **options)
             self._logits_step = torch.compile(self._logits, dynamic=False, **options)
 
@@ -156,11 +156,11 @@ class _Session:
         keep = input_mask.reshape(-1, 1).bool()
         self.mask[:, 0, 0, self.column : self.column + 1] = torch.where(keep, 0.0, self.minimum)
         self.column += 1
-        if self.compiled:
+        if self.graphs:
             torch.compiler.cudagraph_mark_step_begin()
         out = (self._logits_step if logits else self._hidden_step)(embeds, self.mask, self.position)
         self.position.add_(keep.long())
-        return out.clone() if self.compiled else out  # graph outputs are overwritten by the next replay
+        return out.clone() if self.graphs else out  # graph outputs are overwritten by the next replay
 
 
 def session(model, batch: int, length: int, compiled: bool) -> _Session | None:
