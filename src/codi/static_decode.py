@@ -32,7 +32,7 @@ import torch
 from transformers import StaticCache
 from transformers.cache_utils import StaticLayer
 
-from .decoding import DecodingConfig, apply_processors, sample_next, token_processors
+from .decoding import DecodingConfig, apply_processors, token_processors
 
 logger = logging.getLogger(__name__)
 
@@ -185,8 +185,8 @@ def session(model, batch: int, length: int, compiled: bool) -> _Session | None:
 def decode(model, input_ids, attention_mask, config: DecodingConfig, run: dict, compiled: bool) -> tuple | None:
     """The static loop of `codi.generate._decode_batch`: generated ids (B, steps) and the latents.
 
-    run: num_latent, max_new_tokens, min_new_tokens, forced (answer prompt ids), suppress, sampling,
-    plan (`_LatentPlan`). Returns None when the model's cache cannot be static.
+    run: num_latent, max_new_tokens, min_new_tokens, forced (answer prompt ids), suppress, sample (the
+    next-token rule) and its sampling options, plan (`_LatentPlan`). Returns None when the model's cache cannot be static.
     """
     batch = input_ids.shape[0]
     latent = config.mode == "latent"
@@ -230,7 +230,7 @@ def _answer(model, state: _Session, logits: torch.Tensor, run: dict) -> torch.Te
     steps = len(forced)
     for position in range(len(forced), max_new):
         logits = apply_processors(early if position < min_new else late, generated[:, :position], logits)
-        next_ids = sample_next(logits, **run["sampling"]).masked_fill(finished, model.pad_id)
+        next_ids = run["sample"](logits, **run["sampling"]).masked_fill(finished, model.pad_id)
         generated[:, position] = next_ids
         steps = position + 1
         if eos is not None:
