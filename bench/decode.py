@@ -10,7 +10,7 @@ at EOS when a trained model would: every mode generates a FIXED, realistic numbe
 
 modes (all greedy, KV-cached, the same weights):
   latent              `codi.generate(mode="latent")`, the eager loop (`fast_decoding="off"`)
-  latent_fast         the same on the fast loop (`--fast`: auto = static cache, compiled on CUDA)
+  latent_fast         the same on the fast loop (`--fast`: auto = static cache, CUDA graphs on CUDA)
   latent_prompt       eager, `feed_answer_prompt=True` (`<eot>` + prompt in one forward)
   latent_prompt_fast  the same on the fast loop
   latent_reference    eager under `reference_compat` (the reference's unmasked steps)
@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--modes", default="", help=f"comma-separated subset of {','.join(MODES)}")
     parser.add_argument(
-        "--fast", choices=("auto", "static", "compile"), default="auto", help="the *_fast modes' engine"
+        "--fast", choices=("auto", "static", "graphs", "compile"), default="auto", help="the *_fast modes' engine"
     )
     args = parser.parse_args(argv)
     common.setup(args)

@@ -97,6 +97,7 @@ def test_reference_policy_and_dropout_stay_eager(model):
     assert static_decode.engine(reference, DecodingConfig()) == "eager"
     assert static_decode.engine(model, DecodingConfig(latent_dropout=True)) == "eager"
     assert static_decode.engine(model, DecodingConfig(fast_decoding="off")) == "eager"
+    assert static_decode.engine(model, DecodingConfig(fast_decoding="graphs")) == "static"  # no CUDA here
 
 
 def test_compiled_step_traces_whole(tmp_path, monkeypatch):
@@ -120,5 +121,5 @@ def test_compiled_step_traces_whole(tmp_path, monkeypatch):
 
 
 def test_bad_fast_decoding_value_names_the_field():
-    with pytest.raises(ValueError, match="fast_decoding must be one of auto, off, static, compile"):
+    with pytest.raises(ValueError, match="fast_decoding must be one of auto, off, static, graphs, compile"):
         DecodingConfig(fast_decoding="fast")

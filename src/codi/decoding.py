@@ -27,7 +27,7 @@ from transformers.generation.logits_process import (
 )
 
 MODES = ("latent", "cot")
-FAST_DECODING = ("auto", "off", "static", "compile")
+FAST_DECODING = ("auto", "off", "static", "graphs", "compile")
 
 
 def _help(text: str, **kwargs):
@@ -61,8 +61,8 @@ class DecodingConfig:
     )
     latent_dropout: bool = _help("Latent mode: leave dropout on while the latents are made.", default=False)
     fast_decoding: str = _help(
-        "auto: a static KV cache, and on CUDA compiled (CUDA-graph) steps, where they reproduce the "
-        "eager loop; static | compile: ask for one; off: the eager loop (the reference).",
+        "auto: a static KV cache, on CUDA with CUDA-graph steps, where it reproduces the eager loop; "
+        "static | graphs | compile (torch.compile, slow to start): ask for one; off: the eager loop.",
         default="auto",
     )
 

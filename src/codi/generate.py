@@ -172,7 +172,7 @@ def _decode_batch(
         run = dict(num_latent=num_latent, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens)
         run |= dict(forced=forced, suppress=suppressed_token_ids(model), sampling=sampling, plan=plan)
         run["sample"] = sample_next  # this module's, looked up now (tests replace it)
-        result = static_decode.decode(model, input_ids, attention_mask, config, run, kind == "compile")
+        result = static_decode.decode(model, input_ids, attention_mask, config, run, kind)
         if result is not None:
             return result[0], (result[1] if return_latents else None)
     batch = input_ids.shape[0]

@@ -1,4 +1,4 @@
-"""Decoding on a static KV cache, optionally with compiled (CUDA-graph) steps (docs/speed.md#decoding).
+"""Decoding on a static KV cache, on CUDA with CUDA-graph steps (docs/speed.md#decoding).
 
 The eager loop of `codi.generate` is host-bound on a GPU: each step launches hundreds of small ops
 (a growing `DynamicCache`, a fresh 4-D mask built by transformers, a host sync in that mask code),
@@ -6,15 +6,17 @@ and the GPU waits for Python. Here every single-position step (each latent thoug
 answer prompt, each answer or CoT token) has the same shapes:
 
 - keys/values go into a `transformers.StaticCache` of a fixed length (rounded up to `_BUCKET`, so
-  batches of a run share one cache and one compiled graph);
+  batches of a run share one cache and its graphs);
 - the attention mask is ours: one additive (B, 1, 1, length) buffer, 0 for the columns a row
   attends (its tokens, latents and generated tokens) and the dtype's minimum elsewhere, written one
   column per step in place; transformers takes a 4-D mask as it is;
 - position ids are one (B, 1) buffer advanced in place;
 - the all-finished check, the one host sync of the loop, runs every `SYNC_EVERY` tokens.
 
-Only the question's prefill runs eagerly (its length varies). With `compile` the step is
-`torch.compile(mode="reduce-overhead")`: on CUDA, one graph replay per position. Results are the
+Only the question's prefill runs eagerly (its length varies). With `graphs` (the CUDA default) each
+kind of step (latent: last hidden state; token: logits) is captured once per cache shape as a CUDA graph
+and replayed: one launch per position instead of hundreds of ops, at no compile time. With `compile`
+the step is `torch.compile(mode="reduce-overhead")` instead (fused kernels; tens of seconds to compile). Results are the
 eager loop's up to float rounding (attention over masked extra columns sums in another order); the
 tests check identical greedy tokens in float32. The eager loop stays the reference: it is used for
 `fast_decoding="off"`, the reference policy, `latent_dropout` and models whose latent loop is not
@@ -38,17 +40,17 @@ logger = logging.getLogger(__name__)
 
 SYNC_EVERY = 8  # answer tokens between two all-finished checks (each one a host sync)
 _BUCKET = 64  # cache lengths are rounded up to this: batches of other lengths reuse the graph
-_KEEP_SESSIONS = 4  # static caches kept per model (each compiled graph is tied to one)
+_KEEP_SESSIONS = 4  # static caches kept per model (each CUDA graph is tied to one)
 _MERGE_LIMIT_BYTES = 2 << 30  # merged LoRA weights are a copy: not beyond this much memory
 _sessions: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _merged: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # LoRA layer -> (versions, weight)
 
 
 def engine(model, config: DecodingConfig) -> str:
-    """The decoding loop for this model and config: "eager", "static" or "compile".
+    """The decoding loop for this model and config: "eager", "static", "graphs" or "compile".
 
-    auto: "compile" on CUDA, "static" on other devices; "eager" wherever the static loop does not
-    reproduce the eager one (see the module docstring).
+    auto: "graphs" on CUDA, "static" on other devices; "eager" wherever the static loop does not
+    reproduce the eager one (see the module docstring). "graphs" off CUDA is "static".
     """
     choice = config.fast_decoding
     if choice == "off":
@@ -58,8 +60,9 @@ def engine(model, config: DecodingConfig) -> str:
         if choice != "auto":
             logger.info("fast_decoding=%s not used: %s; decoding eagerly", choice, why_not)
         return "eager"
-    if choice == "auto":
-        return "compile" if model.device.type == "cuda" else "static"
+    cuda = model.device.type == "cuda"
+    if choice == "auto" or (choice == "graphs" and not cuda):
+        return "graphs" if cuda else "static"
     return choice
 
 
@@ -82,7 +85,7 @@ def _unsupported(model, config: DecodingConfig) -> str | None:
 class _Session:
     """A static cache, its mask and positions for one (batch, length): reused across batches."""
 
-    def __init__(self, model, batch: int, length: int, compiled: bool):
+    def __init__(self, model, batch: int, length: int, kind: str):
         hf_model = model.hf_model
         self.hf_model = hf_model
         device = model.device
@@ -95,9 +98,14 @@ class _Session:
         self.mask = torch.full((batch, 1, 1, length), self.minimum, dtype=self.dtype, device=device)
         self.position = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.column = 0
-        self.graphs = compiled and device.type == "cuda"  # reduce-overhead: CUDA graphs
+        # graphs: captured by hand; compile on CUDA: reduce-overhead, CUDA graphs too
+        self.graphs = kind == "graphs" or (kind == "compile" and device.type == "cuda")
         self._hidden_step, self._logits_step = self._hidden, self._logits
-        if compiled:
+        if kind == "graphs":
+            pool = torch.cuda.graph_pool_handle()
+            self._hidden_step = _CapturedStep(self._hidden, self.cache, pool)
+            self._logits_step = _CapturedStep(self._logits, self.cache, pool)
+        if kind == "compile":
             torch._dynamo.mark_static_address(self.mask)
             torch._dynamo.mark_static_address(self.position)
             options = dict(mode="reduce-overhead") if self.graphs else {}
@@ -156,33 +164,73 @@ class _Session:
         keep = input_mask.reshape(-1, 1).bool()
         self.mask[:, 0, 0, self.column : self.column + 1] = torch.where(keep, 0.0, self.minimum)
         self.column += 1
-        if self.graphs:
+        if self.graphs and not isinstance(self._hidden_step, _CapturedStep):
             torch.compiler.cudagraph_mark_step_begin()
         out = (self._logits_step if logits else self._hidden_step)(embeds, self.mask, self.position)
         self.position.add_(keep.long())
         return out.clone() if self.graphs else out  # graph outputs are overwritten by the next replay
 
 
-def session(model, batch: int, length: int, compiled: bool) -> _Session | None:
-    """A reset session for this shape (reused when compiled: the graph belongs to it), or None when
-    the model's cache cannot be static."""
+class _CapturedStep:
+    """A step function replayed as a CUDA graph captured at its first call: the embeddings are copied
+    into a static input; the mask, positions and cache are static already. The capture's warm-up run
+    writes the cache column that the real step then overwrites, and its cache length is put back."""
+
+    def __init__(self, function, cache, pool):
+        self.function, self.cache, self.pool = function, cache, pool
+        self.graph = self.embeds = self.output = None
+        self.failed = False
+
+    def __call__(self, embeds, mask, position):
+        if self.graph is None and not self.failed:
+            self._capture(embeds, mask, position)
+        if self.failed:
+            return self.function(embeds, mask, position)
+        self.embeds.copy_(embeds)
+        self.graph.replay()
+        return self.output
+
+    def _capture(self, embeds, mask, position) -> None:
+        lengths = [layer.cumulative_length.clone() for layer in self.cache.layers]
+        self.embeds = embeds.clone()
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up outside the capture (workspaces, lazy state)
+                self.function(self.embeds, mask, position)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                self.output = self.function(self.embeds, mask, position)
+            self.graph = graph
+        except RuntimeError as error:  # e.g. a host sync inside the model: replay is impossible
+            logger.warning("CUDA graph capture failed (%s); this shape decodes without graphs", error)
+            self.failed = True
+        finally:
+            for layer, length in zip(self.cache.layers, lengths):
+                layer.cumulative_length.copy_(length)
+
+
+def session(model, batch: int, length: int, kind: str) -> _Session | None:
+    """A reset session for this shape (reused: its graphs belong to it), or None when the model's cache
+    cannot be static."""
     length = -(-length // _BUCKET) * _BUCKET
     kept = _sessions.setdefault(model.hf_model, OrderedDict())
-    key = (batch, length, compiled, model.device, model.hf_model.get_input_embeddings().weight.dtype)
+    key = (batch, length, kind, model.device, model.hf_model.get_input_embeddings().weight.dtype)
     found = kept.pop(key, None)
     if found is None:
         try:
-            found = _Session(model, batch, length, compiled)
+            found = _Session(model, batch, length, kind)
         except ValueError:
             return None
     kept[key] = found
-    while len(kept) > (_KEEP_SESSIONS if compiled else 1):
+    while len(kept) > (1 if kind == "static" else _KEEP_SESSIONS):
         kept.popitem(last=False)
     found.reset()
     return found
 
 
-def decode(model, input_ids, attention_mask, config: DecodingConfig, run: dict, compiled: bool) -> tuple | None:
+def decode(model, input_ids, attention_mask, config: DecodingConfig, run: dict, kind: str) -> tuple | None:
     """The static loop of `codi.generate._decode_batch`: generated ids (B, steps) and the latents.
 
     run: num_latent, max_new_tokens, min_new_tokens, forced (answer prompt ids), suppress, sample (the
@@ -192,7 +240,7 @@ def decode(model, input_ids, attention_mask, config: DecodingConfig, run: dict, 
     latent = config.mode == "latent"
     num_latent = run["num_latent"] if latent else 0
     extra = (num_latent + 1 + len(run["forced"])) if latent else 0
-    state = session(model, batch, input_ids.shape[1] + extra + run["max_new_tokens"], compiled)
+    state = session(model, batch, input_ids.shape[1] + extra + run["max_new_tokens"], kind)
     if state is None:
         return None
     embeds = model.embed(input_ids)
