@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 import torch
 from transformers import DynamicCache
 
+from . import static_decode
 from .data import encode_answer, encode_question, pad_sequences
 from .decoding import (
     DecodingConfig,
@@ -33,7 +34,6 @@ from .decoding import (
     sample_next,
     token_processors,
 )
-from . import static_decode
 from .hf import max_positions
 
 logger = logging.getLogger(__name__)
