@@ -14,8 +14,10 @@ from test_coconut import coconut_model
 from test_generate import _tiny_codi
 
 import codi.static_decode as static_decode
+from codi.config import CODIModelArguments
 from codi.decoding import DecodingConfig
 from codi.methods.coconut import CoconutArguments
+from codi.model import CODIModel
 
 QUESTIONS = [
     "Tom has 12 apples and buys 30 more. How many apples?",
@@ -98,6 +100,17 @@ def test_reference_policy_and_dropout_stay_eager(model):
     assert static_decode.engine(model, DecodingConfig(latent_dropout=True)) == "eager"
     assert static_decode.engine(model, DecodingConfig(fast_decoding="off")) == "eager"
     assert static_decode.engine(model, DecodingConfig(fast_decoding="graphs")) == "static"  # no CUDA here
+
+
+def test_cpu_default_is_static_for_lora_only(tiny_gpt2):
+    """On a CPU the static loop wins through the merged LoRA projections; a fully fine-tuned model
+    keeps the eager loop unless asked (measured: docs/speed.md)."""
+    full = CODIModel.from_base(CODIModelArguments(model_name_or_path=tiny_gpt2, use_lora=False, prj_dim=16))
+    assert static_decode.engine(full, DecodingConfig()) == "eager"
+    assert static_decode.engine(full, DecodingConfig(fast_decoding="static")) == "static"
+    eager = full.generate(QUESTIONS, max_new_tokens=6, fast_decoding="off")
+    fast = full.generate(QUESTIONS, max_new_tokens=6, fast_decoding="static")
+    assert [o.token_ids for o in fast] == [o.token_ids for o in eager]
 
 
 def test_compiled_step_traces_whole(tmp_path, monkeypatch):

@@ -61,8 +61,9 @@ class DecodingConfig:
     )
     latent_dropout: bool = _help("Latent mode: leave dropout on while the latents are made.", default=False)
     fast_decoding: str = _help(
-        "auto: a static KV cache, on CUDA with CUDA-graph steps, where it reproduces the eager loop; "
-        "static | graphs | compile (torch.compile, slow to start): ask for one; off: the eager loop.",
+        "auto: a static KV cache with CUDA-graph steps on CUDA (on CPU: a static cache for LoRA models), "
+        "where it reproduces the eager loop; static | graphs | compile (torch.compile, slow to start): "
+        "ask for one; off: the eager loop.",
         default="auto",
     )
 

@@ -49,8 +49,9 @@ _merged: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # LoRA layer -
 def engine(model, config: DecodingConfig) -> str:
     """The decoding loop for this model and config: "eager", "static", "graphs" or "compile".
 
-    auto: "graphs" on CUDA, "static" on other devices; "eager" wherever the static loop does not
-    reproduce the eager one (see the module docstring). "graphs" off CUDA is "static".
+    auto: "graphs" on CUDA; on other devices "static" for a LoRA model whose projections merge (the
+    merge is what wins there), else "eager"; "eager" wherever the static loop does not reproduce the
+    eager one (see the module docstring). "graphs" off CUDA is "static".
     """
     choice = config.fast_decoding
     if choice == "off":
@@ -61,6 +62,8 @@ def engine(model, config: DecodingConfig) -> str:
             logger.info("fast_decoding=%s not used: %s; decoding eagerly", choice, why_not)
         return "eager"
     cuda = model.device.type == "cuda"
+    if choice == "auto" and not cuda:  # measured on CPU: a win with merged LoRA only (docs/speed.md)
+        return "static" if _plain_lora_layers(model) else "eager"
     if choice == "auto" or (choice == "graphs" and not cuda):
         return "graphs" if cuda else "static"
     return choice
