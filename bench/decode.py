@@ -188,14 +188,15 @@ def measure(
 
 
 def host_costs(runner: Runner, mode: str, questions: list[str], lm_calls: int, device: str) -> dict[str, Any]:
-    """Host cost of one call of `mode` on `questions`, per LM call (`bench/host_cost.py`)."""
-    try:
-        import host_cost
-    except ImportError:
-        return {"host_cost": "unavailable (bench/host_cost.py absent)"}
-    costs = host_cost.measure(lambda: runner(mode, questions), device)
-    per_call = {f"{key}_per_lm_call": round(value / max(lm_calls, 1), 1) for key, value in costs.items()}
-    return {**per_call, **{key: costs[key] for key in costs if key.endswith("_ratio")}}
+    """Host cost of one call of `mode` on `questions` (`bench/host_cost.py`): ATen ops dispatched
+    (counted eagerly: CUDA-graph replays are not ops), launches and, on CUDA, syncs per LM call;
+    CPU time over wall time."""
+    from host_cost import host_cost
+
+    costs = host_cost(lambda: runner(mode, questions), device)
+    counted = ("aten_ops", "launches", "kernel_launches", "graph_launches", "syncs", "compiled_kernels")
+    out = {f"{key}_per_lm_call": round(costs[key] / max(lm_calls, 1), 1) for key in counted if key in costs}
+    return out | {"cpu_over_wall": costs["cpu_over_wall"], "top_ops": costs["top_ops"]}
 
 
 def _warm_up(runner: Runner, modes, question: str, device: str, counter) -> dict[str, dict[str, Any]]:
@@ -344,7 +345,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--modes", default="", help=f"comma-separated subset of {','.join(MODES)}")
     parser.add_argument(
-        "--fast", choices=("auto", "static", "graphs", "compile"), default="auto", help="the *_fast modes' engine"
+        "--fast",
+        choices=("auto", "static", "graphs", "compile"),
+        default="auto",
+        help="the *_fast modes' engine",
     )
     args = parser.parse_args(argv)
     common.setup(args)
