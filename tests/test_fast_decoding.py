@@ -84,6 +84,24 @@ def test_weights_untouched_and_transform_applied(model):
     assert all(torch.equal(after[name], before[name]) for name in before)
 
 
+def test_weights_changed_in_place_are_decoded(model):
+    """An optimiser step between two evaluations (weights changed in place): the merged LoRA weights are
+    refreshed, so the fast loop still gives the eager loop's tokens."""
+    before = _same(model, max_new_tokens=8)
+    lora_b = [p for name, p in model.named_parameters() if "lora_B" in name]
+    saved = [p.detach().clone() for p in lora_b]
+    try:
+        with torch.no_grad():
+            for p in lora_b:
+                p.mul_(-3.0)
+        changed = _same(model, max_new_tokens=8)
+        assert [o.token_ids for o in changed] != [o.token_ids for o in before]  # the change mattered
+    finally:
+        with torch.no_grad():
+            for p, value in zip(lora_b, saved):
+                p.copy_(value)
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_coconut_tokens_identical(tiny_dirs, arch):
     """Coconut's continuous thoughts decode the same; pause-as-thought keeps the eager loop."""

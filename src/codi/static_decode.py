@@ -44,6 +44,10 @@ _KEEP_SESSIONS = 4  # static caches kept per model (each CUDA graph is tied to o
 _MERGE_LIMIT_BYTES = 2 << 30  # merged LoRA weights are a copy: not beyond this much memory
 _sessions: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _merged: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # LoRA layer -> (versions, weight)
+# A captured CUDA graph reads the weight tensors it saw: sessions are keyed by whether the LoRA layers are
+# merged and by the generation of the merged tensors (refreshed in place while their shapes hold).
+_merging: set[int] = set()
+_generation = [0]
 
 
 def engine(model, config: DecodingConfig) -> str:
@@ -219,7 +223,8 @@ def session(model, batch: int, length: int, kind: str) -> _Session | None:
     cannot be static."""
     length = -(-length // _BUCKET) * _BUCKET
     kept = _sessions.setdefault(model.hf_model, OrderedDict())
-    key = (batch, length, kind, model.device, model.hf_model.get_input_embeddings().weight.dtype)
+    merged = _generation[0] if id(model.hf_model) in _merging else None
+    key = (batch, length, kind, merged, model.device, model.hf_model.get_input_embeddings().weight.dtype)
     found = kept.pop(key, None)
     if found is None:
         try:
@@ -237,7 +242,8 @@ def decode(model, input_ids, attention_mask, config: DecodingConfig, run: dict, 
     """The static loop of `codi.generate._decode_batch`: generated ids (B, steps) and the latents.
 
     run: num_latent, max_new_tokens, min_new_tokens, forced (answer prompt ids), suppress, sample (the
-    next-token rule) and its sampling options, plan (`_LatentPlan`). Returns None when the model's cache cannot be static.
+    next-token rule) and its sampling options, plan (`_LatentPlan`). Returns None when the model's
+    cache cannot be static.
     """
     batch = input_ids.shape[0]
     latent = config.mode == "latent"
@@ -312,9 +318,11 @@ def prepared(model, config: DecodingConfig):
     try:
         for layer in layers:
             layer.base_layer.weight = _merged_weight(layer)
+        _merging.add(id(model.hf_model))
         with model.lm.disable_adapter():
             yield
     finally:
+        _merging.discard(id(model.hf_model))
         for base, weight in originals:
             base.weight = weight
 
@@ -343,8 +351,14 @@ def _merged_weight(layer) -> torch.nn.Parameter:
     weight, a, b = layer.base_layer.weight, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
     key = (id(weight), weight._version, a._version, b._version, layer.scaling[adapter], weight.dtype)
     found = _merged.get(layer)
-    if found is None or found[0] != key:
-        merged = weight.detach() + layer.get_delta_weight(adapter).to(weight.dtype)
-        found = (key, torch.nn.Parameter(merged, requires_grad=False))
-        _merged[layer] = found
-    return found[1]
+    if found is not None and found[0] == key:
+        return found[1]
+    merged = weight.detach() + layer.get_delta_weight(adapter).to(weight.dtype)
+    same = found is not None and (found[1].shape, found[1].dtype) == (merged.shape, merged.dtype)
+    if same and found[1].device == merged.device:
+        found[1].copy_(merged)  # in place: graphs captured on it stay valid
+        _merged[layer] = (key, found[1])
+        return found[1]
+    _generation[0] += 1  # a new tensor: sessions (and their graphs) made before do not apply
+    _merged[layer] = (key, torch.nn.Parameter(merged, requires_grad=False))
+    return _merged[layer][1]
