@@ -35,6 +35,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import regimes
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,6 +44,7 @@ CACHE = Path(os.environ.get("CODI_BENCH_CACHE", Path.home() / ".cache" / "codi")
 DATA_NAME = "gsm8k_aug_valid.txt"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODELS = ("gpt2-124m", "smollm2", "overhead", "tiny")
+MODELS += regimes.NAMES  # bench/regimes.py: smollm2-narrow, demo
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
@@ -153,6 +155,10 @@ def model_dir(name: str) -> tuple[Path, str]:
         from codi.testing import save_tiny_model
 
         return _atomic_dir(CACHE / "bench-tiny", lambda tmp: save_tiny_model(str(tmp))), "random"
+    if name in regimes.NAMES:  # the decode benchmark's overhead-regime models (bench/regimes.py)
+        return _atomic_dir(
+            CACHE / f"bench-{name}", lambda tmp: regimes.build(name, tmp, data_path())
+        ), "random"
     if name == "overhead":
         from codi.testing import save_tiny_model
 
@@ -220,6 +226,7 @@ def load_codi(name: str, device: str, weights_dtype: torch.dtype = torch.float32
     )
     if name == "tiny":
         values.update(lora_r=8, prj_dim=32)
+    values.update(regimes.overrides(name) if name in regimes.NAMES else {})
     values.update(overrides)
     model = CODIModel.from_base(CODIModelArguments(**values))
     model.to(device=device, dtype=weights_dtype)

@@ -9,10 +9,16 @@ at EOS when a trained model would: every mode generates a FIXED, realistic numbe
   latent mean tokens of "The answer is: N" ++ EOS, after `<bot>`, num_latent latents and `<eot>`
 
 modes (all greedy, KV-cached, the same weights):
-  latent          `codi.generate(mode="latent")`
-  latent_prompt   the same with `feed_answer_prompt=True` (`<eot>` + prompt in one forward)
-  cot             `codi.generate(mode="cot")`
-  hf_generate_cot `transformers` `generate()` on the same LM (DynamicCache), same question ids
+  latent              `codi.generate(mode="latent")`, the eager loop (`fast_decoding="off"`)
+  latent_fast         the same on the fast loop (`--fast`: auto = static cache, CUDA graphs on CUDA)
+  latent_prompt       eager, `feed_answer_prompt=True` (`<eot>` + prompt in one forward)
+  latent_prompt_fast  the same on the fast loop
+  latent_reference    eager under `reference_compat` (the reference's unmasked steps)
+  cot / cot_fast      `codi.generate(mode="cot")`, eager / fast
+  hf_generate_cot     `transformers` `generate()` on the same LM (DynamicCache), same question ids
+
+Beside the speeds, per mode: ATen ops per LM call (counted eagerly, `host_cost`), kernel launches per
+LM call (profiler), CPU time / wall time, and on CUDA host-device syncs per LM call.
 
 Positions and sequential LM calls are counted by a forward hook, not assumed. Modes run interleaved
 (rotating order) and the median over `--repeats` rounds is reported.
@@ -33,7 +39,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from train_step import PositionCounter  # noqa: E402
 
-MODES = ("latent", "latent_prompt", "cot", "hf_generate_cot")
+MODES = (
+    "latent",
+    "latent_fast",
+    "latent_prompt",
+    "latent_prompt_fast",
+    "latent_reference",
+    "cot",
+    "cot_fast",
+    "hf_generate_cot",
+)
 
 
 def _count(tokenizer, ids: list[int], digits_per_token: int) -> int:
@@ -75,10 +90,14 @@ def forced_lengths(model, data: str | None, digits_per_token: int) -> dict[str, 
 class Runner:
     """Answers a list of questions in one batch in a given mode, with fixed lengths."""
 
-    def __init__(self, model, cot_tokens: int, answer_tokens: int):
+    def __init__(self, model, cot_tokens: int, answer_tokens: int, fast: str = "auto"):
+        from dataclasses import replace
+
         from transformers import GenerationConfig
 
         self.model = model
+        self.fast = fast
+        self.reference = model.with_settings(args=replace(model.args, reference_compat=True))
         self.cot_tokens = cot_tokens
         self.answer_tokens = answer_tokens
         eos = model.tokenizer.eos_token_id
@@ -92,30 +111,25 @@ class Runner:
         )
 
     def __call__(self, mode: str, questions: list[str]) -> list[list[int]]:
-        model = self.model
-        batch = len(questions)
-        if mode in ("latent", "latent_prompt"):
-            outputs = model.generate(
-                questions,
-                mode="latent",
-                batch_size=batch,
-                max_new_tokens=self.answer_tokens,
-                min_new_tokens=self.answer_tokens,
-                feed_answer_prompt=mode == "latent_prompt",
-            )
-            return [output.token_ids for output in outputs]
-        if mode == "cot":
-            outputs = model.generate(
-                questions,
-                mode="cot",
-                batch_size=batch,
-                max_new_tokens=self.cot_tokens,
-                min_new_tokens=self.cot_tokens,
-            )
-            return [output.token_ids for output in outputs]
+        from codi.generate import generate
+
         if mode == "hf_generate_cot":
             return self._hf_generate(questions)
-        raise ValueError(mode)
+        if mode not in MODES:
+            raise ValueError(mode)
+        model = self.reference if mode == "latent_reference" else self.model
+        tokens = self.cot_tokens if mode.startswith("cot") else self.answer_tokens
+        outputs = generate(
+            model,
+            questions,
+            mode="cot" if mode.startswith("cot") else "latent",
+            batch_size=len(questions),
+            max_new_tokens=tokens,
+            min_new_tokens=tokens,
+            feed_answer_prompt=mode.startswith("latent_prompt"),
+            fast_decoding=self.fast if mode.endswith("_fast") else "off",
+        )
+        return [output.token_ids for output in outputs]
 
     @torch.inference_mode()
     def _hf_generate(self, questions: list[str]) -> list[list[int]]:
@@ -137,6 +151,10 @@ class Runner:
 
 # speed-up name -> (faster candidate, baseline)
 PAIRS = {
+    "latent_fast_vs_eager": ("latent_fast", "latent"),
+    "latent_prompt_fast_vs_eager": ("latent_prompt_fast", "latent_prompt"),
+    "cot_fast_vs_eager": ("cot_fast", "cot"),
+    "latent_fast_vs_reference": ("latent_fast", "latent_reference"),
     "latent_vs_cot": ("latent", "cot"),
     "latent_prompt_vs_cot": ("latent_prompt", "cot"),
     "cot_vs_hf_generate": ("cot", "hf_generate_cot"),
@@ -144,96 +162,161 @@ PAIRS = {
 
 
 def measure(
-    runner: Runner, questions: list[str], batch_size: int, repeats: int, device: str
+    runner: Runner, modes: tuple[str, ...], questions: list[str], batch_size: int, repeats: int, device: str
 ) -> dict[str, dict[str, list[float]]]:
-    """Seconds (wall and process CPU) per round and mode: all questions in batches of `batch_size`, modes interleaved."""
-    seconds: dict[str, list[float]] = {mode: [] for mode in MODES}
-    cpu_seconds: dict[str, list[float]] = {mode: [] for mode in MODES}
+    """Seconds (wall and process CPU) per round and mode: all questions in batches of `batch_size`,
+    modes interleaved (rotating order)."""
+    seconds: dict[str, list[float]] = {mode: [] for mode in modes}
+    cpu_seconds: dict[str, list[float]] = {mode: [] for mode in modes}
     groups = [questions[i : i + batch_size] for i in range(0, len(questions), batch_size)]
     for round_index in range(repeats):
-        totals = dict.fromkeys(MODES, 0.0)
-        cpu_totals = dict.fromkeys(MODES, 0.0)
+        totals = dict.fromkeys(modes, 0.0)
+        cpu_totals = dict.fromkeys(modes, 0.0)
         for group_index, group in enumerate(groups):
-            shift = (round_index + group_index) % len(MODES)
-            for mode in MODES[shift:] + MODES[:shift]:
+            shift = (round_index + group_index) % len(modes)
+            for mode in modes[shift:] + modes[:shift]:
                 with common.timed(device) as timer:
                     runner(mode, group)
                 totals[mode] += timer["s"]
                 cpu_totals[mode] += timer["cpu_s"]
-        for mode in MODES:
+        for mode in modes:
             seconds[mode].append(totals[mode])
             cpu_seconds[mode].append(cpu_totals[mode])
-        print(f"batch {batch_size} round {round_index}: {totals}", file=sys.stderr, flush=True)
+        rounded = {mode: round(value, 4) for mode, value in totals.items()}
+        print(f"batch {batch_size} round {round_index}: {rounded}", file=sys.stderr, flush=True)
     return {"wall": seconds, "cpu": cpu_seconds}
+
+
+def host_costs(runner: Runner, mode: str, questions: list[str], lm_calls: int, device: str) -> dict[str, Any]:
+    """Host cost of one call of `mode` on `questions` (`bench/host_cost.py`): ATen ops dispatched
+    (counted eagerly: CUDA-graph replays are not ops), launches and, on CUDA, syncs per LM call;
+    CPU time over wall time."""
+    from host_cost import host_cost
+
+    costs = host_cost(lambda: runner(mode, questions), device)
+    counted = ("aten_ops", "launches", "kernel_launches", "graph_launches", "syncs", "compiled_kernels")
+    out = {f"{key}_per_lm_call": round(costs[key] / max(lm_calls, 1), 1) for key in counted if key in costs}
+    return out | {"cpu_over_wall": costs["cpu_over_wall"], "top_ops": costs["top_ops"]}
+
+
+def _warm_up(runner: Runner, modes, question: str, device: str, counter) -> dict[str, dict[str, Any]]:
+    """Each mode once (compiles what it compiles), then its LM calls, positions and host costs."""
+    info: dict[str, dict[str, Any]] = {}
+    for mode in modes:
+        start = time.perf_counter()
+        runner(mode, [question])
+        first_s = time.perf_counter() - start
+        counter.reset()
+        tokens = runner(mode, [question])
+        info[mode] = {
+            "first_call_s": round(first_s, 2),
+            "generated_tokens": len(tokens[0]),
+            "lm_calls": counter.calls,
+            "lm_positions": counter.positions,
+        }
+        print(f"warm-up {mode}: {info[mode]}", file=sys.stderr, flush=True)
+    counter.handle.remove()
+    for mode in modes:
+        info[mode] |= host_costs(runner, mode, [question], info[mode]["lm_calls"], device)
+    return info
+
+
+def _summarise(modes, info, single, batched, n_single: int, n_batch: int) -> dict[str, Any]:
+    """Per mode: ms per question at batch 1, questions/s at batch n (wall and CPU time), the runs."""
+    out: dict[str, Any] = {}
+    for mode in modes:
+        ms = [1000 * s / n_single for s in single["wall"][mode]]
+        cpu_ms = [1000 * s / n_single for s in single["cpu"][mode]]
+        out[mode] = dict(info[mode])
+        out[mode] |= {
+            "batch1_ms_per_question": round(common.median(ms), 1),
+            "batch1_ms_per_question_runs": [round(v, 1) for v in ms],
+            "batch1_cpu_ms_per_question": round(common.median(cpu_ms), 1),
+        }
+        if batched is not None:
+            qps = [n_batch / s for s in batched["wall"][mode]]
+            cpu_qps = [n_batch / s for s in batched["cpu"][mode]]
+            out[mode] |= {
+                f"batch{n_batch}_questions_per_s": round(common.median(qps), 2),
+                f"batch{n_batch}_questions_per_s_runs": [round(v, 2) for v in qps],
+                f"batch{n_batch}_questions_per_cpu_s": round(common.median(cpu_qps), 2),
+            }
+    return out
+
+
+def _ratios(modes: dict[str, Any], single, batched, n_batch: int) -> dict[str, Any]:
+    """Speed-ups of each pair in PAIRS whose two modes ran (medians, and median of round ratios)."""
+    pairs = {name: pair for name, pair in PAIRS.items() if pair[0] in modes and pair[1] in modes}
+    ratio = {  # a's speed-up over b: a's time is smaller
+        "speedup_batch1": {
+            name: round(modes[b]["batch1_ms_per_question"] / modes[a]["batch1_ms_per_question"], 2)
+            for name, (a, b) in pairs.items()
+        },
+        "speedup_batch1_cpu_time": {
+            name: round(modes[b]["batch1_cpu_ms_per_question"] / modes[a]["batch1_cpu_ms_per_question"], 2)
+            for name, (a, b) in pairs.items()
+        },
+        # rounds interleave the modes, so the ratio within a round cancels slow phases of a shared machine
+        "speedup_batch1_median_of_round_ratios": {
+            name: round(common.median([y / x for x, y in zip(single["wall"][a], single["wall"][b])]), 2)
+            for name, (a, b) in pairs.items()
+        },
+    }
+    if batched is not None:
+        key = f"batch{n_batch}_questions_per_s"
+        ratio[f"speedup_batch{n_batch}"] = {
+            name: round(modes[a][key] / modes[b][key], 2) for name, (a, b) in pairs.items()
+        }
+        ratio[f"speedup_batch{n_batch}_cpu_time"] = {
+            name: round(modes[a][f"{key[:-2]}_cpu_s"] / modes[b][f"{key[:-2]}_cpu_s"], 2)
+            for name, (a, b) in pairs.items()
+        }
+    return ratio
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from codi.data import read_records
 
     start = time.perf_counter()
-    dtype = common.DTYPES[args.dtype]
-    model, weights = common.load_codi(args.model, args.device, weights_dtype=dtype)
+    modes = tuple(args.modes.split(",")) if args.modes else MODES
+    unknown = [mode for mode in modes if mode not in MODES]
+    if unknown:
+        raise SystemExit(f"--modes: unknown {unknown}; choose from {list(MODES)}")
+    model, weights = common.load_codi(args.model, args.device, weights_dtype=common.DTYPES[args.dtype])
     model.eval()
     digits = args.digits_per_token or (3 if args.model == "gpt2-124m" else 1)
     lengths = forced_lengths(model, args.data, digits)
     cot_tokens = round(lengths["cot_plus_answer_eos"])
     answer_tokens = round(lengths["answer_eos"])
-    runner = Runner(model, cot_tokens, answer_tokens)
-    records = read_records(str(common.data_path(args.data)))
-    questions = [record.question for record in records]
+    runner = Runner(model, cot_tokens, answer_tokens, args.fast)
+    questions = [record.question for record in read_records(str(common.data_path(args.data)))]
     latency_questions = questions[: args.latency_questions]
     batch_questions = questions[: args.batch_size]
     setup_s = time.perf_counter() - start
 
-    # Warm-up, counts of LM calls/positions per mode, and whether our CoT = transformers' CoT.
-    counter = PositionCounter(model)
-    counts: dict[str, dict[str, int]] = {}
-    tokens: dict[str, list[list[int]]] = {}
-    for mode in MODES:
-        counter.reset()
-        tokens[mode] = runner(mode, latency_questions[:1])
-        counts[mode] = {"lm_calls": counter.calls, "lm_positions": counter.positions}
-    counter.handle.remove()
-    same_as_hf = [runner("cot", [q]) == runner("hf_generate_cot", [q]) for q in latency_questions[:2]]
+    info = _warm_up(runner, modes, latency_questions[0], args.device, PositionCounter(model))
+    checks = {}
+    for eager, fast in (("latent", "latent_fast"), ("cot", "cot_fast"), ("cot", "hf_generate_cot")):
+        if eager in modes and fast in modes:  # same greedy tokens (a random model: fixed lengths)
+            same = [runner(eager, batch_questions[:4]) == runner(fast, batch_questions[:4])]
+            checks[f"{fast}_tokens_identical_to_{eager}"] = all(same)
+    print(f"checks: {checks}", file=sys.stderr, flush=True)
 
-    single = measure(runner, latency_questions, 1, args.repeats, args.device)
+    single = measure(runner, modes, latency_questions, 1, args.repeats, args.device)
     # --batch_size 1: latency only (a "batch 1 throughput" would also collide with the latency keys)
     batched = (
-        measure(runner, batch_questions, args.batch_size, args.repeats, args.device)
+        measure(runner, modes, batch_questions, args.batch_size, args.repeats, args.device)
         if args.batch_size > 1
         else None
     )
     n_single, n_batch = len(latency_questions), len(batch_questions)
-    modes: dict[str, Any] = {}
-    for mode in MODES:
-        ms = [1000 * s / n_single for s in single["wall"][mode]]
-        cpu_ms = [1000 * s / n_single for s in single["cpu"][mode]]
-        modes[mode] = {
-            "batch1_ms_per_question": round(common.median(ms), 1),
-            "batch1_ms_per_question_runs": [round(v, 1) for v in ms],
-            "batch1_cpu_ms_per_question": round(common.median(cpu_ms), 1),
-            "generated_tokens": len(tokens[mode][0]),
-            **counts[mode],
-        }
-        if batched is not None:
-            qps = [n_batch / s for s in batched["wall"][mode]]
-            cpu_qps = [n_batch / s for s in batched["cpu"][mode]]
-            modes[mode] |= {
-                f"batch{n_batch}_questions_per_s": round(common.median(qps), 2),
-                f"batch{n_batch}_questions_per_s_runs": [round(v, 2) for v in qps],
-                f"batch{n_batch}_questions_per_cpu_s": round(common.median(cpu_qps), 2),
-            }
-
-    def ratio(a: str, b: str, key: str, inverse: bool = False) -> float:  # a's speed-up over b
-        x, y = modes[a][key], modes[b][key]
-        return round(y / x if inverse else x / y, 2)
-
-    key_batch = f"batch{n_batch}_questions_per_s"
-    result: dict[str, Any] = {
+    summary = _summarise(modes, info, single, batched, n_single, n_batch)
+    return {
         "bench": "decode",
         "model": args.model,
         "weights": weights,
         "dtype": args.dtype,
+        "fast_decoding": args.fast,
         "num_latent": model.args.inf_latent_iterations,
         "mean_lengths_gsm8k_aug_valid": {key: round(value, 1) for key, value in lengths.items()},
         "digits_per_token": digits,
@@ -241,32 +324,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "latency_questions": n_single,
         "throughput_batch_size": n_batch,
         "repeats": args.repeats,
-        "modes": modes,
-        "speedup_batch1": {
-            "latent_vs_cot": ratio("latent", "cot", "batch1_ms_per_question", inverse=True),
-            "latent_prompt_vs_cot": ratio("latent_prompt", "cot", "batch1_ms_per_question", inverse=True),
-            "cot_vs_hf_generate": ratio("cot", "hf_generate_cot", "batch1_ms_per_question", inverse=True),
-        },
-        "speedup_batch1_cpu_time": {
-            "latent_vs_cot": ratio("latent", "cot", "batch1_cpu_ms_per_question", inverse=True),
-            "latent_prompt_vs_cot": ratio("latent_prompt", "cot", "batch1_cpu_ms_per_question", inverse=True),
-            "cot_vs_hf_generate": ratio("cot", "hf_generate_cot", "batch1_cpu_ms_per_question", inverse=True),
-        },
-        "cot_tokens_identical_to_hf_generate": all(same_as_hf),
+        "modes": summary,
+        **_ratios(summary, single, batched, n_batch),
+        "checks": checks,
         "setup_s": round(setup_s, 1),
         "environment": common.environment(args.device),
     }
-    # Rounds interleave the modes, so the ratio within a round cancels slow phases of a shared machine.
-    result["speedup_batch1_median_of_round_ratios"] = {
-        name: round(common.median([y / x for x, y in zip(single["wall"][a], single["wall"][b])]), 2)
-        for name, (a, b) in PAIRS.items()
-    }
-    if batched is not None:
-        result[f"speedup_batch{n_batch}_cpu_time"] = {
-            name: ratio(a, b, f"batch{n_batch}_questions_per_cpu_s") for name, (a, b) in PAIRS.items()
-        }
-        result[f"speedup_batch{n_batch}"] = {name: ratio(a, b, key_batch) for name, (a, b) in PAIRS.items()}
-    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -279,6 +342,13 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=0,
         help="regroup digit runs when counting lengths (default: 3 for gpt2-124m, GPT-2-like; else 1)",
+    )
+    parser.add_argument("--modes", default="", help=f"comma-separated subset of {','.join(MODES)}")
+    parser.add_argument(
+        "--fast",
+        choices=("auto", "static", "graphs", "compile"),
+        default="auto",
+        help="the *_fast modes' engine",
     )
     args = parser.parse_args(argv)
     common.setup(args)

@@ -75,7 +75,8 @@ def fed_embeddings(model):
 
 def latent_inputs(calls: list[torch.Tensor], steps: int) -> torch.Tensor:
     """(steps, B, d) latent embeddings among the calls of ONE batch: after the question call, one call
-    per latent, the last latent fed together with `<eot>` (first position of that call)."""
+    per latent, the last latent fed together with `<eot>` (first position of that call) in the eager
+    loop, alone in the static one."""
     return torch.stack([call[:, 0] for call in calls[1 : steps + 1]])
 
 
@@ -92,8 +93,10 @@ def test_zeroed_latents_reach_the_lm_as_zeros(model):
     fed = latent_inputs(calls, STEPS)
     assert fed.shape == (STEPS, len(QUESTIONS), model.hf_model.config.n_embd)
     assert torch.count_nonzero(fed) == 0
-    # the call before (question + <bot>) and the token after (<eot>) are untouched, and it matters
-    assert torch.count_nonzero(calls[0]) > 0 and torch.count_nonzero(calls[STEPS][:, 1]) > 0
+    # the call before (question + <bot>) and the token after (<eot>) are untouched, and it matters;
+    # <eot> is fed with the last latent (eager loop) or in the next call (static loop: one position a call)
+    eot = calls[STEPS][:, 1] if calls[STEPS].shape[1] > 1 else calls[STEPS + 1][:, 0]
+    assert torch.count_nonzero(calls[0]) > 0 and torch.count_nonzero(eot) > 0
     assert [o.text for o in zeroed] != [o.text for o in base]
 
 

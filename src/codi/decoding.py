@@ -27,6 +27,7 @@ from transformers.generation.logits_process import (
 )
 
 MODES = ("latent", "cot")
+FAST_DECODING = ("auto", "off", "static", "graphs", "compile")
 
 
 def _help(text: str, **kwargs):
@@ -59,6 +60,12 @@ class DecodingConfig:
         "Latent mode: Gaussian noise on each latent, x its RMS (0: none).", default=0.0
     )
     latent_dropout: bool = _help("Latent mode: leave dropout on while the latents are made.", default=False)
+    fast_decoding: str = _help(
+        "auto: a static KV cache with CUDA-graph steps on CUDA (on CPU: a static cache for LoRA models), "
+        "where it reproduces the eager loop; static | graphs | compile (torch.compile, slow to start): "
+        "ask for one; off: the eager loop.",
+        default="auto",
+    )
 
     def __post_init__(self) -> None:
         def check(ok: bool, message: str) -> None:
@@ -68,6 +75,10 @@ class DecodingConfig:
         check(self.mode in MODES, f"mode must be 'latent' or 'cot', got {self.mode!r}")
         check(
             self.num_latent is None or self.num_latent >= 0, f"num_latent must be >= 0, got {self.num_latent}"
+        )
+        check(
+            self.fast_decoding in FAST_DECODING,
+            f"fast_decoding must be one of {', '.join(FAST_DECODING)}, got {self.fast_decoding!r}",
         )
         check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         check(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")

@@ -16,11 +16,12 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import DynamicCache
 
+from . import static_decode
 from .data import encode_answer, encode_question, pad_sequences
 from .decoding import (
     DecodingConfig,
@@ -165,6 +166,15 @@ def _decode_batch(
     min_new_tokens = min(config.min_new_tokens, max_new_tokens)
     input_ids = pad_sequences(prompts, model.pad_id, "left").to(device)
     attention_mask = (pad_sequences([[1] * len(p) for p in prompts], 0, "left")).to(device)
+    kind = static_decode.engine(model, config)
+    if kind != "eager":  # the same loop on a static cache (codi.static_decode); None: cannot be static
+        forced = answer_prompt_ids(model)[: max_new_tokens - 1] if config.feed_answer_prompt else []
+        run = dict(num_latent=num_latent, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens)
+        run |= dict(forced=forced, suppress=suppressed_token_ids(model), sampling=sampling, plan=plan)
+        run["sample"] = sample_next  # this module's, looked up now (tests replace it)
+        result = static_decode.decode(model, input_ids, attention_mask, config, run, kind)
+        if result is not None:
+            return result[0], (result[1] if return_latents else None)
     batch = input_ids.shape[0]
     eos = model.tokenizer.eos_token_id
     latents = None  # CoT mode has none
@@ -217,13 +227,8 @@ def _generate_batch(
     latent_transform=None,
 ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
     """`_decode_batch` with the options of earlier versions as arguments (kept for callers of it)."""
-    config = DecodingConfig(
-        mode=mode,
-        num_latent=num_latent,
-        max_new_tokens=max_new_tokens,
-        min_new_tokens=min_new_tokens,
-        feed_answer_prompt=feed_answer_prompt,
-    )
+    config = DecodingConfig(mode=mode, num_latent=num_latent, max_new_tokens=max_new_tokens)
+    config = replace(config, min_new_tokens=min_new_tokens, feed_answer_prompt=feed_answer_prompt)
     plan = _LatentPlan(latent_transform=latent_transform)
     return _decode_batch(model, prompts, config, num_latent, sampling, return_latents, plan)
 
@@ -387,7 +392,7 @@ def _generate_rows(
     was_training = model.training
     model.eval()  # dropout (LoRA, projection) off: greedy decoding must be deterministic
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), static_decode.prepared(model, config):
             for batch_number, indices in enumerate(batches):
                 batch_rows = [(keys[rows[r][0]], rows[r][1]) for r in indices]
                 plan = _plan(
