@@ -10,6 +10,7 @@ import random
 from pathlib import Path
 
 import pytest
+from codi.compare.report import t_interval, wilson_interval
 
 from codi.compare import (
     METHODS,
@@ -21,8 +22,7 @@ from codi.compare import (
     compare,
 )
 from codi.compare.methods import icot_step_schedule
-from codi.compare.report import t_interval, wilson_interval
-from codi.demo.synth import SynthConfig, make_splits
+from codi.synth import SynthConfig, make_splits
 
 TINY = ModelSpec(n_layer=1, n_embd=16, n_head=2, num_latent=2)
 

@@ -1,10 +1,10 @@
-"""`codi data synth`: write synthetic GSM8k-Aug-style data (`codi.demo.synth`; no torch needed)."""
+"""`codi data synth`: write synthetic GSM8k-Aug-style data (`codi.synth`; no torch needed)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..demo.synth import SynthConfig, synthesize
+from ..synth import SynthConfig, synthesize
 from .args import parse
 
 DESCRIPTION = (
