@@ -53,6 +53,7 @@ from .methods import (
     split_options,
     training_arguments,
 )
+from .parallel import join_aside, start_aside
 
 logger = logging.getLogger(__name__)
 __all__ = [
@@ -173,57 +174,6 @@ def _run_one(
 
 
 # --------------------------------------------------------------------------------------------------
-# A second process for the methods that need no warm-up
-
-
-def _train_in_child(contexts: list[RunContext], queue) -> None:
-    """Child-process entry: one thread (the parent trains on another core), no progress bar; each run's
-    train seconds go back through `queue`. `ctx.method` arrives as its name (a registry entry holds
-    lambdas, which do not pickle)."""
-    import torch
-
-    torch.set_num_threads(1)
-    logging.basicConfig(level=logging.WARNING)
-    for ctx in contexts:
-        ctx = replace(ctx, method=METHODS[ctx.method], budget=replace(ctx.budget, progress=False))
-        start = time.perf_counter()
-        ctx.method.train(ctx)
-        queue.put((ctx.method.name, time.perf_counter() - start))
-
-
-def _start_child(contexts: list[RunContext]):
-    import multiprocessing
-
-    spawn = multiprocessing.get_context("spawn")
-    queue = spawn.Queue()
-    payload = [replace(ctx, method=ctx.method.name) for ctx in contexts]
-    child = spawn.Process(target=_train_in_child, args=(payload, queue))
-    child.start()
-    return child, queue
-
-
-def _join_child(child, queue, contexts: list[RunContext]) -> dict[str, float]:
-    """Each run's train seconds, once the child is done; an error when it failed."""
-    from queue import Empty
-
-    times = {}
-    while len(times) < len(contexts):
-        try:
-            name, seconds = queue.get(timeout=5)
-            times[name] = seconds
-        except Empty:
-            if not child.is_alive():
-                break
-    child.join()
-    if child.exitcode != 0 or len(times) != len(contexts):
-        names = ", ".join(ctx.method.name for ctx in contexts)
-        raise RuntimeError(
-            f"training {names} in a second process failed (exit code {child.exitcode}); see the log above"
-        )
-    return times
-
-
-# --------------------------------------------------------------------------------------------------
 # The harness
 
 
@@ -304,7 +254,7 @@ def _run_seed(contexts, items, options, modes, inspect, parallel) -> list[RunRec
     side = [ctx for ctx in contexts if parallel and not ctx.init_from and ctx.method.load]
     side = side if len(side) < len(contexts) else []
     aside = {ctx.method.name for ctx in side}
-    child = _start_child(side) if side else None
+    child = start_aside(side) if side else None
     runs, warm, warm_s = [], None, 0.0
     for ctx in contexts:
         if ctx.method.name in aside:
@@ -319,7 +269,7 @@ def _run_seed(contexts, items, options, modes, inspect, parallel) -> list[RunRec
         mine = modes.get(ctx.method.name, (ctx.method.eval_mode,))
         runs += _run_one(ctx, items, mine, warm_s if ctx.init_from else 0.0, inspect)
     if child is not None:
-        times = _join_child(*child, side)
+        times = join_aside(*child, side)
         for ctx in side:
             trained = (ctx.method.load(ctx), times[ctx.method.name])
             mine = modes.get(ctx.method.name, (ctx.method.eval_mode,))
