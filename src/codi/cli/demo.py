@@ -1,4 +1,4 @@
-"""`codi demo` (`codi.demo.pipeline`) and `codi export-smollm2` (`codi.offline_models`)."""
+"""`codi demo` (`codi.demo.pipeline`: presets of `codi.compare`) and `codi export-smollm2` (`codi.offline_models`)."""
 
 from __future__ import annotations
 
