@@ -114,9 +114,9 @@ class Method:
     eval_mode: `generate` mode; "latent" (continuous thoughts) or "cot" (decoding from the question:
     an explicit CoT for CoT-SFT, none for No-CoT-SFT and iCoT, whose CoT was removed in training).
     train(ctx) -> a trained model that `evaluate(model, items, ctx, mode)` (default: `codi.evaluate`)
-    accepts. available() -> None, or why the method cannot run here. trains_as: the training method its
-    `CODITrainingArguments` name. load(ctx) -> the model `train` saved in `ctx.out_dir` (set: it can
-    train in a second process, `compare(parallel=True)`).
+    accepts. available() -> None, or why the method cannot run here. trains_as: the `method` its
+    `CODITrainingArguments` get (codi, cot_sft, ...). load(ctx) -> the model `train` saved in
+    `ctx.out_dir` (when set, the method can train in a second process: `compare(parallel=True)`).
     """
 
     name: str
