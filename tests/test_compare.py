@@ -21,8 +21,8 @@ from codi.compare import (
     compare,
 )
 from codi.compare.methods import icot_step_schedule
-from codi.compare.report import t_interval, wilson_interval
-from codi.demo.synth import SynthConfig, make_splits
+from codi.report import t_interval, wilson_interval
+from codi.synth import SynthConfig, make_splits
 
 TINY = ModelSpec(n_layer=1, n_embd=16, n_head=2, num_latent=2)
 
@@ -260,3 +260,65 @@ def test_coconut_without_a_schedule_walks_every_stage_within_the_budget():
     }
     assert coconut_step_schedule(ctx(600, None), CoconutArguments(), {})["start_stage"] == 0
     assert coconut_step_schedule(ctx(600, None), CoconutArguments(), {"epochs_per_stage": 1}) == {}
+
+
+def test_codi_compare_prints_its_table_once(tmp_path, capsys):
+    from codi import cli
+
+    paths = write_pair(tmp_path, n_train=16, n_test=4)
+    argv = [
+        "compare",
+        "--train_file",
+        paths["train"],
+        "--test_file",
+        paths["test"],
+        "--methods",
+        "no_cot_sft",
+    ]
+    argv += ["--max_steps", "2", "--batch_size", "8", "--n_layer", "1", "--n_embd", "16", "--n_head", "2"]
+    assert cli.main([*argv, "--out_dir", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("accuracy % [95% CI]") == 1  # the header
+    assert sum(line.startswith("No-CoT-SFT") for line in printed.splitlines()) == 1  # the row
+
+
+def test_duplicate_seeds_fail_up_front_in_one_line(tmp_path, capsys):
+    from codi import cli
+
+    paths = write_pair(tmp_path, n_train=8, n_test=2)
+    argv = [
+        "compare",
+        "--train_file",
+        paths["train"],
+        "--test_file",
+        paths["test"],
+        "--methods",
+        "no_cot_sft",
+    ]
+    argv += ["--max_steps", "2", "--seeds", "0,0", "--out_dir", str(tmp_path / "out")]
+    assert cli.main(argv) == 2
+    error = capsys.readouterr().err.strip()
+    assert "seeds must be distinct, got [0, 0]" in error and len(error.splitlines()) == 1
+    assert not (tmp_path / "out").exists()  # nothing trained, no folder made
+
+
+def test_a_method_in_two_modes_gives_two_rows_and_trains_aside(tmp_path):
+    """`modes` evaluates one trained model as CoT teacher and in latent mode; `parallel` trains the
+    method without a warm-up in a second process; `inspect` sees every trained model."""
+    paths = write_pair(tmp_path, n_train=16, n_test=4)
+    budget = Budget(max_steps=3, batch_size=8, cot_warmup_steps=1, eval_batch_size=8, max_new_tokens=6)
+    seen = []
+    result = compare(
+        ["no_cot_sft", "codi_s"], paths["train"], paths["test"], TINY, budget, [0], str(tmp_path / "out"),
+        modes={"codi_s": ("cot", "latent")}, parallel=True, inspect=lambda ctx, model: seen.append(ctx.method.name),
+    )  # fmt: skip
+    assert [(row.method, row.mode, row.name) for row in result.rows] == [
+        ("no_cot_sft", "cot", "No-CoT-SFT"),
+        ("codi_s", "cot", "CODI+S teacher (CoT)"),
+        ("codi_s", "latent", "CODI+S latent"),
+    ]
+    assert sorted(seen) == ["codi_s", "no_cot_sft"]
+    assert (tmp_path / "out" / "seed0" / "no_cot_sft" / "codi_config.json").is_file()
+    assert all(run.train_wall_s > 0 for run in result.runs)
+    with pytest.raises(ValueError, match="modes"):
+        compare(["codi"], paths["train"], paths["test"], TINY, budget, modes={"codi": ("nope",)})

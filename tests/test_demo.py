@@ -1,4 +1,4 @@
-"""The offline demo pipeline: tokenizer, base model, a very small end-to-end run (< 60 s)."""
+"""The offline demo (presets of the comparison harness): tokenizer, a very small end-to-end run (< 60 s)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from dataclasses import replace
 import pytest
 
 from codi.cli.demo import main
-from codi.demo.offline_models import build_tokenizer
 from codi.demo.pipeline import DEMO_MARKER, claim_check, fresh_out_dir, run_demo
 from codi.demo.presets import PRESETS
-from codi.demo.synth import SynthConfig, make_splits, to_icot_line
+from codi.offline_models import build_tokenizer
+from codi.synth import SynthConfig, make_splits, to_icot_line
 
 
 def test_tokenizer_digits_are_tokens_and_decoding_is_exact():
@@ -41,15 +41,18 @@ def test_smoke_run_writes_table_json_and_chart(tmp_path, capsys):
     out = fresh_out_dir(str(tmp_path / "demo"), overwrite=False)
     result = run_demo(PRESETS["smoke"], seed=0, out_dir=out, probe=True)
     assert set(result["rows"]) == {"no_cot", "codi_cot", "codi_latent"}
-    for row in result["rows"].values():
-        assert 0.0 <= row["accuracy"] <= 1.0 and row["n"] == PRESETS["smoke"].n_test
+    runs = {(run["method"], run["mode"]): run for run in result["runs"]}
+    for row in result["rows"].values():  # accuracy in %, as every table of the harness
+        run = runs[row["method"], row["mode"]]
+        assert 0.0 <= row["accuracy"] <= 100.0 and row["n"] == PRESETS["smoke"].n_test
+        assert row["accuracy"] == pytest.approx(100 * run["correct"] / run["n"])
     assert result["rows"]["codi_cot"]["speedup_vs_cot"] == pytest.approx(1.0)
     saved = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert saved["claim"] == result["claim"] and saved["seed"] == 0
     assert (tmp_path / "demo" / "results.png").stat().st_size > 0
     # the trained models are saved HF-style, so `codi eval` / `codi probe` load them unchanged
-    assert (tmp_path / "demo" / "codi" / "codi_config.json").is_file()
-    assert (tmp_path / "demo" / "base" / "config.json").is_file()
+    assert (tmp_path / "demo" / "seed0" / "codi_s" / "codi_config.json").is_file()
+    assert (tmp_path / "demo" / "seed0" / "base" / "config.json").is_file()
     printed = capsys.readouterr().out
     assert "CODI+S latent" in printed and "No-CoT-SFT" in printed and "speedup" in printed
     # the step supervision is on in the presets that use it, and the table says it is not the paper's
@@ -68,16 +71,21 @@ def test_paper_preset_is_the_papers_objective_and_is_labelled_plain_codi():
     )
 
 
-def test_claim_check_uses_the_issue_thresholds():
-    from codi.demo.pipeline import Row
+def _row(mode: str, accuracy: float, tokens: float, positions: float, questions_per_s: float):
+    from codi.report import Row
 
+    return Row("m", "M", mode, [0], 500, accuracy, 0.0, 100.0, "wilson", [accuracy], tokens, positions,
+               questions_per_s, 1.0, 10)  # fmt: skip
+
+
+def test_claim_check_uses_the_issue_thresholds():
     rows = {
-        "no_cot": Row("n", "cot", 0.20, 6, 6, 100, 500),
-        "codi_cot": Row("c", "cot", 0.90, 33, 33, 40, 500),
-        "codi_latent": Row("l", "latent", 0.80, 6, 12, 90, 500),
+        "no_cot": _row("cot", 20.0, 6, 6, 100),
+        "codi_cot": _row("cot", 90.0, 33, 33, 40),
+        "codi_latent": _row("latent", 80.0, 6, 12, 90),
     }
     assert all(claim_check(rows).values())
-    rows["codi_latent"].accuracy = 0.70  # < 0.85 x 0.90
+    rows["codi_latent"].accuracy = 70.0  # < 0.85 x 90
     assert not claim_check(rows)["latent >= 0.85 x teacher CoT"]
 
 
@@ -106,3 +114,26 @@ def test_warmup_must_leave_codi_steps(tmp_path):
 
     with pytest.raises(ValueError, match="cot_warmup_steps"):
         run_demo(replace(PRESETS["smoke"], cot_warmup_steps=4), seed=0, out_dir=str(tmp_path), probe=False)
+
+
+@pytest.mark.parametrize(
+    "item, message",
+    [
+        ("num_latent=-1", "num_latent must be >= 0"),
+        ("distill_loss_type=nope", "distill_loss_type must be one of"),
+        ("n_embd=31", "n_embd a multiple of n_head"),
+        ("eval_batch_size=0", "eval_batch_size=0 (must be >= 1)"),
+        ("learning_rate=-1", "learning_rate=-1.0 (must be > 0)"),
+    ],
+)
+def test_overwrite_with_an_invalid_value_keeps_the_folder(tmp_path, capsys, item, message):
+    """Every value is checked before `--overwrite` deletes the earlier demo's folder."""
+    from codi import cli
+
+    out = fresh_out_dir(str(tmp_path / "earlier"), overwrite=False)
+    (tmp_path / "earlier" / "results.json").write_text("{}")
+    argv = ["demo", "--preset", "smoke", "--out", out, "--overwrite", "--no_probe", "--set", item]
+    assert cli.main(argv) == 2
+    error = capsys.readouterr().err.strip()
+    assert message in error and len(error.splitlines()) == 1
+    assert sorted(os.listdir(out)) == sorted([DEMO_MARKER, "results.json"])  # nothing deleted

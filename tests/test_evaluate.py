@@ -18,10 +18,10 @@ from codi.evaluate import (
     extract_answer_strict,
     extract_choice,
     extract_choice_strict,
-    format_table,
     is_correct,
 )
 from codi.model import CODIModel
+from codi.report import eval_table
 from codi.testing import save_tiny_model
 
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -216,7 +216,7 @@ def test_evaluate_function(checkpoint, tmp_path):
     for run in range(2):
         lines = (tmp_path / f"toy_latent_run{run}.jsonl").read_text().splitlines()
         assert len(lines) == 3 and json.loads(lines[1])["correct"] is False  # no gold: wrong, no crash
-    assert "toy" in format_table([result], {"toy": 2.5}) and "2.50x" in format_table([result], {"toy": 2.5})
+    assert "toy" in eval_table([result], {"toy": 2.5}) and "2.50x" in eval_table([result], {"toy": 2.5})
 
 
 @needs_data
@@ -310,7 +310,7 @@ def test_questions_that_do_not_fit_are_skipped_counted_and_named(short_model, tm
     assert "does not fit" in records[1]["skipped"] and "skipped" not in records[0]
     assert (
         "skipped questions (too long for the model, or empty in CoT mode; counted wrong): toy latent 1"
-        in format_table([result])
+        in eval_table([result])
     )
     # every question skipped: a result, not a crash
     alone = evaluate(short_model, items[1:2], "cot", name="toy", max_new_tokens=4)

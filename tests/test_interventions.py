@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from codi.ablate import paired_drop, verdict
+from codi.ablate import verdict
 from codi.data import encode_question
 from codi.eval_data import EvalItem
 from codi.evaluate import evaluate, extract_answer
@@ -27,6 +27,7 @@ from codi.interventions import (
     run_latent,
     zero_factory,
 )
+from codi.report import paired_drop
 
 QUESTIONS = [
     "Tom has 12 apples and buys 30 more. How many apples does he have now?",

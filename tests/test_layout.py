@@ -11,8 +11,6 @@ from test_train import quick_args
 PACKAGE = Path(__file__).resolve().parent.parent / "src" / "codi"
 MAX_MODULE_LINES = 450
 MAX_FUNCTION_LINES = 80
-# The demo's pipeline is a script-like sequence of steps, allowed to read top to bottom in one function.
-LONG_FUNCTIONS_ALLOWED = {"demo"}
 
 
 def test_codi_train_is_callable_twice(tiny_gpt2, train_file, tmp_path):
@@ -77,8 +75,6 @@ def test_modules_and_functions_are_small():
         lines = len(source.splitlines())
         if lines > MAX_MODULE_LINES:
             too_long.append(f"{name}: {lines} lines")
-        if set(name.split(".")) & LONG_FUNCTIONS_ALLOWED:
-            continue
         for node in ast.walk(ast.parse(source)):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 length = node.end_lineno - node.lineno + 1

@@ -262,9 +262,9 @@ def test_evaluate_reports_pass_at_k_and_majority_beside_greedy(make_model, tmp_p
     assert len(records) == len(items) and all(len(record["samples"]) == 3 for record in records)
     assert set(records[0]["samples"][0]) >= {"generated_text", "prediction", "correct", "strict_correct"}
     assert {"majority_prediction", "majority_correct", "where"} <= set(records[0])
-    from codi.evaluate import format_table
+    from codi.report import eval_table
 
-    assert "toy cot: k=3 samples" in format_table([result]) and "majority vote" in format_table([result])
+    assert "toy cot: k=3 samples" in eval_table([result]) and "majority vote" in eval_table([result])
     again = evaluate(model, items, name="toy", warmup=False, **options)
     assert again["pass_at_k"] == result["pass_at_k"] and again["pass_at_1"] == result["pass_at_1"]
     latent = evaluate(

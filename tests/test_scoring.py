@@ -11,7 +11,7 @@ import pytest
 from codi import evaluate as evaluate_module
 from codi import probe as probe_module
 from codi import scoring
-from codi.demo import pipeline as demo
+from codi.compare import Budget, evaluate_mode
 from codi.eval_data import EvalItem
 from codi.evaluate import evaluate
 from codi.generate import generate
@@ -106,20 +106,21 @@ def _golds(model, mode: str) -> tuple[list[str], list[bool]]:
 
 
 def test_demo_table_probe_and_codi_eval_agree(make_model, tmp_path):
-    """The demo's accuracy (`demo.score`), `codi eval`'s (`evaluate`) and the probe's verdicts on the same
-    checkpoint and questions are equal, with at least one right and one wrong answer."""
+    """The accuracy of the demo's and compare's harness (`evaluate_mode`), `codi eval`'s (`evaluate`) and
+    the probe's verdicts on the same checkpoint and questions are equal, with at least one right and one
+    wrong answer."""
     model = make_model("gpt2")
     seen = set()
     for mode in ("cot", "latent"):
         golds, expected = _golds(model, mode)
         seen.update(expected)
         records = [{"question": q, "answer": g} for q, g in zip(QUESTIONS, golds)]
-        row = demo.score(model, records, mode, demo.Preset(), "check", timing_repeats=1)
         items = [EvalItem(q, parse_gold(g), f"toy:{i + 1}") for i, (q, g) in enumerate(zip(QUESTIONS, golds))]
+        harness = evaluate_mode(model, items, mode, Budget(eval_batch_size=250, max_new_tokens=64), "check")
         result = evaluate(
             model, items, mode, max_new_tokens=64, warmup=False, name="toy", output_dir=str(tmp_path)
         )
-        assert 100 * row.accuracy == pytest.approx(result["accuracy"])
+        assert harness["accuracy"] == pytest.approx(result["accuracy"])
         assert result["accuracy"] == pytest.approx(100 * sum(expected) / len(expected))
         if mode == "latent":  # the probe answers greedily in latent mode
             probed = probe_module.probe(model, records, max_new_tokens=64)

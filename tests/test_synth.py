@@ -9,7 +9,7 @@ import pytest
 
 from codi.cli import main
 from codi.data import read_records
-from codi.demo.synth import SynthConfig, check_cot, make_splits
+from codi.synth import SynthConfig, check_cot, make_splits
 
 STEP = re.compile(r"^<<[\d+\-*/%()]+=\d+>>$")
 

@@ -1,4 +1,5 @@
-"""The report of `codi ablate` (`codi.cli.ablate` runs `codi.interventions`): verdict, table and chart.
+"""The verdict of `codi ablate` (`codi.cli.ablate` runs `codi.interventions`) and its files; the table,
+chart and intervals are drawn by `codi.report`.
 
     codi ablate --model DIR --data test.txt --limit 500 --no_cot_model NOCOT_DIR --output_dir OUT
 
@@ -21,38 +22,15 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-from collections.abc import Sequence
 
-from .scoring import Z95
+from .report import write_results
 
 logger = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------------
 # The verdict
-
-
-def paired_drop(base: Sequence[bool], other: Sequence[bool], z: float = Z95) -> tuple[float, float, float]:
-    """Accuracy drop acc(base) - acc(other) as a fraction, with its paired 95 % interval (lo, hi).
-
-    b = right -> wrong, c = wrong -> right over the same n items; d = (b - c) / n,
-    Var(d) = ((b + c) / n - d^2) / n.
-    """
-    n = len(base)
-    if n == 0 or n != len(other):
-        raise ValueError(f"paired_drop needs two equal, non-empty lists; got {n} and {len(other)}")
-    b = sum(1 for x, y in zip(base, other) if x and not y)
-    c = sum(1 for x, y in zip(base, other) if y and not x)
-    drop = (b - c) / n
-    half = z * math.sqrt(max((b + c) / n - drop * drop, 0.0) / n)
-    return drop, drop - half, drop + half
-
-
-def binomial_half_width(accuracy: float, n: int, z: float = Z95) -> float:
-    """Half-width of the Wald 95 % interval of an accuracy (fraction) measured on n items."""
-    return z * math.sqrt(max(accuracy * (1 - accuracy), 0.0) / n) if n else float("nan")
 
 
 def verdict(
@@ -91,32 +69,11 @@ def _points(drop: float, lo: float, hi: float) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# Table, files, chart
-
-
-def format_table(result: dict) -> str:
-    """The plain-text table: one row per intervention, the No-CoT reference, then the verdict."""
-    header = f"{'intervention':<22}{'latents':>8}{'accuracy %':>12}{'±95%':>7}{'drop, points [95% CI]':>26}{'answer changed %':>18}"
-    lines = [f"{result['n']} questions, model runs {result['num_latent']} latents", header, "-" * len(header)]
-    for row in result["rows"]:
-        if row["family"] == "none":
-            drop = "(reference)"
-        else:
-            drop = f"{100 * row['drop']:+.1f} [{100 * row['drop_lo']:+.1f}, {100 * row['drop_hi']:+.1f}]"
-        name = "none (unmodified)" if row["family"] == "none" else row["name"]
-        lines.append(
-            f"{name:<22}{row['num_latent']:>8}{100 * row['accuracy']:>12.1f}{100 * row['half_width']:>7.1f}"
-            f"{drop:>26}{100 * row['changed']:>18.1f}"
-        )
-    if result.get("no_cot_accuracy") is not None:
-        lines.append(f"{'No-CoT-SFT (reference)':<22}{'-':>8}{100 * result['no_cot_accuracy']:>12.1f}")
-    lines.append(f"verdict: {result['verdict']}")
-    return "\n".join(lines)
+# Files
 
 
 def write_outputs(result: dict, samples: list[dict], output_dir: str) -> dict[str, str]:
     """samples.jsonl, results.json and table.txt in `output_dir`; returns the paths (and the PNG's)."""
-    os.makedirs(output_dir, exist_ok=True)
     files = {
         name: os.path.join(output_dir, filename)
         for name, filename in (
@@ -126,90 +83,8 @@ def write_outputs(result: dict, samples: list[dict], output_dir: str) -> dict[st
             ("png", "interventions.png"),
         )
     }
+    os.makedirs(output_dir, exist_ok=True)
     with open(files["samples"], "w", encoding="utf-8") as handle:
         handle.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in samples)
-    with open(files["table"], "w", encoding="utf-8") as handle:
-        handle.write(result["table"] + "\n")
-    with open(files["results"], "w", encoding="utf-8") as handle:
-        json.dump({**result, "files": files}, handle, indent=2)
+    write_results(output_dir, {**result, "files": files}, "table.txt")
     return files
-
-
-def _reference_lines(axis, result: dict, base: float) -> None:
-    axis.axhline(
-        100 * base, color="#1f77b4", linestyle="--", linewidth=1, label=f"unmodified ({100 * base:.1f} %)"
-    )
-    if result.get("no_cot_accuracy") is not None:
-        axis.axhline(
-            100 * result["no_cot_accuracy"],
-            color="#555555",
-            linestyle=":",
-            linewidth=1.2,
-            label=f"No-CoT-SFT ({100 * result['no_cot_accuracy']:.1f} %)",
-        )
-
-
-def save_plot(result: dict, path: str) -> None:
-    """Accuracy under each intervention: bars (zero, shuffle, reorder), the noise sweep, the latent count.
-
-    Error bars: the 95 % binomial interval of each accuracy; dashed: the unmodified model; dotted: No-CoT.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on a headless machine
-    import matplotlib.pyplot as plt
-
-    rows = result["rows"]
-    base = next(row for row in rows if row["family"] == "none")["accuracy"]
-    bars = [row for row in rows if row["family"] in ("zero", "shuffle", "reverse", "permute")]
-    noise = [row for row in rows if row["family"] == "noise"]
-    counts = {row["num_latent"]: row for row in rows if row["family"] in ("first_k", "num_latent", "none")}
-    panels = [
-        panel for panel, present in (("bars", bars), ("noise", noise), ("counts", len(counts) > 1)) if present
-    ]
-    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4.2 * max(len(panels), 1), 3.8), squeeze=False)
-    for axis, panel in zip(axes[0], panels):
-        if panel == "bars":
-            values = [100 * row["accuracy"] for row in bars]
-            errors = [100 * row["half_width"] for row in bars]
-            axis.bar(range(len(bars)), values, yerr=errors, color="#ff7f0e", capsize=3)
-            axis.set_xticks(range(len(bars)), [row["name"] for row in bars])
-            for index, (value, error) in enumerate(zip(values, errors)):
-                axis.text(index, value + error + 1, f"{value:.1f}", ha="center", va="bottom", fontsize=8)
-            axis.set_title("latents replaced")
-        elif panel == "noise":
-            sigmas = [row["value"] for row in noise]
-            axis.errorbar(
-                sigmas,
-                [100 * row["accuracy"] for row in noise],
-                yerr=[100 * row["half_width"] for row in noise],
-                marker="o",
-                capsize=3,
-                color="#2ca02c",
-            )
-            if min(sigmas) > 0:
-                axis.set_xscale("log")
-            axis.set_xlabel("noise sigma (x RMS of each latent)")
-            axis.set_title("Gaussian noise on each latent")
-        else:
-            ns = sorted(counts)
-            axis.errorbar(
-                ns,
-                [100 * counts[n]["accuracy"] for n in ns],
-                yerr=[100 * counts[n]["half_width"] for n in ns],
-                marker="o",
-                capsize=3,
-                color="#9467bd",
-            )
-            axis.axvline(result["num_latent"], color="#999999", linewidth=0.8)
-            axis.set_xlabel(f"latents fed (first k; the model runs {result['num_latent']})")
-            axis.set_title("number of latents")
-        _reference_lines(axis, result, base)
-        axis.set_ylim(0, 105)
-        axis.set_ylabel("accuracy (%)")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper right", bbox_to_anchor=(0.99, 0.995), fontsize=8, ncol=len(labels))
-    fig.suptitle(result.get("title") or "interventions on the latents", fontsize=10, x=0.02, ha="left")
-    fig.tight_layout(rect=(0, 0, 1, 0.96))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

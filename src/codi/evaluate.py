@@ -22,6 +22,7 @@ from . import distributed
 from .decoding import DecodingConfig, make_config
 from .eval_data import EvalItem, EvalSetSpec, eval_set_spec, load_eval_set
 from .generate import generate, generate_samples, unfit_questions
+from .report import eval_table, write_results
 
 # The scoring rule lives in `codi.scoring`; these names stay importable from here.
 from .scoring import (  # noqa: F401
@@ -327,51 +328,6 @@ def evaluate_samples(
 # Several datasets, the table, the files
 
 
-def format_table(results: Sequence[dict], speedups: dict[str, float] | None = None) -> str:
-    """A plain-text table of results (one row per dataset and mode)."""
-    header = f"{'dataset':<16} {'mode':<6} {'n':>5} {'acc %':>13} {'strict %':>13} {'time s':>8} "
-    header += f"{'q/s':>8} {'tok/q':>7} {'latent/q':>8}"
-    lines = [header, "-" * len(header)]
-    for result in results:
-        acc = f"{result['accuracy']:.2f}"
-        strict = f"{result['strict_accuracy']:.2f}"
-        if result["num_runs"] > 1:
-            acc += f"±{result['accuracy_std']:.2f}"
-            strict += f"±{result['strict_accuracy_std']:.2f}"
-        lines.append(
-            f"{result['dataset']:<16} {result['mode']:<6} {result['n']:>5} {acc:>13} {strict:>13} "
-            f"{result['wall_time_s']:>8.2f} {result['questions_per_s']:>8.2f} "
-            f"{result['mean_generated_tokens']:>7.1f} {result['mean_latent_positions']:>8.1f}"
-        )
-    for dataset, speedup in (speedups or {}).items():
-        lines.append(f"{dataset}: speedup of CODI (latent) over teacher-mode CoT: {speedup:.2f}x (wall time)")
-    for result in results:
-        if "pass_at_k" in result:
-            lines.append(
-                f"{result['dataset']} {result['mode']}: k={result['num_samples']} samples "
-                f"(latent_noise {result['latent_noise']}, dropout {result['latent_dropout']}, "
-                f"do_sample {result['sample_do_sample']}): pass@k {result['pass_at_k']:.2f} %, majority vote "
-                f"{result['majority_accuracy']:.2f} %, pass@1 {result['pass_at_1']:.2f} % (greedy {result['accuracy']:.2f} %)"
-            )
-    if any(result.get("skipped") for result in results):
-        skipped = ", ".join(f"{r['dataset']} {r['mode']} {r['skipped']}" for r in results if r.get("skipped"))
-        lines.append(
-            f"skipped questions (too long for the model, or empty in CoT mode; counted wrong): {skipped}"
-        )
-    return "\n".join(lines)
-
-
-def write_results(output_dir: str, summary: dict) -> str:
-    """`results.json` (the summary) and `results_table.txt` (its table) in `output_dir`; the JSON path."""
-    os.makedirs(output_dir, exist_ok=True)
-    path = os.path.join(output_dir, "results.json")
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(summary, handle, indent=2)
-    with open(os.path.join(output_dir, "results_table.txt"), "w", encoding="utf-8") as handle:
-        handle.write(summary["table"] + "\n")
-    return path
-
-
 def evaluate_sets(
     model,
     sets: Sequence[tuple],
@@ -397,11 +353,11 @@ def evaluate_sets(
     speedups: dict[str, float] = {}
 
     def save(failed: dict | None = None) -> None:
-        summary.update(results=results, speedups_vs_cot=speedups, table=format_table(results, speedups))
+        summary.update(results=results, speedups_vs_cot=speedups, table=eval_table(results, speedups))
         if failed is not None:
             summary["failed"] = failed
         if output_dir and distributed.is_main_process():
-            write_results(output_dir, summary)
+            write_results(output_dir, summary, "results_table.txt")
 
     for spec, items in sets:
         by_mode = {}

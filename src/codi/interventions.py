@@ -42,9 +42,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .ablate import binomial_half_width, format_table, paired_drop, save_plot, verdict, write_outputs
+from .ablate import verdict, write_outputs
 from .data import encode_question
 from .generate import GenerationOutput, generate, length_order_batches
+from .report import ablation_chart, ablation_table, binomial_half_width, paired_drop
 from .scoring import extractors, is_correct
 
 logger = logging.getLogger(__name__)
@@ -407,8 +408,8 @@ def ablate(
         "rows": rows,
         "verdict": verdict(_drops(rows), margin, rows[0]["accuracy"]),
     }
-    result["table"] = format_table(result)
+    result["table"] = ablation_table(result)
     if output_dir:
         result["files"] = write_outputs(result, samples, output_dir)
-        save_plot(result, result["files"]["png"])
+        ablation_chart(result, result["files"]["png"])
     return result

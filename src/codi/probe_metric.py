@@ -248,28 +248,6 @@ def summarize(records: Sequence[ProbeRecord]) -> dict:
     return summary
 
 
-def format_summary(summary: dict) -> str:
-    """A small text table for the terminal: the Table-3 rates (in order / any order) and the accuracy."""
-
-    def pct(value):
-        return "-" if value is None else f"{100 * value:.1f}"
-
-    lines = [
-        f"probed {summary['num_questions']} questions, {summary['num_latent']} latents, top-{summary['top_k']}"
-        f"; answer accuracy {pct(summary.get('accuracy'))}%",
-        "top-k contain the intermediate results, % in order / any order (n):",
-        f"{'':34}" + "".join(f"{name + ' steps':>20}" for name in (*BUCKETS, "all")),
-    ]
-    for key, where in (("table3", "before projection"), ("table3_after_projection", "after projection")):
-        for rule, table in summary.get(key, {}).items():
-            rows = [table[name] for name in (*BUCKETS, "all")]
-            cells = "".join(
-                f"{pct(r['in_order'])} / {pct(r['any_order'])} ({r['n']})".rjust(20) for r in rows
-            )
-            lines.append(f"{where + ', ' + rule:34}{cells}")
-    return "\n".join(lines)
-
-
 def write_jsonl(records: Sequence[ProbeRecord], path: str) -> str:
     with open(path, "w", encoding="utf-8") as handle:
         for record in records:

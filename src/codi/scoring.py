@@ -20,7 +20,6 @@ from collections.abc import Callable, Sequence
 logger = logging.getLogger(__name__)
 
 _NUMBER = re.compile(r"-?\d+\.?\d*")
-Z95 = 1.959963984540054  # the normal quantile of two-sided 95 % intervals over a test set
 _WHOLE_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)$")
 ABS_TOLERANCE = 1e-4
 REL_TOLERANCE = 1e-9

@@ -5,7 +5,7 @@ from __future__ import annotations
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from .demo.offline_models import random_causal_lm, save_model_and_tokenizer, train_tokenizer
+from .offline_models import random_causal_lm, save_model_and_tokenizer, train_tokenizer
 
 # Llama-3's pre-tokenizer pattern: digits in groups of up to 3, never glued to the space before them.
 LLAMA3_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"

@@ -60,9 +60,8 @@ def main(argv: list[str]) -> int:
         seeds = [int(seed) for seed in args.seeds.split(",") if seed.strip()]
     except ValueError:
         raise ValueError(f"--seeds {args.seeds!r}: expected comma-separated integers") from None
-    result = compare(
+    compare(  # it prints its table
         methods, args.train_file, args.test_file, model, budget, seeds, args.out_dir,
         device=args.device, test_limit=args.test_limit,
     )  # fmt: skip
-    print(result.table)
     return 0

@@ -1,4 +1,4 @@
-"""`codi demo` (`codi.demo.pipeline`) and `codi export-smollm2` (`codi.demo.offline_models`)."""
+"""`codi demo` (`codi.demo.pipeline`: presets of `codi.compare`) and `codi export-smollm2` (`codi.offline_models`)."""
 
 from __future__ import annotations
 
@@ -35,13 +35,14 @@ def main(argv: list[str]) -> int:
     if any(token.split("=")[0] == "--export_smollm2" for token in argv):
         raise UsageError("`codi demo --export_smollm2 DIR` is now `codi export-smollm2 --output_dir DIR`")
     (args,) = parse("codi demo", (DemoArguments,), argv)
-    from ..demo.pipeline import fresh_out_dir, run_demo
+    from ..demo.pipeline import check_demo, fresh_out_dir, run_demo
     from ..demo.presets import parse_overrides
 
     if args.preset == "table1":
         return _table1(args)
     preset = PRESETS[args.preset]
-    preset = replace(preset, **parse_overrides(args.set, preset))  # bad fields fail before any work
+    preset = replace(preset, **parse_overrides(args.set, preset))
+    check_demo(preset, args.seed, args.device)  # every bad value fails before a folder is made or deleted
     out_dir = fresh_out_dir(args.out, args.overwrite)
     run_demo(preset, args.seed, out_dir, probe=not args.no_probe, device=args.device)
     return 0
@@ -56,10 +57,20 @@ def _table1(args: DemoArguments) -> int:
 
     import torch
 
-    from ..compare import run_synthetic
+    from ..compare import (
+        METHODS,
+        TABLE1_BUDGET,
+        TABLE1_METHODS,
+        TABLE1_MODEL,
+        TABLE1_OPTIONS,
+        check_run,
+        run_synthetic,
+    )
     from ..demo.pipeline import fresh_out_dir
     from ..demo.presets import synth_config
 
+    usable = [name for name in TABLE1_METHODS if not METHODS[name].available()]
+    check_run(usable, [args.seed], TABLE1_MODEL, TABLE1_BUDGET, TABLE1_OPTIONS, {}, device=args.device)
     out_dir = fresh_out_dir(args.out, args.overwrite)
     # One thread, as the demo: these models are tiny, and two threads per process under contention
     # measured ~10x slower per step (two seeds can then run side by side on 2 cores).
@@ -71,8 +82,9 @@ def _table1(args: DemoArguments) -> int:
         synth=synth_config(PRESETS["default"], args.seed),
         device=args.device,
     )
-    print(result.table)
-    print(f"wall time {(time.perf_counter() - start) / 60:.1f} min; results in {out_dir}")
+    print(
+        f"wall time {(time.perf_counter() - start) / 60:.1f} min; {len(result.rows)} rows; results in {out_dir}"
+    )
     return 0
 
 
@@ -86,7 +98,7 @@ class ExportArguments:
 
 def export_smollm2(argv: list[str]) -> int:
     (args,) = parse("codi export-smollm2", (ExportArguments,), argv)
-    from ..demo.offline_models import export_smollm2 as export
+    from ..offline_models import export_smollm2 as export
 
     print(f"SmolLM2-135M-Instruct written to {export(args.output_dir)}")
     return 0

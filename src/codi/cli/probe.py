@@ -48,8 +48,8 @@ def main(argv: list[str]) -> int:
     from ..distributed import local_device
     from ..loader import load
     from ..probe import run_probe
-    from ..probe_metric import format_summary
     from ..records import read_records
+    from ..report import probe_table
 
     records = read_records(args.data)[: args.limit]
     model = load(args.model, args.base_model)
@@ -71,7 +71,7 @@ def main(argv: list[str]) -> int:
         max_new_tokens=args.max_new_tokens,
         progress=True,
     )
-    print(format_summary(summary))
+    print(probe_table(summary))
     for name, path in summary["paths"].items():
         print(f"{name}: {path}")
     return 0

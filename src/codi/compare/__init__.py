@@ -7,11 +7,16 @@ tokenizer and data, evaluate them on the same test questions, one table (+ resul
     print(result.table)
 
 Data: any file `codi train` reads (ICoT text `question||cot #### answer`, JSONL {question, cot, answer},
-GSM8k JSONL). Model: from scratch (`ModelSpec()`: the demo's word/digit tokenizer built from the training
-file and a small random GPT-2 or Llama, one per seed) or a pretrained causal LM (`ModelSpec(path=...)`,
-LoRA optional). Every method gets `budget.max_steps` optimizer steps; codi, codi_s and coconut start
-from a CoT-SFT warm-up of `budget.cot_warmup_steps` steps counted inside their budget (Coconut's
-reference starts from a CoT-SFT checkpoint; the demo found CODI needs it from scratch).
+GSM8k JSONL). Model: from scratch (`ModelSpec()`: a word/digit tokenizer built from the training file
+and a small random GPT-2 or Llama, one per seed; `codi.offline_models`) or a pretrained causal LM
+(`ModelSpec(path=...)`, LoRA optional). Every method gets `budget.max_steps` optimizer steps; codi, codi_s
+and coconut start from a CoT-SFT warm-up of `budget.cot_warmup_steps` steps counted inside their budget
+(Coconut's reference starts from a CoT-SFT checkpoint; from scratch, CODI needs it).
+
+A method can be evaluated in several modes (`modes={"codi_s": ("cot", "latent")}`: the same model as a
+CoT teacher and in latent mode, two rows); `parallel=True` trains the methods that need no warm-up in a
+second process while the others train here; `inspect(ctx, model)` runs on every trained model after
+its evaluation (its result lands in the runs' `extra`). `codi demo` is a set of presets of this harness.
 
 A method is an entry of `METHODS` (name -> how to train, how to evaluate): add one with `register`.
 """
@@ -23,12 +28,13 @@ import gc
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 
 from ..data import answer_value
 from ..eval_data import EvalItem
 from ..records import read_records
+from ..report import RunRecord, aggregate, comparison_chart, comparison_table, write_results
 from ..scoring import parse_gold
 from .methods import (
     METHODS,
@@ -38,14 +44,16 @@ from .methods import (
     MethodUnavailable,
     ModelSpec,
     RunContext,
+    check_arguments,
     data_arguments,
     evaluate_generation,
+    evaluate_mode,
     model_arguments,
     register,
     split_options,
     training_arguments,
 )
-from .report import RunRecord, aggregate, format_table, save_chart, write_results
+from .parallel import join_aside, start_aside
 
 logger = logging.getLogger(__name__)
 __all__ = [
@@ -58,6 +66,7 @@ __all__ = [
     "MethodUnavailable",
     "ModelSpec",
     "compare",
+    "evaluate_mode",
     "register",
     "run_synthetic",
 ]
@@ -85,11 +94,12 @@ def prepare_base(spec: ModelSpec, train_file: str, directory: str, seed: int) ->
     word/digit tokenizer is built from the training file (saved in `directory`)."""
     if spec.path is not None:
         return spec.path
-    from ..demo.offline_models import build_base_model
-    from ..demo.synth import to_icot_line
+    from ..offline_models import build_base_model
+    from ..synth import to_icot_line
 
+    marker = "#### " if spec.vocab_answer_marker else ""
     texts = [
-        to_icot_line({"question": r.question, "cot": r.cot, "answer": r.answer})
+        to_icot_line({"question": r.question, "cot": r.cot, "answer": marker + r.answer})
         for r in read_records(train_file)
     ]
     return build_base_model(directory, texts, spec.arch, spec.n_layer, spec.n_embd, spec.n_head, seed)
@@ -114,32 +124,53 @@ def cot_warmup(ctx: RunContext, steps: int) -> str:
     return merged
 
 
-def _run_one(ctx: RunContext, items: Sequence[EvalItem], warmup_s: float) -> RunRecord:
-    start = time.perf_counter()
-    model = ctx.method.train(ctx)
-    train_s = time.perf_counter() - start + warmup_s
+def _run_one(
+    ctx: RunContext,
+    items: Sequence[EvalItem],
+    modes: Sequence[str],
+    warmup_s: float,
+    inspect: Callable | None,
+    trained: tuple | None = None,
+) -> list[RunRecord]:
+    """Train (unless `trained` = (model, train seconds) from a second process), evaluate in each mode."""
+    if trained is None:
+        start = time.perf_counter()
+        model = ctx.method.train(ctx)
+        train_s = time.perf_counter() - start + warmup_s
+    else:
+        model, train_s = trained
     if ctx.device != "cpu":
         model.to(ctx.device)
-    result = (ctx.method.evaluate or evaluate_generation)(model, items, ctx)
+    results = {mode: (ctx.method.evaluate or evaluate_generation)(model, items, ctx, mode) for mode in modes}
+    extra = {"inspect": inspect(ctx, model)} if inspect else {}
     del model
     gc.collect()
-    n = result["n"]
-    return RunRecord(
-        method=ctx.method.name,
-        label=ctx.method.label,
-        mode=ctx.method.eval_mode,
-        seed=ctx.seed,
-        steps=ctx.budget.max_steps,
-        train_wall_s=train_s,
-        n=n,
-        correct=round(result["accuracy"] * n / 100),
-        accuracy=result["accuracy"],
-        tokens_per_answer=result["mean_generated_tokens"],
-        positions_per_answer=result["mean_positions_before_answer_end"],
-        questions_per_s=result["questions_per_s"],
-        cot_warmup_s=warmup_s,
-        extra={"strict_accuracy": result.get("strict_accuracy"), "samples": result.get("samples_files")},
-    )
+    records = []
+    for mode, result in results.items():
+        n = result["n"]
+        records.append(
+            RunRecord(
+                method=ctx.method.name,
+                label=ctx.method.label,
+                mode=mode,
+                seed=ctx.seed,
+                steps=ctx.budget.max_steps,
+                train_wall_s=train_s,
+                n=n,
+                correct=round(result["accuracy"] * n / 100),
+                accuracy=result["accuracy"],
+                tokens_per_answer=result["mean_generated_tokens"],
+                positions_per_answer=result["mean_positions_before_answer_end"],
+                questions_per_s=result["questions_per_s"],
+                cot_warmup_s=warmup_s,
+                extra={
+                    "strict_accuracy": result.get("strict_accuracy"),
+                    "samples": result.get("samples_files"),
+                }
+                | extra,
+            )
+        )
+    return records
 
 
 # --------------------------------------------------------------------------------------------------
@@ -167,6 +198,85 @@ def check_methods(methods: Sequence[str]) -> list[Method]:
     return [METHODS[name] for name in methods]
 
 
+def _contexts(chosen, seed, train_file, out_dir, model, budget, options, device) -> list[RunContext]:
+    """The runs of one seed; those that start from the warm-up name its folder in `init_from`."""
+    seed_dir = os.path.join(out_dir, f"seed{seed}")
+    base = model.path or os.path.join(seed_dir, "base")
+    contexts = []
+    for method in chosen:
+        merged = {**options.get("all", {}), **method.defaults, **options.get(method.name, {})}
+        ctx = RunContext(
+            method, seed, base, train_file, os.path.join(seed_dir, method.name), budget, model, merged, device,
+            budget.max_steps,
+        )  # fmt: skip
+        if method.starts_from_cot and budget.cot_warmup_steps:
+            steps = budget.max_steps - budget.cot_warmup_steps
+            ctx = replace(ctx, init_from=os.path.join(seed_dir, "cot_warmup"), steps=steps)
+        contexts.append(ctx)
+    return contexts
+
+
+def _warmup_context(ctx: RunContext, options: Mapping) -> RunContext:
+    return replace(
+        ctx, method=METHODS["cot_sft"], out_dir=ctx.init_from, options=dict(options.get("all", {})),
+        init_from=None, steps=ctx.budget.cot_warmup_steps,
+    )  # fmt: skip
+
+
+def check_run(methods, seeds, model, budget, options, modes, train_file="train", out_dir="out", device="cpu"):
+    """Every check `compare` makes before it reads data or makes a folder: seeds (non-empty, distinct),
+    methods, option keys, modes, and every run's argument objects (a bad value names its field)."""
+    if not seeds:
+        raise ValueError("compare: no seeds (--seeds: comma-separated integers, e.g. 0,1)")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"compare: seeds must be distinct, got {list(seeds)} (--seeds: e.g. 0,1)")
+    chosen = check_methods(methods)
+    bad = set(options) - set(METHODS) - {"all"}
+    if bad:
+        raise ValueError(f"options given for unknown method(s) {sorted(bad)}")
+    bad_modes = {
+        name: m for name, m in modes.items() if name not in methods or not set(m) <= {"latent", "cot"}
+    }
+    if bad_modes or not all(modes.values()):
+        raise ValueError(f"modes: per chosen method, some of 'latent', 'cot'; got {dict(modes)}")
+    for ctx in _contexts(chosen, seeds[0], train_file, out_dir, model, budget, options, device):
+        ctx.method.check_options(ctx.options)
+        check_arguments(ctx)
+        if ctx.init_from:
+            check_arguments(_warmup_context(ctx, options))
+    return chosen
+
+
+def _run_seed(contexts, items, options, modes, inspect, parallel) -> list[RunRecord]:
+    """Train and evaluate the runs of one seed: the base model, the shared warm-up, each method."""
+    first = contexts[0]
+    prepare_base(first.model, first.train_file, first.base, first.seed)
+    side = [ctx for ctx in contexts if parallel and not ctx.init_from and ctx.method.load]
+    side = side if len(side) < len(contexts) else []
+    aside = {ctx.method.name for ctx in side}
+    child = start_aside(side) if side else None
+    runs, warm, warm_s = [], None, 0.0
+    for ctx in contexts:
+        if ctx.method.name in aside:
+            continue
+        if ctx.init_from:
+            if warm is None:
+                start = time.perf_counter()
+                warm = cot_warmup(_warmup_context(ctx, options), first.budget.cot_warmup_steps)
+                warm_s = time.perf_counter() - start
+            ctx = replace(ctx, init_from=warm)
+        logger.info("seed %d: training %s (%d steps)", ctx.seed, ctx.method.name, ctx.steps)
+        mine = modes.get(ctx.method.name, (ctx.method.eval_mode,))
+        runs += _run_one(ctx, items, mine, warm_s if ctx.init_from else 0.0, inspect)
+    if child is not None:
+        times = join_aside(*child, side)
+        for ctx in side:
+            trained = (ctx.method.load(ctx), times[ctx.method.name])
+            mine = modes.get(ctx.method.name, (ctx.method.eval_mode,))
+            runs += _run_one(ctx, items, mine, 0.0, inspect, trained)
+    return runs
+
+
 def compare(
     methods: Sequence[str],
     train_file: str,
@@ -180,6 +290,10 @@ def compare(
     device: str = "cpu",
     test_limit: int | None = None,
     title: str = "",
+    modes: Mapping[str, Sequence[str]] | None = None,
+    parallel: bool = False,
+    inspect: Callable | None = None,
+    table: Callable = comparison_table,
 ) -> CompareResult:
     """Train `methods` on `train_file` for each seed, evaluate on `test_file`, one table.
 
@@ -187,66 +301,37 @@ def compare(
     (`CODIModelArguments`), data (`CODIDataArguments`) or the method's own (e.g. `ICoTArguments`) fields.
     iCoT without a schedule in its options removes the longest CoT by half of its steps
     (`removal_done_at`, see `codi.compare.methods.icot_step_schedule`): the reference's 8 tokens per epoch
-    would not fit a step budget.
+    would not fit a step budget. modes, parallel, inspect: see the module docstring; table: how the rows
+    are printed (`codi.report.comparison_table`, or `speedup_table` as the demo does).
+    Everything is checked before anything is read or made (`check_run`).
     Writes `out_dir/results.json`, `results.png`, `table.txt`; each run in `out_dir/seed<S>/<method>`.
     """
     model, budget, options = model or ModelSpec(), budget or Budget(), dict(options or {})
-    if not seeds:
-        raise ValueError("compare: no seeds (--seeds: comma-separated integers, e.g. 0,1)")
-    chosen = check_methods(methods)
-    bad = set(options) - set(METHODS) - {"all"}
-    if bad:
-        raise ValueError(f"options given for unknown method(s) {sorted(bad)}")
-    for method in chosen:
-        method.check_options({**options.get("all", {}), **method.defaults, **options.get(method.name, {})})
+    modes = {name: tuple(value) for name, value in (modes or {}).items()}
+    seeds = list(seeds)
+    chosen = check_run(methods, seeds, model, budget, options, modes, train_file, out_dir, device)
     items = read_test_items(test_file, test_limit)
     read_records(train_file)  # a bad training file fails before anything trains
     os.makedirs(out_dir, exist_ok=True)
     runs = []
     for seed in seeds:
-        seed_dir = os.path.join(out_dir, f"seed{seed}")
-        base = prepare_base(model, train_file, os.path.join(seed_dir, "base"), seed)
-        warm, warm_s = None, 0.0
-        for method in chosen:
-            merged = {**options.get("all", {}), **method.defaults, **options.get(method.name, {})}
-            ctx = RunContext(
-                method, seed, base, train_file, os.path.join(seed_dir, method.name), budget, model, merged, device,
-                budget.max_steps,
-            )  # fmt: skip
-            if method.starts_from_cot and budget.cot_warmup_steps:
-                if warm is None:
-                    start = time.perf_counter()
-                    common = {**options.get("all", {})}
-                    warm_ctx = dataclasses.replace(
-                        ctx, out_dir=os.path.join(seed_dir, "cot_warmup"), options=common
-                    )
-                    warm = cot_warmup(warm_ctx, budget.cot_warmup_steps)
-                    warm_s = time.perf_counter() - start
-                ctx = dataclasses.replace(
-                    ctx, init_from=warm, steps=budget.max_steps - budget.cot_warmup_steps
-                )
-            logger.info("seed %d: training %s (%d steps)", seed, method.name, ctx.steps)
-            runs.append(_run_one(ctx, items, warm_s if method.starts_from_cot and warm else 0.0))
+        contexts = _contexts(chosen, seed, train_file, out_dir, model, budget, options, device)
+        runs += _run_seed(contexts, items, options, modes, inspect, parallel)
     rows = aggregate(runs, [method.name for method in chosen])
-    table = format_table(rows)
-    paths = {name: os.path.join(out_dir, name) for name in ("results.json", "results.png", "table.txt")}
+    text = table(rows)
     config = {
-        "methods": list(methods),
-        "train_file": train_file,
-        "test_file": test_file,
-        "model": dataclasses.asdict(model),
-        "budget": dataclasses.asdict(budget),
-        "seeds": list(seeds),
-        "options": options,
-        "device": device,
-    }
-    write_results(paths["results.json"], config, rows, runs, table)
-    save_chart(rows, paths["results.png"], title)
-    with open(paths["table.txt"], "w") as handle:
-        handle.write(table + "\n")
+        "methods": list(methods), "train_file": train_file, "test_file": test_file,
+        "model": dataclasses.asdict(model), "budget": dataclasses.asdict(budget), "seeds": seeds,
+        "options": options, "modes": modes, "device": device,
+    }  # fmt: skip
+    paths = {name: os.path.join(out_dir, name) for name in ("results.json", "results.png", "table.txt")}
+    rows_json = [dataclasses.asdict(row) for row in rows]
+    runs_json = [dataclasses.asdict(run) for run in runs]
+    write_results(out_dir, {"config": config, "rows": rows_json, "runs": runs_json, "table": text})
+    comparison_chart(rows, paths["results.png"], title)
     print(f"\n{title or 'comparison'}: {len(items)} test questions, {budget.max_steps} steps per method\n")
-    print(table)
-    return CompareResult(rows, runs, table, paths)
+    print(text)
+    return CompareResult(rows, runs, text, paths)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -271,7 +356,7 @@ TABLE1_OPTIONS: dict[str, dict] = {
 def synthetic_data(out_dir: str, synth=None) -> dict[str, str]:
     """Write the demo's data (default: its default preset's: 3-step mod-10 chains, uniform wording,
     20000 / 200 / 500 records, data seed 0) into `out_dir`; returns the `.txt` path of each split."""
-    from ..demo.synth import SynthConfig, synthesize
+    from ..synth import SynthConfig, synthesize
 
     config = synth or SynthConfig(
         n_train=20000, n_validation=200, n_test=500, min_steps=3, max_steps=3, wording="uniform", seed=0

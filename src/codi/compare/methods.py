@@ -2,7 +2,8 @@
 the model and budget every method shares, and the arguments of one run.
 
 Add a method with `register(Method(name, label, eval_mode, train))`; `train(ctx: RunContext)` returns a
-trained model that `evaluate(model, items, ctx)` scores (default: `codi.evaluate` in `eval_mode`).
+trained model that `evaluate(model, items, ctx, mode)` scores (default: `codi.evaluate` in `mode`, by
+default the method's `eval_mode`).
 """
 
 from __future__ import annotations
@@ -38,8 +39,24 @@ class ModelSpec:
     lora_r: int = 128
     lora_alpha: int = 32
     num_latent: int = 6
-    prj_dim: int | None = None  # None: 2 x n_embd from scratch, the CODI default (768) for a path
+    prj_dim: int | None = None  # None: 2 x n_embd from scratch, the model's hidden size for a path
     dtype: str = "float32"
+    # from scratch: build the vocabulary from `question||cot #### answer` lines (the demo's tokenizer:
+    # one more, unused, token "#") instead of `question||cot answer`
+    vocab_answer_marker: bool = False
+
+    def __post_init__(self) -> None:
+        if self.path is not None:
+            return
+        from ..offline_models import ARCHS
+
+        if self.arch not in ARCHS:
+            raise ValueError(f"model: arch must be one of {ARCHS}, got {self.arch!r}")
+        if min(self.n_layer, self.n_embd, self.n_head) < 1 or self.n_embd % self.n_head:
+            raise ValueError(
+                f"model: n_layer, n_embd and n_head must be >= 1 and n_embd a multiple of n_head, got "
+                f"{self.n_layer}, {self.n_embd}, {self.n_head}"
+            )
 
 
 @dataclass
@@ -62,9 +79,10 @@ class Budget:
     progress: bool = False
 
     def __post_init__(self) -> None:
-        if self.max_steps < 1 or self.batch_size < 1:
+        if min(self.max_steps, self.batch_size, self.eval_batch_size, self.max_new_tokens) < 1:
             raise ValueError(
-                f"budget: max_steps and batch_size must be >= 1, got {self.max_steps}, {self.batch_size}"
+                "budget: max_steps, batch_size, eval_batch_size and max_new_tokens must be >= 1, got "
+                f"{self.max_steps}, {self.batch_size}, {self.eval_batch_size}, {self.max_new_tokens}"
             )
         if not 0 <= self.cot_warmup_steps < self.max_steps:
             raise ValueError(
@@ -95,8 +113,10 @@ class Method:
 
     eval_mode: `generate` mode; "latent" (continuous thoughts) or "cot" (decoding from the question:
     an explicit CoT for CoT-SFT, none for No-CoT-SFT and iCoT, whose CoT was removed in training).
-    train(ctx) -> a trained model that `evaluate(model, items, ctx)` (default: `codi.evaluate`) accepts.
-    available() -> None, or why the method cannot run here.
+    train(ctx) -> a trained model that `evaluate(model, items, ctx, mode)` (default: `codi.evaluate`)
+    accepts. available() -> None, or why the method cannot run here. trains_as: the `method` its
+    `CODITrainingArguments` get (codi, cot_sft, ...). load(ctx) -> the model `train` saved in
+    `ctx.out_dir` (when set, the method can train in a second process: `compare(parallel=True)`).
     """
 
     name: str
@@ -110,6 +130,8 @@ class Method:
     # argument classes (beyond training / model / data) and loose keys the method's options may hold
     option_classes: Callable[[], tuple[type, ...]] = lambda: ()
     option_keys: frozenset = frozenset()
+    trains_as: str = "cot_sft"
+    load: Callable | None = None
 
     def check_options(self, options: Mapping) -> None:
         """Raise on a key that neither the shared argument classes nor this method know."""
@@ -148,7 +170,7 @@ def split_options(method: str, options: Mapping, extra_classes: Sequence[type] =
 
 def model_arguments(ctx: RunContext, path: str, **overrides) -> CODIModelArguments:
     spec = ctx.model
-    prj_dim = spec.prj_dim or (2 * spec.n_embd if spec.path is None else 768)
+    prj_dim = spec.prj_dim or (2 * spec.n_embd if spec.path is None else None)  # None: the model's width
     values = dict(
         model_name_or_path=path,
         use_lora=spec.use_lora,
@@ -156,7 +178,6 @@ def model_arguments(ctx: RunContext, path: str, **overrides) -> CODIModelArgumen
         lora_alpha=spec.lora_alpha,
         prj_dim=prj_dim,
         num_latent=spec.num_latent,
-        inf_latent_iterations=spec.num_latent,
         dtype=spec.dtype,
     )
     return CODIModelArguments(**{**values, **overrides})
@@ -197,9 +218,30 @@ def data_arguments(ctx: RunContext, **overrides) -> CODIDataArguments:
 # The methods
 
 
-def _train_with_codi_trainer(ctx: RunContext, method: str):
+def check_arguments(ctx: RunContext) -> None:
+    """Build every argument object of `ctx`'s run (nothing trains): a bad value fails here, before any
+    folder is made, naming its field."""
+    method = ctx.method
+    options = {k: v for k, v in ctx.options.items() if k not in method.option_keys}
+    classes = method.option_classes()
+    training, model, data, *own = split_options(method.name, options, classes)
+    model_arguments(ctx, ctx.init_from or ctx.base, **model)
+    data_arguments(ctx, **data)
+    training_arguments(ctx, method.trains_as, ctx.steps, ctx.out_dir, **training)
+    for cls, values in zip(classes, own):
+        cls(**values)
+
+
+def _load_codi(ctx: RunContext):
+    from ..model import CODIModel
+
+    return CODIModel.from_pretrained(ctx.out_dir)
+
+
+def _train_with_codi_trainer(ctx: RunContext):
     from ..training import train
 
+    method = ctx.method.trains_as
     training, model, data = split_options(ctx.method.name, ctx.options)
     result = train(
         model_arguments(ctx, ctx.init_from or ctx.base, **model),
@@ -290,19 +332,23 @@ def _train_coconut(ctx: RunContext):
 # The paper's objective (distillation factor 1, smooth L1 over layers divided by the teacher's std:
 # the GPT-2 preset); CODI+S adds the latent step supervision (not in the paper) as `codi demo` does.
 _CODI = dict(distill_loss_type="smooth_l1", distill_loss_factor=1.0, distill_loss_div_std=True)
-register(Method("codi", "CODI", "latent", lambda ctx: _train_with_codi_trainer(ctx, "codi"), True, _CODI))
+_BY_TRAINER = dict(train=_train_with_codi_trainer, load=_load_codi)
+register(
+    Method("codi", "CODI", "latent", starts_from_cot=True, defaults=_CODI, trains_as="codi", **_BY_TRAINER)
+)
 register(
     Method(
         "codi_s",
         "CODI+S",
         "latent",
-        lambda ctx: _train_with_codi_trainer(ctx, "codi"),
-        True,
-        {**_CODI, "distill_loss_factor": 0.25, "latent_step_loss_factor": 1.0},
+        starts_from_cot=True,
+        defaults={**_CODI, "distill_loss_factor": 0.25, "latent_step_loss_factor": 1.0},
+        trains_as="codi",
+        **_BY_TRAINER,
     )
 )
-register(Method("cot_sft", "CoT-SFT", "cot", lambda ctx: _train_with_codi_trainer(ctx, "cot_sft")))
-register(Method("no_cot_sft", "No-CoT-SFT", "cot", lambda ctx: _train_with_codi_trainer(ctx, "no_cot_sft")))
+register(Method("cot_sft", "CoT-SFT", "cot", trains_as="cot_sft", **_BY_TRAINER))
+register(Method("no_cot_sft", "No-CoT-SFT", "cot", trains_as="no_cot_sft", **_BY_TRAINER))
 
 
 def _icot_arguments() -> tuple[type, ...]:
@@ -341,29 +387,45 @@ register(
         True,
         available=_coconut_missing,
         option_classes=_coconut_arguments,
+        trains_as="coconut",
     )
 )
 TABLE1_METHODS = ("codi", "codi_s", "coconut", "icot", "cot_sft", "no_cot_sft")
 
 
-def evaluate_generation(model, items: Sequence[EvalItem], ctx: RunContext) -> dict:
-    """`codi.evaluate.evaluate` in the method's mode; questions/s is the fastest of the timing passes."""
+def evaluate_mode(
+    model,
+    items: Sequence[EvalItem],
+    mode: str,
+    budget: Budget,
+    name: str = "eval",
+    out_dir: str | None = None,
+) -> dict:
+    """`codi.evaluate.evaluate` in `mode` with the budget's decoding; questions/s is the fastest of
+    `budget.timing_repeats` identical passes (greedy: the same answers), so a busy machine does not
+    decide the comparison; answers, scores and sample files are the first pass's."""
     from ..evaluate import evaluate
 
     result = None
-    for repeat in range(max(1, ctx.budget.timing_repeats)):
+    for repeat in range(max(1, budget.timing_repeats)):
         run = evaluate(
             model,
             items,
-            ctx.method.eval_mode,
-            ctx.budget.eval_batch_size,
-            name=ctx.method.name,
-            max_new_tokens=ctx.budget.max_new_tokens,
-            output_dir=ctx.out_dir if repeat == 0 else None,
+            mode,
+            budget.eval_batch_size,
+            name=name,
+            max_new_tokens=budget.max_new_tokens,
+            output_dir=out_dir if repeat == 0 else None,
             warmup=repeat == 0,
         )
         if result is None:
-            result = run  # the first pass: answers, scores and sample files
-        elif run["questions_per_s"] > result["questions_per_s"]:  # greedy: the same answers again
+            result = run
+        elif run["questions_per_s"] > result["questions_per_s"]:
             result = {**result, "questions_per_s": run["questions_per_s"], "wall_time_s": run["wall_time_s"]}
     return result
+
+
+def evaluate_generation(model, items: Sequence[EvalItem], ctx: RunContext, mode: str | None = None) -> dict:
+    """The default `Method.evaluate`: `evaluate_mode` in `mode` (default the method's), files in the run's
+    folder."""
+    return evaluate_mode(model, items, mode or ctx.method.eval_mode, ctx.budget, ctx.method.name, ctx.out_dir)

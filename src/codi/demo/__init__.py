@@ -1,9 +1,9 @@
-"""The offline toy demo (`codi demo`, `codi data synth`, `codi export-smollm2`): not part of the method.
+"""The offline toy demo (`codi demo`): not part of the method, a set of presets of the comparison
+harness (`codi.compare`).
 
-- `synth`: synthetic GSM8k-Aug-style word problems with equation CoTs (pure Python);
-- `offline_models`: models the project makes itself (a digit-level tokenizer, random tiny GPT-2 /
-  Llama models, shared with `codi.testing`) and the de-quantised offline SmolLM2;
-- `pipeline`: data -> base model -> No-CoT-SFT and CODI -> evaluation -> table, JSON and chart.
+- `presets`: the demo's sizes and settings, `--set KEY=VALUE` overrides;
+- `pipeline`: a preset -> the harness's settings; data -> `codi.compare` -> the demo's claims.
 
-Nothing is imported here, so `codi.demo.synth` stays importable without torch.
+The synthetic data (`codi.synth`) and the models the project makes itself (`codi.offline_models`) live
+outside: the harness and the tests use them too.
 """

@@ -1,14 +1,15 @@
-"""`codi demo`: the offline end-to-end demonstration of CODI on data and a model it makes itself.
+"""`codi demo`: the offline end-to-end demonstration of CODI, as presets of the comparison harness
+(`codi.compare`) on data and a model it makes itself.
 
-1. synthetic GSM8k-Aug-style data (`codi.demo.synth`): train / validation / test, disjoint by problem;
-2. a word/digit-level tokenizer (`tokenizers` WordLevel, every digit its own token) and a small
-   GPT-2 from scratch (`codi.demo.offline_models`), saved HF-style under `<out>/base` so every other
-   command can load it;
-3. No-CoT-SFT and CODI trained with the same model size and the same number of steps;
-4. evaluation on the held-out test split: CODI in latent mode, the same CODI model in teacher CoT mode,
-   and No-CoT; the latent probe;
-5. one table (accuracy, tokens generated per answer, questions/s, speedup vs CoT) printed and saved as
-   `results.json` and `results.png` in a fresh output folder.
+1. synthetic GSM8k-Aug-style data (`codi.synth`): train / validation / test, disjoint by problem;
+2. `codi.compare` with the preset's settings (`harness_settings`): a word/digit-level tokenizer and a
+   small GPT-2 from scratch (saved HF-style under `<out>/seed<S>/base`), No-CoT-SFT and CODI trained
+   with the same number of steps (No-CoT-SFT in a second process), CODI evaluated in latent mode and as
+   the CoT teacher, No-CoT-SFT without a CoT; after CODI's evaluation its latent accuracy on training
+   questions (a memorisation check) and the latent probe (`inspect`);
+3. the harness's table in the demo's form (`codi.report.speedup_table`: accuracy, tokens and positions
+   per answer, questions/s, speedup vs the CoT teacher), chart and `results.json`, plus the demo's
+   claims, in a fresh output folder.
 
 The presets are in `codi.demo.presets`; docs/demo.md records every regime tried and why these values.
 """
@@ -19,126 +20,85 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
-import torch
-
-from .offline_models import build_base_model
 from .presets import Preset, synth_config
-from .synth import make_splits, to_icot_line, write_splits
 
 logger = logging.getLogger(__name__)
 
 
-def train_method(
-    method: str,
-    base: str,
-    train_file: str,
-    out_dir: str,
-    preset: Preset,
-    seed: int,
-    max_steps: int,
-    device: str = "cpu",
-    progress: bool = True,
-):
-    """Train one method from `base` for `max_steps` steps; returns the `TrainResult`."""
-    from ..config import CODIDataArguments, CODIModelArguments, CODITrainingArguments
-    from ..training import train
-
-    model_args = CODIModelArguments(
-        model_name_or_path=base,
-        use_lora=False,
-        prj_dim=2 * preset.n_embd,
-        num_latent=preset.num_latent,
-        inf_latent_iterations=preset.num_latent,
-    )
-    data_args = CODIDataArguments(train_file=train_file)
-    training_args = CODITrainingArguments(
-        output_dir=out_dir,
-        method=method,
-        max_steps=max_steps,
-        per_device_train_batch_size=preset.batch_size,
-        learning_rate=preset.learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=min(50, max_steps // 10),
-        weight_decay=0.01,
-        max_grad_norm=2.0,
-        distill_loss_factor=preset.distill_factor,
-        distill_loss_type=preset.distill_loss_type,
-        distill_loss_div_std=preset.distill_div_std,
-        ref_loss_factor=preset.ref_loss_factor,
-        latent_step_loss_factor=preset.latent_step_factor if method == "codi" else 0.0,
-        logging_steps=max(1, max_steps // 10),
-        save_strategy="no",
-        report_to="none",
-        use_cpu=device == "cpu",
-        seed=seed,
-        dataloader_num_workers=0,
-        disable_tqdm=not progress,
-    )
-    return train(model_args, data_args, training_args)
-
-
-def _train_quietly(*args) -> None:
-    """Child-process entry: one thread (the parent trains on the other core), no progress bar."""
-    torch.set_num_threads(1)
-    logging.basicConfig(level=logging.WARNING)
-    train_method(*args, progress=False)
-
-
-def _final_logs(run_dir: str) -> list[dict]:
-    """The last logged training losses of a run (from the Trainer's saved state)."""
-    path = os.path.join(run_dir, "trainer_state.json")
-    if not os.path.isfile(path):
-        return []
-    with open(path) as handle:
-        return [entry for entry in json.load(handle)["log_history"] if "loss" in entry][-1:]
-
-
-# --------------------------------------------------------------------------------------------------
-# Evaluation
-
-
 @dataclass
-class Row:
-    """One line of the results table."""
+class HarnessSettings:
+    """What `codi.compare.compare` gets from a preset."""
 
-    name: str
-    mode: str
-    accuracy: float
-    tokens_per_answer: float
-    positions_per_answer: float
-    questions_per_s: float
-    n: int
-    speedup_vs_cot: float = 1.0
+    methods: list[str]
+    model: object  # codi.compare.ModelSpec
+    budget: object  # codi.compare.Budget
+    options: dict
+    modes: dict
 
 
-def score(model, records: list[dict], mode: str, preset: Preset, name: str, timing_repeats: int = 3) -> Row:
-    """Greedy answers for `records`; accuracy by `codi.scoring` (the rule `codi eval` uses)."""
-    from ..generate import generate
-    from ..scoring import extract_answer, is_correct, parse_gold
+def codi_method(preset: Preset) -> str:
+    """The harness's CODI entry: codi_s (CODI+S) when the latent step supervision is on, else codi."""
+    return "codi_s" if preset.latent_step_factor else "codi"
 
-    questions = [record["question"] for record in records]
-    model.eval()
-    # Speed: the fastest of `timing_repeats` identical passes (greedy decoding is deterministic), so a
-    # busy shared machine (another demo, the No-CoT child finishing) does not decide the comparison.
-    seconds = float("inf")
-    for _ in range(max(1, timing_repeats)):
-        start = time.perf_counter()
-        with torch.inference_mode():
-            outputs = generate(
-                model, questions, mode=mode, max_new_tokens=64, batch_size=preset.eval_batch_size
-            )
-        seconds = min(seconds, time.perf_counter() - start)
-    correct = 0
-    for output, record in zip(outputs, records):
-        correct += is_correct(extract_answer(output.text), parse_gold(record["answer"]))
-    n = len(records)
-    tokens = sum(output.num_generated_tokens for output in outputs) / n
-    latent = sum(output.num_latent_positions for output in outputs) / n
-    # positions decoded per answer: generated tokens, plus <bot>, the latents and <eot> in latent mode
-    positions = tokens + (latent + 2 if mode == "latent" else 0)
-    return Row(name, mode, correct / n, tokens, positions, n / seconds, n)
+
+def method_label(preset: Preset) -> str:
+    """The method's name in the table: CODI+S when the latent step supervision is on, else CODI."""
+    from ..compare import METHODS
+
+    return METHODS[codi_method(preset)].label
+
+
+def harness_settings(preset: Preset, device: str = "cpu") -> HarnessSettings:
+    """The preset as the harness's model, budget, per-method options and evaluation modes."""
+    from ..compare import Budget, ModelSpec
+
+    codi = codi_method(preset)
+    model = ModelSpec(
+        arch=preset.arch, n_layer=preset.n_layer, n_embd=preset.n_embd, n_head=preset.n_head,
+        num_latent=preset.num_latent, vocab_answer_marker=True,
+    )  # fmt: skip
+    budget = Budget(
+        max_steps=preset.steps_budget, cot_warmup_steps=preset.cot_warmup_steps, batch_size=preset.batch_size,
+        learning_rate=preset.learning_rate, eval_batch_size=preset.eval_batch_size, max_new_tokens=64,
+        timing_repeats=3, progress=True,
+    )  # fmt: skip
+    # every run (the warm-up and No-CoT-SFT too) gets the preset's loss settings; the step supervision
+    # is CODI's alone
+    shared = dict(
+        distill_loss_factor=preset.distill_factor, distill_loss_type=preset.distill_loss_type,
+        distill_loss_div_std=preset.distill_div_std, ref_loss_factor=preset.ref_loss_factor,
+    )  # fmt: skip
+    options = {"all": shared, codi: {**shared, "latent_step_loss_factor": preset.latent_step_factor}}
+    methods = ([] if preset.skip_no_cot else ["no_cot_sft"]) + [codi]
+    return HarnessSettings(methods, model, budget, options, {codi: ("cot", "latent")})
+
+
+def check_demo(preset: Preset, seed: int, device: str = "cpu") -> HarnessSettings:
+    """Every check of a run, before any folder is made or deleted: the data settings and every
+    training run's arguments (`codi.compare.check_run`)."""
+    from ..compare import check_run
+
+    synth_config(preset, seed)
+    settings = harness_settings(preset, device)
+    check_run(
+        settings.methods, [seed], settings.model, settings.budget, settings.options, settings.modes,
+        device=device,
+    )  # fmt: skip
+    return settings
+
+
+def claim_check(rows: dict) -> dict[str, bool]:
+    """The claims the demo checks (listed in docs/demo.md), evaluated on this run's rows (accuracy in %)."""
+    latent, cot = rows["codi_latent"], rows["codi_cot"]
+    no_cot = rows["no_cot"].accuracy if "no_cot" in rows else 100.0
+    return {
+        "latent >= 0.85 x teacher CoT": latent.accuracy >= 0.85 * cot.accuracy,
+        "latent >= No-CoT + 15 points": latent.accuracy >= no_cot + 15,
+        "latent decodes >= 2x fewer positions": 2 * latent.positions_per_answer <= cot.positions_per_answer,
+        "latent answers faster than CoT": latent.questions_per_s > cot.questions_per_s,
+    }
 
 
 def run_probe(model, records: list[dict], out_dir: str) -> dict | None:
@@ -161,61 +121,96 @@ def run_probe(model, records: list[dict], out_dir: str) -> dict | None:
     return summary
 
 
-# --------------------------------------------------------------------------------------------------
-# Report
+def _inspector(out_dir: str, paths: dict, n_test: int, budget, probe: bool):
+    """After CODI's evaluation: its latent accuracy on training questions, then the probe."""
+    from ..compare import evaluate_mode, read_test_items
+
+    def inspect(ctx, model) -> dict | None:
+        if ctx.method.trains_as != "codi":
+            return None
+        items = read_test_items(paths["train"], n_test)
+        check = evaluate_mode(model, items, "latent", replace(budget, timing_repeats=1), "train_questions")
+        summary = None
+        if probe:
+            with open(paths["test"].removesuffix(".txt") + ".jsonl") as handle:
+                records = [json.loads(line) for line in handle][:200]
+            summary = run_probe(model, records, os.path.join(out_dir, "probe"))
+        return {"train_questions_latent_accuracy": check["accuracy"], "probe": summary}
+
+    return inspect
 
 
-def method_label(preset: Preset) -> str:
-    """The method's name in the table: CODI+S when the latent step supervision is on, else CODI."""
-    return "CODI+S" if preset.latent_step_factor else "CODI"
+def _final_logs(run_dir: str, last: int) -> list[dict]:
+    """The last logged training losses of a run (from the Trainer's saved state)."""
+    path = os.path.join(run_dir, "trainer_state.json")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as handle:
+        return [entry for entry in json.load(handle)["log_history"] if "loss" in entry][-last:]
 
 
-def format_table(rows: list[Row]) -> str:
-    header = f"{'method':<26}{'accuracy':>9}{'tokens/ans':>12}{'positions/ans':>15}{'questions/s':>13}{'speedup':>9}"
-    lines = [header, "-" * len(header)]
-    for row in rows:
-        lines.append(
-            f"{row.name:<26}{100 * row.accuracy:>8.1f}%{row.tokens_per_answer:>12.1f}"
-            f"{row.positions_per_answer:>15.1f}{row.questions_per_s:>13.1f}{row.speedup_vs_cot:>8.2f}x"
+def _print_notes(preset: Preset, rows: dict, train_accuracy: float, checks: dict) -> None:
+    label = method_label(preset)
+    if preset.latent_step_factor:
+        print(
+            f"\n{label} = the paper's CODI loss plus latent step supervision (latent_step_factor="
+            f"{preset.latent_step_factor}, not part of the paper); `--preset paper` trains the paper's loss alone"
         )
-    return "\n".join(lines)
+    n = rows["codi_latent"].n
+    print(f"\n{label} latent accuracy on {n} training questions: {train_accuracy:.1f}% (memorisation check)")
+    for claim, ok in checks.items():
+        print(f"  [{'x' if ok else ' '}] {claim}")
 
 
-def claim_check(rows: dict[str, Row]) -> dict[str, bool]:
-    """The claims the demo checks (listed in docs/demo.md), evaluated on this run."""
-    latent, cot = rows["codi_latent"], rows["codi_cot"]
-    no_cot = rows.get("no_cot", Row("none", "cot", 1.0, 0, 0, 0, 0))
-    return {
-        "latent >= 0.85 x teacher CoT": latent.accuracy >= 0.85 * cot.accuracy,
-        "latent >= No-CoT + 15 points": latent.accuracy >= no_cot.accuracy + 0.15,
-        "latent decodes >= 2x fewer positions": 2 * latent.positions_per_answer <= cot.positions_per_answer,
-        "latent answers faster than CoT": latent.questions_per_s > cot.questions_per_s,
+ROW_KEYS = {("cot", False): "no_cot", ("cot", True): "codi_cot", ("latent", True): "codi_latent"}
+
+
+def run_demo(preset: Preset, seed: int, out_dir: str, probe: bool = True, device: str = "cpu") -> dict:
+    """Data -> `codi.compare` (base model, No-CoT-SFT and CODI, evaluation, table, JSON, chart) -> claims."""
+    import torch
+
+    from ..compare import compare
+    from ..report import speedup_table, write_results
+    from ..synth import synthesize
+
+    settings = check_demo(preset, seed, device)
+    # One thread: these models are tiny, and on a shared 2-core machine two threads per process
+    # measured ~7x slower per step than one (synchronisation under contention).
+    torch.set_num_threads(1)
+    wall = time.perf_counter()
+    paths = synthesize(os.path.join(out_dir, "data"), synth_config(preset, seed))
+    result = compare(
+        settings.methods, paths["train"], paths["test"], settings.model, settings.budget, [seed], out_dir,
+        options=settings.options, device=device, title=f"CODI demo, seed {seed} ({out_dir})",
+        modes=settings.modes, parallel=preset.parallel, table=speedup_table,
+        inspect=_inspector(out_dir, paths, preset.n_test, settings.budget, probe),
+    )  # fmt: skip
+    rows = {ROW_KEYS[row.mode, row.method != "no_cot_sft"]: row for row in result.rows}
+    codi_run = next(run for run in result.runs if run.extra.get("inspect"))
+    checks = claim_check(rows)
+    seed_dir = os.path.join(out_dir, f"seed{seed}")
+    with open(result.paths["results.json"]) as handle:
+        saved = json.load(handle)
+    summary = saved | {
+        "preset": asdict(preset),
+        "seed": seed,
+        "rows": {key: asdict(row) for key, row in rows.items()},
+        "train_questions_latent_accuracy": codi_run.extra["inspect"]["train_questions_latent_accuracy"],
+        "claim": checks,
+        "timings": {f"train_{run.method}_s": run.train_wall_s for run in result.runs}
+        | {"total_s": time.perf_counter() - wall},
+        "final_logs": {
+            "no_cot": _final_logs(os.path.join(seed_dir, "no_cot_sft"), 1),
+            "codi": _final_logs(os.path.join(seed_dir, codi_method(preset)), 2),
+        },
+        "probe": codi_run.extra["inspect"]["probe"],
     }
-
-
-def save_chart(rows: list[Row], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on a headless machine
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-    names = [row.name for row in rows]
-    colours = ["#888888", "#1f77b4", "#ff7f0e", "#2ca02c"][: len(rows)]
-    metrics = (
-        ("accuracy (%)", [100 * r.accuracy for r in rows]),
-        ("positions decoded per answer", [r.positions_per_answer for r in rows]),
-        ("questions / s", [r.questions_per_s for r in rows]),
+    write_results(out_dir, summary)
+    _print_notes(preset, rows, summary["train_questions_latent_accuracy"], checks)
+    print(
+        f"wall time {summary['timings']['total_s'] / 60:.1f} min; results.json and results.png in {out_dir}"
     )
-    for axis, (title, values) in zip(axes, metrics):
-        axis.bar(range(len(rows)), values, color=colours)
-        axis.set_xticks(range(len(rows)), names, rotation=20, ha="right", fontsize=8)
-        axis.set_title(title)
-        for index, value in enumerate(values):
-            axis.text(index, value, f"{value:.1f}", ha="center", va="bottom", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return summary
 
 
 DEMO_MARKER = ".codi-demo"  # written first into every demo folder: `--overwrite` deletes only those
@@ -240,134 +235,3 @@ def fresh_out_dir(requested: str | None, overwrite: bool) -> str:
     with open(os.path.join(path, DEMO_MARKER), "w") as handle:
         handle.write("written by codi demo; codi demo --overwrite may replace this folder\n")
     return path
-
-
-# --------------------------------------------------------------------------------------------------
-# The pipeline
-
-
-def run_demo(preset: Preset, seed: int, out_dir: str, probe: bool = True, device: str = "cpu") -> dict:
-    """Data -> base model -> No-CoT-SFT and CODI -> evaluation -> table, JSON and chart."""
-    from tqdm.auto import tqdm
-
-    # One thread: these models are tiny, and on a shared 2-core machine two threads per process
-    # measured ~7x slower per step than one (synchronisation under contention).
-    torch.set_num_threads(1)
-    wall = time.perf_counter()
-    stages = tqdm(total=5, desc="codi demo", unit="stage", position=0)
-    config = synth_config(preset, seed)
-    splits = make_splits(config)
-    paths = write_splits(splits, os.path.join(out_dir, "data"), config)
-    base = build_base_model(
-        os.path.join(out_dir, "base"),
-        [to_icot_line(r) for r in splits["train"]],
-        preset.arch,
-        preset.n_layer,
-        preset.n_embd,
-        preset.n_head,
-        seed,
-    )
-    stages.update()
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
-    no_cot_dir = os.path.join(out_dir, "no_cot")
-    no_cot_args = ("no_cot_sft", base, paths["train"], no_cot_dir, preset, seed, preset.steps_budget, device)
-    # The baseline trains in a second process (one core each): the two trainings overlap.
-    child = None
-    if not preset.skip_no_cot and preset.parallel:
-        import multiprocessing
-
-        child = multiprocessing.get_context("spawn").Process(target=_train_quietly, args=no_cot_args)
-        child.start()
-    elif not preset.skip_no_cot:
-        stages.set_postfix_str("training No-CoT-SFT")
-        train_method(*no_cot_args)
-        timings["train_no_cot_s"] = time.perf_counter() - start
-    stages.update()
-    codi_base = base
-    if preset.cot_warmup_steps:
-        # A short CoT-SFT warm-up: the teacher learns the task first, CODI then starts from it.
-        stages.set_postfix_str("CoT warm-up")
-        warm = os.path.join(out_dir, "cot_warmup")
-        train_method("cot_sft", base, paths["train"], warm, preset, seed, preset.cot_warmup_steps, device)
-        codi_base = warm
-    stages.set_postfix_str("training CODI" + (" (No-CoT-SFT in parallel)" if child else ""))
-    codi_steps = preset.steps_budget - preset.cot_warmup_steps
-    codi_run = train_method(
-        "codi", codi_base, paths["train"], os.path.join(out_dir, "codi"), preset, seed, codi_steps, device
-    )
-    codi = codi_run.model
-    timings["train_codi_s"] = time.perf_counter() - start
-    if child is not None:
-        stages.set_postfix_str("waiting for No-CoT-SFT")
-        child.join()
-        if child.exitcode != 0:
-            raise RuntimeError(f"No-CoT-SFT training failed (exit code {child.exitcode}); see the log above")
-        timings["train_no_cot_s"] = time.perf_counter() - start
-    no_cot = None
-    if not preset.skip_no_cot:
-        from ..loader import load
-
-        no_cot = load(no_cot_dir)
-        if device == "cuda":
-            no_cot.to("cuda")
-    stages.update()
-    stages.set_postfix_str("evaluating")
-    start = time.perf_counter()
-    test = splits["test"]
-    rows = {} if no_cot is None else {"no_cot": score(no_cot, test, "cot", preset, "No-CoT-SFT")}
-    label = method_label(preset)
-    rows |= {
-        "codi_cot": score(codi, test, "cot", preset, f"{label} teacher (CoT)"),
-        "codi_latent": score(codi, test, "latent", preset, f"{label} latent"),
-    }
-    train_check = score(  # accuracy only: one pass
-        codi,
-        splits["train"][: len(test)],
-        "latent",
-        preset,
-        f"{label} latent, train questions",
-        timing_repeats=1,
-    )
-    cot_speed = rows["codi_cot"].questions_per_s
-    for row in rows.values():
-        row.speedup_vs_cot = row.questions_per_s / cot_speed
-    timings["evaluate_s"] = time.perf_counter() - start
-    stages.update()
-    probe_summary = run_probe(codi, test[:200], os.path.join(out_dir, "probe")) if probe else None
-    stages.update()
-    stages.close()
-    timings["total_s"] = time.perf_counter() - wall
-    table = format_table(list(rows.values()))
-    checks = claim_check(rows)
-    result = {
-        "preset": asdict(preset),
-        "seed": seed,
-        "rows": {key: asdict(row) for key, row in rows.items()},
-        "train_questions_latent_accuracy": train_check.accuracy,
-        "claim": checks,
-        "timings": timings,
-        "final_logs": {
-            "no_cot": _final_logs(os.path.join(out_dir, "no_cot")),
-            "codi": [e for e in codi_run.trainer.state.log_history if "loss" in e][-2:],
-        },
-        "probe": probe_summary,
-        "table": table,
-    }
-    with open(os.path.join(out_dir, "results.json"), "w") as handle:
-        json.dump(result, handle, indent=2, default=str)
-    save_chart(list(rows.values()), os.path.join(out_dir, "results.png"))
-    print(f"\nCODI demo, seed {seed}, {len(test)} held-out test questions ({out_dir})\n")
-    print(table)
-    if preset.latent_step_factor:
-        print(
-            f"\n{label} = the paper's CODI loss plus latent step supervision (latent_step_factor="
-            f"{preset.latent_step_factor}, not part of the paper); `--preset paper` trains the paper's loss alone"
-        )
-    print(
-        f"\n{label} latent accuracy on {len(test)} training questions: {100 * train_check.accuracy:.1f}% (memorisation check)"
-    )
-    for claim, ok in checks.items():
-        print(f"  [{'x' if ok else ' '}] {claim}")
-    print(f"wall time {timings['total_s'] / 60:.1f} min; results.json and results.png in {out_dir}")
-    return result

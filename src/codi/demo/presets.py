@@ -1,11 +1,12 @@
 """The demo's presets: everything a `codi demo` run depends on but its seed (docs/demo.md says why these
-values), and `--set KEY=VALUE` overrides."""
+values), and `--set KEY=VALUE` overrides. `codi.demo.pipeline.harness_settings` turns one into the
+settings of the comparison harness (`codi.compare`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .offline_models import ARCHS
+from ..offline_models import ARCHS
 
 
 @dataclass
@@ -47,6 +48,17 @@ class Preset:
     skip_no_cot: bool = False  # exploration only: the demo's table needs the No-CoT baseline
 
     def __post_init__(self) -> None:
+        """Field values the harness's own checks (`codi.demo.pipeline.check_demo`) do not see."""
+        small = [
+            f"{name}={getattr(self, name)} (must be >= {least})"
+            for names, least in ((_AT_LEAST_ONE, 1), (_AT_LEAST_ZERO, 0))
+            for name in names
+            if getattr(self, name) < least
+        ]
+        if small or not self.learning_rate > 0:
+            raise ValueError(
+                f"preset: {', '.join(small) or f'learning_rate={self.learning_rate} (must be > 0)'}"
+            )
         if self.arch not in ARCHS:
             raise ValueError(f"preset field arch must be one of {ARCHS}, got {self.arch!r}")
         if not 0 <= self.cot_warmup_steps < self.steps_budget:  # before any folder is made
@@ -54,6 +66,16 @@ class Preset:
                 f"cot_warmup_steps ({self.cot_warmup_steps}) must be >= 0 and < steps_budget ({self.steps_budget})"
             )
 
+
+_AT_LEAST_ONE = ("steps", "n_train", "n_test", "n_layer", "n_embd", "n_head", "steps_budget", "batch_size",
+                 "eval_batch_size")  # fmt: skip
+_AT_LEAST_ZERO = (
+    "n_validation",
+    "train_min_steps",
+    "distill_factor",
+    "ref_loss_factor",
+    "latent_step_factor",
+)
 
 PRESETS = {
     # Sized to finish in <= 15 min on the shared 2-core machine (see docs/demo.md for the measurements).
@@ -75,10 +97,6 @@ PRESETS = {
         parallel=False,
     ),
 }
-
-
-# --------------------------------------------------------------------------------------------------
-# Training
 
 
 def parse_overrides(items: list[str], preset: Preset) -> dict:
@@ -107,7 +125,7 @@ def parse_overrides(items: list[str], preset: Preset) -> dict:
 
 def synth_config(preset: Preset, seed: int):
     """The synthetic data of a preset: its chains, wording and split sizes, drawn with `seed`."""
-    from .synth import SynthConfig
+    from ..synth import SynthConfig
 
     return SynthConfig(
         n_train=preset.n_train,

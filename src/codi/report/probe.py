@@ -14,7 +14,7 @@ import json
 import os
 from collections.abc import Sequence
 
-from .probe_metric import ProbeRecord, TopK, step_positions, token_matches, write_jsonl
+from ..probe_metric import ProbeRecord, TopK, step_positions, token_matches, write_jsonl
 
 SAMPLE_QUESTIONS = 20  # rows of the top-1 heatmap
 
