@@ -16,7 +16,6 @@
 # Setup (the device has python3, torch, an older transformers and no network; one call carries 64 MiB):
 #   here, once:   bash bench/gpu_check.sh prepare          # .whl/ (transformers, peft, regex) + .bench_assets/
 #                 bash scripts/gpu_table1.sh split          # .bench_assets/gguf/part0..2 (31 MiB each)
-#                 .venv/bin/python -m pip download --no-deps -d .whl gguf   # the GGUF reader (pure Python)
 #   device call 1, 2: bash scripts/gpu_table1.sh stage 0 (then 1)            carry .bench_assets/gguf/partN
 #   device call 3:    bash scripts/gpu_table1.sh stage 2 && bash scripts/gpu_check.sh
 #                     carry .whl, .bench_assets/smollm2, .bench_assets/gsm8k_aug_valid.txt, .bench_assets/gguf/part2
