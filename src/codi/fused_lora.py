@@ -1,0 +1,149 @@
+"""Fused LoRA linear: peft's `lora.Linear` forward and backward in one autograd node.
+
+A peft LoRA projection (frozen base linear + dropout + two low-rank matmuls + scale + add) dispatches
+~43 ATen ops forward + backward through autograd's generic graph, against 8 for the frozen linear it
+wraps; a CODI step runs ~1,700 of them, and on a GPU a step's time is set by that op count, not by
+the arithmetic (docs/speed.md). `FusedLoraFunction` computes the same thing with the backward written
+by hand on 2-D views, and `FusedLoraLinear` (a `lora.Linear` whose class is swapped in place after
+`get_peft_model`, so parameters, state-dict keys and adapter saving are peft's own) uses it whenever
+the layer is in the plain case; anything else (merged or disabled adapters, several or mixed-batch
+adapters, DoRA or other variants, a LoRA bias, a trainable base layer, mixed dtypes, autocast, a
+non-contiguous input) goes through peft's `forward` unchanged.
+
+Why it is exact: the forward runs the very ATen ops peft's layer runs, in the same order — the base
+`addmm`/`mm` that `F.linear` reaches, the dropout mask drawn by the same RNG call `F.dropout` makes
+(`native_dropout` on CUDA-like devices, `empty_like(x).bernoulli_(1 - p)` then `div_(1 - p)` on the
+CPU: `at::dropout`'s two paths), the two `mm`, `* scaling`, `+`: outputs are bitwise equal and the RNG
+stream is left where peft leaves it. The backward is the chain rule of those ops; only the
+summation order of a few matmul reductions may differ from autograd's (last-ulp differences).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from peft.tuners.lora import Linear as LoraLinear
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+# Devices where `at::dropout` takes the fused `native_dropout` kernel (is_fused_kernel_acceptable).
+_FUSED_DROPOUT_DEVICES = ("cuda", "xpu", "lazy", "privateuseone")
+
+
+def _draw_dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """(dropped x, what the backward needs, scale) with the RNG calls `F.dropout(x, p, True)` makes."""
+    scale = 1.0 / (1.0 - p)
+    if x.device.type in _FUSED_DROPOUT_DEVICES and x.numel() > 0:
+        dropped, mask = torch.native_dropout(x, p, True)
+        return dropped, mask, scale
+    noise = torch.empty_like(x).bernoulli_(1 - p)
+    noise.div_(1 - p)
+    return x * noise, noise, scale
+
+
+class FusedLoraFunction(torch.autograd.Function):
+    """y = base(x) + (dropout(x) @ A^T @ B^T) * scaling, base frozen (no gradient for its weight/bias).
+
+    `conv1d`: the base weight is stored (in, out) as in GPT-2's `Conv1D`, else (out, in) as `nn.Linear`.
+    `p`: dropout probability, 0 when the layer has none or is in eval mode.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, p: float, conv1d: bool):
+        flat = x.view(-1, x.shape[-1])
+        if conv1d:
+            base = torch.addmm(bias, flat, weight) if bias is not None else flat.mm(weight)
+        else:
+            wt = weight.t()
+            base = torch.addmm(bias, flat, wt) if bias is not None else flat.mm(wt)
+        if p > 0.0:
+            dropped, mask, scale = _draw_dropout(x, p)
+            dropped_flat = dropped.view(-1, x.shape[-1])
+        else:
+            dropped_flat, mask, scale = flat, None, 1.0
+        hidden = dropped_flat.mm(lora_a.t())
+        update = hidden.mm(lora_b.t()) * scaling
+        out = base + update
+        ctx.save_for_backward(weight, lora_a, lora_b, dropped_flat, hidden, mask)
+        ctx.scaling, ctx.scale, ctx.conv1d = scaling, scale, conv1d
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, lora_a, lora_b, dropped_flat, hidden, mask = ctx.saved_tensors
+        need_x, _, _, need_a, need_b = ctx.needs_input_grad[:5]
+        grad = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_scaled = grad * ctx.scaling
+        grad_x = grad_a = grad_b = None
+        if need_b:
+            grad_b = grad_scaled.t().mm(hidden)
+        if need_x or need_a:
+            grad_hidden = grad_scaled.mm(lora_b)
+            if need_a:
+                grad_a = grad_hidden.t().mm(dropped_flat)
+            if need_x:
+                grad_dropped = grad_hidden.mm(lora_a)
+                if mask is not None:
+                    grad_dropped = _dropout_backward(grad_dropped, mask, ctx.scale)
+                grad_x = grad.mm(weight.t() if ctx.conv1d else weight)
+                grad_x.add_(grad_dropped)
+                grad_x = grad_x.view(grad_out.shape[:-1] + (grad_x.shape[-1],))
+        return grad_x, None, None, grad_a, grad_b, None, None, None
+
+
+def _dropout_backward(grad: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    if mask.dtype == torch.bool:  # native_dropout's mask
+        return torch.ops.aten.native_dropout_backward(grad, mask.view(grad.shape), scale)
+    return grad * mask.view(grad.shape)
+
+
+class FusedLoraLinear(LoraLinear):
+    """peft's `lora.Linear` whose plain case runs as one `FusedLoraFunction` node (module docstring)."""
+
+    def _fused_args(self, x: torch.Tensor, args: tuple, kwargs: dict) -> tuple | None:
+        """The Function's arguments when the layer is in the plain case, else None (peft's path)."""
+        if args or kwargs or self.disable_adapters or self.merged:
+            return None
+        active = self.active_adapters
+        if len(active) != 1 or active[0] not in self.lora_A or active[0] in self.lora_variant:
+            return None
+        name = active[0]
+        base, lora_a, lora_b = self.base_layer, self.lora_A[name], self.lora_B[name]
+        if type(base) not in (nn.Linear, Conv1D) or lora_a.bias is not None or lora_b.bias is not None:
+            return None
+        weight, bias = base.weight, base.bias
+        if weight.requires_grad or (bias is not None and bias.requires_grad):
+            return None
+        dtype = x.dtype
+        if not (weight.dtype == lora_a.weight.dtype == lora_b.weight.dtype == dtype):
+            return None
+        if (bias is not None and bias.dtype != dtype) or not x.is_contiguous() or x.dim() < 2:
+            return None
+        if torch.is_autocast_enabled(x.device.type):
+            return None
+        dropout = self.lora_dropout[name]
+        if isinstance(dropout, nn.Dropout):
+            p = dropout.p if dropout.training else 0.0
+        elif isinstance(dropout, nn.Identity):
+            p = 0.0
+        else:
+            return None
+        return (x, weight, bias, lora_a.weight, lora_b.weight, self.scaling[name], p, type(base) is Conv1D)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        fused = self._fused_args(x, args, kwargs)
+        if fused is None:
+            return super().forward(x, *args, **kwargs)
+        return FusedLoraFunction.apply(*fused)
+
+
+def fuse_lora_layers(model: nn.Module, enabled: bool = True) -> int:
+    """Switch every peft `lora.Linear` of `model` to `FusedLoraLinear` (`enabled`) or back; the count."""
+    source, target = (LoraLinear, FusedLoraLinear) if enabled else (FusedLoraLinear, LoraLinear)
+    switched = 0
+    for module in model.modules():
+        if type(module) is source:
+            module.__class__ = target
+            switched += 1
+    return switched
