@@ -14,8 +14,9 @@ Why it is exact: the forward runs the very ATen ops peft's layer runs, in the sa
 `addmm`/`mm` that `F.linear` reaches, the dropout mask drawn by the same RNG call `F.dropout` makes
 (`native_dropout` on CUDA-like devices, `empty_like(x).bernoulli_(1 - p)` then `div_(1 - p)` on the
 CPU: `at::dropout`'s two paths), the two `mm`, `* scaling`, `+`: outputs are bitwise equal and the RNG
-stream is left where peft leaves it. The backward is the chain rule of those ops; only the
-summation order of a few matmul reductions may differ from autograd's (last-ulp differences).
+stream is left where peft leaves it. The backward is the chain rule of those ops; it folds a few of
+them (`addmm_`, `addcmul_` for a matmul or mask product plus the sum), so its rounding may differ from
+autograd's in the last ulps.
 """
 
 from __future__ import annotations
@@ -57,9 +58,8 @@ class FusedLoraFunction(torch.autograd.Function):
         else:
             wt = weight.t()
             base = torch.addmm(bias, flat, wt) if bias is not None else flat.mm(wt)
-        if p > 0.0:
-            dropped, mask, scale = _draw_dropout(x, p)
-            dropped_flat = dropped.view(-1, x.shape[-1])
+        if p > 0.0:  # drawn on the flat view: same numel and memory order, so the same mask
+            dropped_flat, mask, scale = _draw_dropout(flat, p)
         else:
             dropped_flat, mask, scale = flat, None, 1.0
         hidden = dropped_flat.mm(lora_a.t())
@@ -83,19 +83,16 @@ class FusedLoraFunction(torch.autograd.Function):
             if need_a:
                 grad_a = grad_hidden.t().mm(dropped_flat)
             if need_x:
-                grad_dropped = grad_hidden.mm(lora_a)
-                if mask is not None:
-                    grad_dropped = _dropout_backward(grad_dropped, mask, ctx.scale)
                 grad_x = grad.mm(weight.t() if ctx.conv1d else weight)
-                grad_x.add_(grad_dropped)
+                if mask is None:
+                    grad_x.addmm_(grad_hidden, lora_a)
+                elif mask.dtype == torch.bool:  # native_dropout's mask
+                    grad_dropped = grad_hidden.mm(lora_a)
+                    grad_x.add_(torch.ops.aten.native_dropout_backward(grad_dropped, mask, ctx.scale))
+                else:  # the CPU path's scaled noise
+                    grad_x.addcmul_(grad_hidden.mm(lora_a), mask)
                 grad_x = grad_x.view(grad_out.shape[:-1] + (grad_x.shape[-1],))
         return grad_x, None, None, grad_a, grad_b, None, None, None
-
-
-def _dropout_backward(grad: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    if mask.dtype == torch.bool:  # native_dropout's mask
-        return torch.ops.aten.native_dropout_backward(grad, mask.view(grad.shape), scale)
-    return grad * mask.view(grad.shape)
 
 
 class FusedLoraLinear(LoraLinear):
