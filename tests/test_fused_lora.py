@@ -135,3 +135,27 @@ def test_setting_off_builds_plain_peft_with_the_same_state_dict(make_model):
     assert not any(type(m) is FusedLoraLinear for m in plain.modules())
     assert any(type(m) is LoraLinear for m in plain.modules())
     assert fused.state_dict().keys() == plain.state_dict().keys()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_bf16_autocast_matches_plain_peft(make_model, arch):
+    """As the Trainer's `--bf16` runs it: fp32 weights under bf16 autocast, dropout on. The forward runs
+    the same bf16 ops (same losses); the backward may round a few bf16 reductions differently."""
+    model = make_model(arch, lora_dropout=0.2)
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(1)
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    model.train()
+    batch = batch_for(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused_losses, fused_grads = _losses_and_grads(model, batch, seed=3)
+        fuse_lora_layers(model, enabled=False)
+        plain_losses, plain_grads = _losses_and_grads(model, batch, seed=3)
+    for key, value in plain_losses.items():
+        assert fused_losses[key] == pytest.approx(value, rel=1e-6, abs=1e-6), key
+    assert fused_grads.keys() == plain_grads.keys() and plain_grads
+    for name, grad in plain_grads.items():
+        assert grad.dtype == torch.float32, name
+        torch.testing.assert_close(fused_grads[name], grad, atol=1e-3, rtol=2e-2, msg=name)

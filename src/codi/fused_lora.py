@@ -7,8 +7,8 @@ the arithmetic (docs/speed.md). `FusedLoraFunction` computes the same thing with
 by hand on 2-D views, and `FusedLoraLinear` (a `lora.Linear` whose class is swapped in place after
 `get_peft_model`, so parameters, state-dict keys and adapter saving are peft's own) uses it whenever
 the layer is in the plain case; anything else (merged or disabled adapters, several or mixed-batch
-adapters, DoRA or other variants, a LoRA bias, a trainable base layer, mixed dtypes, autocast, a
-non-contiguous input) goes through peft's `forward` unchanged.
+adapters, DoRA or other variants, a LoRA bias, a trainable base layer, mixed dtypes outside autocast,
+a non-contiguous input) goes through peft's `forward` unchanged.
 
 Why it is exact: the forward runs the very ATen ops peft's layer runs, in the same order — the base
 `addmm`/`mm` that `F.linear` reaches, the dropout mask drawn by the same RNG call `F.dropout` makes
@@ -43,11 +43,21 @@ def _draw_dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor
     return x * noise, noise, scale
 
 
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
+def _autocast_state(device_type: str) -> torch.dtype | None:
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
 class FusedLoraFunction(torch.autograd.Function):
     """y = base(x) + (dropout(x) @ A^T @ B^T) * scaling, base frozen (no gradient for its weight/bias).
 
     `conv1d`: the base weight is stored (in, out) as in GPT-2's `Conv1D`, else (out, in) as `nn.Linear`.
-    `p`: dropout probability, 0 when the layer has none or is in eval mode.
+    `p`: dropout probability, 0 when the layer has none or is in eval mode. Under autocast the forward's
+    matmuls autocast as peft's do, and the backward runs under the same autocast state, so each
+    gradient matmul sees the operand dtypes autograd would have saved.
     """
 
     @staticmethod
@@ -58,24 +68,34 @@ class FusedLoraFunction(torch.autograd.Function):
         else:
             wt = weight.t()
             base = torch.addmm(bias, flat, wt) if bias is not None else flat.mm(wt)
+        lora_in = _cast(flat, lora_a.dtype)  # peft's `_cast_input_dtype`
         if p > 0.0:  # drawn on the flat view: same numel and memory order, so the same mask
-            dropped_flat, mask, scale = _draw_dropout(flat, p)
+            dropped_flat, mask, scale = _draw_dropout(lora_in, p)
         else:
-            dropped_flat, mask, scale = flat, None, 1.0
+            dropped_flat, mask, scale = lora_in, None, 1.0
         hidden = dropped_flat.mm(lora_a.t())
         update = hidden.mm(lora_b.t()) * scaling
         out = base + update
         ctx.save_for_backward(weight, lora_a, lora_b, dropped_flat, hidden, mask)
         ctx.scaling, ctx.scale, ctx.conv1d = scaling, scale, conv1d
+        ctx.device_type, ctx.x_dtype = x.device.type, x.dtype
+        ctx.autocast = _autocast_state(x.device.type)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
+        if ctx.autocast is None:
+            return FusedLoraFunction._backward(ctx, grad_out)
+        with torch.autocast(ctx.device_type, dtype=ctx.autocast):
+            return FusedLoraFunction._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         weight, lora_a, lora_b, dropped_flat, hidden, mask = ctx.saved_tensors
         need_x, _, _, need_a, need_b = ctx.needs_input_grad[:5]
         grad = grad_out.reshape(-1, grad_out.shape[-1])
         grad_scaled = grad * ctx.scaling
-        grad_x = grad_a = grad_b = None
+        grad_x = grad_a = grad_b = None  # A's and B's come back in the matmul dtype: autograd casts them
         if need_b:
             grad_b = grad_scaled.t().mm(hidden)
         if need_x or need_a:
@@ -83,16 +103,28 @@ class FusedLoraFunction(torch.autograd.Function):
             if need_a:
                 grad_a = grad_hidden.t().mm(dropped_flat)
             if need_x:
-                grad_x = grad.mm(weight.t() if ctx.conv1d else weight)
-                if mask is None:
-                    grad_x.addmm_(grad_hidden, lora_a)
-                elif mask.dtype == torch.bool:  # native_dropout's mask
-                    grad_dropped = grad_hidden.mm(lora_a)
-                    grad_x.add_(torch.ops.aten.native_dropout_backward(grad_dropped, mask, ctx.scale))
-                else:  # the CPU path's scaled noise
-                    grad_x.addcmul_(grad_hidden.mm(lora_a), mask)
+                grad_x = _cast(grad.mm(weight.t() if ctx.conv1d else weight), ctx.x_dtype)
+                _add_lora_input_grad(ctx, grad_x, grad_hidden, lora_a, mask)
                 grad_x = grad_x.view(grad_out.shape[:-1] + (grad_x.shape[-1],))
         return grad_x, None, None, grad_a, grad_b, None, None, None
+
+
+def _add_lora_input_grad(ctx, grad_x, grad_hidden, lora_a, mask) -> None:
+    """grad_x += the LoRA branch's gradient wrt x: through A, the dropout mask and peft's input cast."""
+    if ctx.autocast is None and ctx.x_dtype == lora_a.dtype:  # one dtype: fold into fewer ops
+        if mask is None:
+            grad_x.addmm_(grad_hidden, lora_a)
+        elif mask.dtype == torch.bool:  # native_dropout's mask
+            grad_x.add_(torch.ops.aten.native_dropout_backward(grad_hidden.mm(lora_a), mask, ctx.scale))
+        else:  # the CPU path's scaled noise
+            grad_x.addcmul_(grad_hidden.mm(lora_a), mask)
+        return
+    grad_in = _cast(grad_hidden.mm(lora_a), lora_a.dtype)
+    if mask is not None and mask.dtype == torch.bool:
+        grad_in = torch.ops.aten.native_dropout_backward(grad_in, mask, ctx.scale)
+    elif mask is not None:
+        grad_in = grad_in * mask
+    grad_x.add_(_cast(grad_in, ctx.x_dtype))
 
 
 class FusedLoraLinear(LoraLinear):
@@ -112,13 +144,16 @@ class FusedLoraLinear(LoraLinear):
         weight, bias = base.weight, base.bias
         if weight.requires_grad or (bias is not None and bias.requires_grad):
             return None
-        dtype = x.dtype
-        if not (weight.dtype == lora_a.weight.dtype == lora_b.weight.dtype == dtype):
+        if lora_a.weight.dtype != lora_b.weight.dtype or not x.is_contiguous() or x.dim() < 2:
             return None
-        if (bias is not None and bias.dtype != dtype) or not x.is_contiguous() or x.dim() < 2:
+        if x.dtype != lora_a.weight.dtype and not getattr(self, "cast_input_dtype_enabled", True):
             return None
-        if torch.is_autocast_enabled(x.device.type):
-            return None
+        if _autocast_state(x.device.type) is None:  # without autocast peft's matmuls need one dtype
+            dtypes = {x.dtype, weight.dtype, lora_a.weight.dtype} | (
+                {bias.dtype} if bias is not None else set()
+            )
+            if len(dtypes) != 1:
+                return None
         dropout = self.lora_dropout[name]
         if isinstance(dropout, nn.Dropout):
             p = dropout.p if dropout.training else 0.0
