@@ -8,6 +8,8 @@ gradient of every trainable parameter are the same with fused and plain peft lay
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from conftest import batch_for
@@ -16,6 +18,7 @@ from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from codi import CODIModelArguments, runs
 from codi.fused_lora import FusedLoraFunction, FusedLoraLinear, fuse_lora_layers
 
 ATOL = 1e-5
@@ -159,3 +162,11 @@ def test_bf16_autocast_matches_plain_peft(make_model, arch):
     for name, grad in plain_grads.items():
         assert grad.dtype == torch.float32, name
         torch.testing.assert_close(fused_grads[name], grad, atol=1e-3, rtol=2e-2, msg=name)
+
+
+def test_setting_does_not_change_the_run_signature():
+    """Same results either way: a run saved before the setting existed, or with it off, resumes."""
+    args = SimpleNamespace(**{name: None for name in runs._DATA_FIELDS + runs._TRAINING_FIELDS})
+    on, off = CODIModelArguments(fused_lora=True), CODIModelArguments(fused_lora=False)
+    assert runs.run_signature(on, args, args) == runs.run_signature(off, args, args)
+    assert "fused_lora" not in runs.run_signature(on, args, args)["model"]
