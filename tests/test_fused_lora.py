@@ -96,7 +96,7 @@ def test_function_gradcheck_float64(conv1d):
 
     weight = rand(6, 5) if conv1d else rand(5, 6)
     inputs = (rand(2, 3, 6, grad=True), weight, rand(5), rand(3, 6, grad=True), rand(5, 3, grad=True))
-    assert torch.autograd.gradcheck(lambda *t: FusedLoraFunction.apply(*t, 0.7, 0.0, conv1d), inputs)
+    assert torch.autograd.gradcheck(lambda *t: FusedLoraFunction.apply(*t, 0.7, 0.0, conv1d, None), inputs)
 
 
 def _losses_and_grads(model, batch, seed: int):
