@@ -18,7 +18,7 @@ from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from codi import CODIModelArguments, runs
+from codi import CODIModelArguments, fused_lora, runs
 from codi.fused_lora import FusedLoraFunction, FusedLoraLinear, fuse_lora_layers
 
 ATOL = 1e-5
@@ -88,7 +88,13 @@ def test_unusual_cases_fall_back_to_peft():
 
 
 @pytest.mark.parametrize("conv1d", [False, True])
-def test_function_gradcheck_float64(conv1d):
+@pytest.mark.parametrize("dropout", ["none", "cpu_noise", "native_mask"])
+def test_function_gradcheck_float64(conv1d, dropout, monkeypatch):
+    """The hand-written backward, dropout included: the seed is reset before each call so gradcheck's
+    repeated evaluations see one mask. `native_mask` runs the CUDA path's `native_dropout` on the CPU."""
+    if dropout == "native_mask":
+        monkeypatch.setattr(fused_lora, "_FUSED_DROPOUT_DEVICES", ("cpu",))
+    p = 0.0 if dropout == "none" else 0.4
     generator = torch.Generator().manual_seed(0)
 
     def rand(*shape, grad=False):
@@ -96,7 +102,12 @@ def test_function_gradcheck_float64(conv1d):
 
     weight = rand(6, 5) if conv1d else rand(5, 6)
     inputs = (rand(2, 3, 6, grad=True), weight, rand(5), rand(3, 6, grad=True), rand(5, 3, grad=True))
-    assert torch.autograd.gradcheck(lambda *t: FusedLoraFunction.apply(*t, 0.7, 0.0, conv1d, None), inputs)
+
+    def fused(*tensors):
+        torch.manual_seed(5)
+        return FusedLoraFunction.apply(*tensors, 0.7, p, conv1d, None)
+
+    assert torch.autograd.gradcheck(fused, inputs)
 
 
 def _losses_and_grads(model, batch, seed: int):
