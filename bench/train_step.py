@@ -11,6 +11,8 @@ variants:
   default_unshared   this project's default path without question sharing: one teacher forward,
                      exactly num_latent latents, the last fed with the decoder tokens.
   default            the default: as above, and the student reuses the teacher's question keys/values.
+  default_plain_lora the default with peft's own LoRA layers instead of the fused LoRA linear
+                     (`fused_lora=False`: same results, more ops per adapter).
 
 It also counts the positions fed to the LM per step (a forward hook), which is what (a) saves, and the
 host cost of one step of each variant (`host_cost.py`): ATen ops dispatched, launches, host-device
@@ -38,16 +40,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import host_cost  # noqa: E402
 
+from codi.fused_lora import fuse_lora_layers  # noqa: E402
+
 VARIANTS = {
     "reference_compat": {"reference_compat": True, "share_question": False},
     "default_unshared": {"reference_compat": False, "share_question": False},
     "default": {"reference_compat": False, "share_question": True},
+    "default_plain_lora": {"reference_compat": False, "share_question": True, "fused_lora": False},
 }
 
 
 def variant(model, name: str):
     """A view of `model` (the same weights) computing under the variant's settings."""
     flags = VARIANTS[name]
+    # the LoRA layer class is module state shared by all views: set it for the variant about to run
+    fuse_lora_layers(model, enabled=flags.get("fused_lora", True))
     return model.with_settings(
         replace(model.objective, share_question=flags["share_question"]),
         replace(model.args, reference_compat=flags["reference_compat"]),
@@ -224,6 +231,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             variants["default_unshared"]["lm_positions_per_step"]
             - variants["default"]["lm_positions_per_step"]
         )
+    if "default" in variants and "default_plain_lora" in variants:
+        fused, plain = variants["default"], variants["default_plain_lora"]
+        result["fused_lora_vs_plain"] = {
+            "cpu_time_speedup": round(fused["examples_per_cpu_s"] / plain["examples_per_cpu_s"], 3),
+            "wall_speedup": round(fused["examples_per_s"] / plain["examples_per_s"], 3),
+            **{
+                f"{key}_saved": plain[key] - fused[key]
+                for key in ("aten_ops_per_step", "launches_per_step")
+                if key in fused and key in plain
+            },
+        }
     if args.paper_projection:
         # The paper's GPT-2 preset: 40 epochs x 385,620 examples (effective batch 128).
         total = 40 * 385_620
@@ -248,7 +266,9 @@ def main(argv: list[str] | None = None) -> int:
         args.batch_size = 64 if on_gpu else 8
     if args.quick:
         args.batch_size, args.steps, args.repeats = min(args.batch_size, 4), 1, min(args.repeats, 3)
-        args.variants = [name for name in args.variants if name != "default_unshared"]
+        args.variants = [
+            name for name in args.variants if name not in ("default_unshared", "default_plain_lora")
+        ]
     common.emit(run(args), args.output)
     return 0
 

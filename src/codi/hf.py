@@ -139,7 +139,12 @@ def wrap_lora(lm: nn.Module, args: CODIModelArguments) -> nn.Module:
     with warnings.catch_warnings():
         # peft reads the deprecated `is_gradient_checkpointing` property; not ours to fix.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return get_peft_model(lm, config)
+        lm = get_peft_model(lm, config)
+    if args.fused_lora:
+        from codi.fused_lora import fuse_lora_layers
+
+        fuse_lora_layers(lm)
+    return lm
 
 
 def build_lm(args: CODIModelArguments, path: str | None = None, vocab_rows: int | None = None):
