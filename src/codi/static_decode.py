@@ -334,11 +334,13 @@ def _plain_lora_layers(model) -> list | None:
         return None
     from peft.tuners.lora import Linear, LoraLayer
 
+    from .fused_lora import FusedLoraLinear  # the same layer, trained through one autograd node
+
     layers = [module for module in model.lm.modules() if isinstance(module, LoraLayer)]
     size = 0
     for layer in layers:
         adapters = list(layer.active_adapters)
-        if type(layer) is not Linear or len(adapters) != 1 or layer.merged or layer.lora_variant:
+        if type(layer) not in (Linear, FusedLoraLinear) or len(adapters) != 1 or layer.merged or layer.lora_variant:
             return None
         if adapters[0] not in layer.lora_A:
             return None
