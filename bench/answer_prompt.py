@@ -16,16 +16,16 @@ import time
 
 import torch
 
-from codi.scoring import extract_answer, is_correct, parse_gold
+from codi.inference.scoring import extract_answer, is_correct, parse_gold
 
 
 def correct(text: str, gold: str) -> bool:
-    """The scoring rule of `codi eval` (`codi.scoring`): the reference's extraction, tolerant compare."""
+    """The scoring rule of `codi eval` (`codi.inference.scoring`): the reference's extraction, tolerant compare."""
     return is_correct(extract_answer(text), parse_gold(gold))
 
 
 def main(argv: list[str] | None = None) -> int:
-    from codi.data import answer_value, read_records
+    from codi.data.dataset import answer_value, read_records
     from codi.model import CODIModel
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -9,12 +9,12 @@ at EOS when a trained model would: every mode generates a FIXED, realistic numbe
   latent mean tokens of "The answer is: N" ++ EOS, after `<bot>`, num_latent latents and `<eot>`
 
 modes (all greedy, KV-cached, the same weights):
-  latent              `codi.generate(mode="latent")`, the eager loop (`fast_decoding="off"`)
+  latent              `codi.inference.generate(mode="latent")`, the eager loop (`fast_decoding="off"`)
   latent_fast         the same on the fast loop (`--fast`: auto = static cache, CUDA graphs on CUDA)
   latent_prompt       eager, `feed_answer_prompt=True` (`<eot>` + prompt in one forward)
   latent_prompt_fast  the same on the fast loop
   latent_reference    eager under `reference_compat` (the reference's unmasked steps)
-  cot / cot_fast      `codi.generate(mode="cot")`, eager / fast
+  cot / cot_fast      `codi.inference.generate(mode="cot")`, eager / fast
   hf_generate_cot     `transformers` `generate()` on the same LM (DynamicCache), same question ids
 
 Beside the speeds, per mode: ATen ops per LM call (counted eagerly, `host_cost`), kernel launches per
@@ -70,7 +70,7 @@ def forced_lengths(model, data: str | None, digits_per_token: int) -> dict[str, 
     as one token. For the GPT-2-shaped model (`digits_per_token=3`) digit runs are regrouped by 3,
     an estimate of GPT-2's lengths that keeps the CoT/latent ratio conservative.
     """
-    from codi.data import build_dataset, read_records
+    from codi.data.dataset import build_dataset, read_records
 
     records = read_records(str(common.data_path(data)))
     tokenizer = model.tokenizer
@@ -111,7 +111,7 @@ class Runner:
         )
 
     def __call__(self, mode: str, questions: list[str]) -> list[list[int]]:
-        from codi.generate import generate
+        from codi.inference.generate import generate
 
         if mode == "hf_generate_cot":
             return self._hf_generate(questions)
@@ -134,7 +134,7 @@ class Runner:
     @torch.inference_mode()
     def _hf_generate(self, questions: list[str]) -> list[list[int]]:
         """The same job through `transformers`: tokenise, left-pad, generate, decode."""
-        from codi.data import encode_question, pad_sequences
+        from codi.data.dataset import encode_question, pad_sequences
 
         model = self.model
         prompts = [encode_question(model.tokenizer, question) for question in questions]
@@ -145,7 +145,7 @@ class Runner:
         )
         rows = out[:, input_ids.shape[1] :].tolist()
         for row in rows:
-            model.tokenizer.decode(row, skip_special_tokens=True)  # as codi.generate returns text
+            model.tokenizer.decode(row, skip_special_tokens=True)  # as codi.inference.generate returns text
         return rows
 
 
@@ -275,7 +275,7 @@ def _ratios(modes: dict[str, Any], single, batched, n_batch: int) -> dict[str, A
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from codi.data import read_records
+    from codi.data.dataset import read_records
 
     start = time.perf_counter()
     modes = tuple(args.modes.split(",")) if args.modes else MODES

@@ -57,7 +57,7 @@ def smollm2_base(explicit: str | None) -> str:
 def settings(args: argparse.Namespace):
     """(model spec, budget, per-method options, synthetic data config) of the smoke or the GPU run."""
     from codi.compare import Budget, ModelSpec
-    from codi.synth import SynthConfig
+    from codi.data.synth import SynthConfig
 
     on_gpu = args.device.startswith("cuda")
     if args.smoke:

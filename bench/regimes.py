@@ -35,8 +35,9 @@ _SHAPES: dict[str, tuple[dict[str, int], dict[str, Any]]] = {
 
 def build(name: str, target: Path, data: Path) -> None:
     """Write the model `name` (random weights, seed 0) and its tokenizer (from the records of `data`)."""
-    from codi.data import read_records
     from codi.demo.offline_models import build_tokenizer, random_causal_lm, save_model_and_tokenizer
+
+    from codi.data.dataset import read_records
 
     records = read_records(str(data))
     tokenizer = build_tokenizer([f"{r.question} {r.cot} {r.answer}" for r in records])

@@ -66,7 +66,7 @@ def make_batches(
 ) -> list[dict]:
     """`count` collated batches of GSM8k-Aug valid records (pre-tokenised once, shuffled by seed);
     records longer than `max_token_num` tokens are skipped."""
-    from codi.data import CODICollator, build_dataset, read_records
+    from codi.data.dataset import CODICollator, build_dataset, read_records
 
     records = read_records(str(common.data_path(data)))
     dataset, _ = build_dataset(

@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 import torch
 
 from codi.config import CODIModelArguments
-from codi.data import CODICollator, RawRecord, build_dataset
+from codi.data.dataset import CODICollator, RawRecord, build_dataset
 from codi.losses import LossSettings, TrainingObjective
 from codi.model import CODIModel
 from codi.testing import save_tiny_model

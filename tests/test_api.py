@@ -17,9 +17,9 @@ from conftest import RECORDS, REPO_ROOT
 from codi import CoconutConfig, CoconutTrainer, CODIConfig, CODITrainer, ICoTConfig, ICoTTrainer
 from codi.cli import main
 from codi.config import ARGUMENT_CLASSES, parse_args
+from codi.data.records import DataError
 from codi.methods.coconut import CoconutArguments
 from codi.model import CODIModel
-from codi.records import DataError
 from codi.trainer_inputs import parse_config
 
 ROWS = [{"question": r.question, "cot": r.cot, "answer": r.answer.removeprefix("#### ")} for r in RECORDS] * 5
@@ -196,10 +196,10 @@ def test_one_number_of_latents_for_training_and_inference(make_model, tmp_path):
     """`num_latent` is the count in training and, by default, at inference; the reference's
     `inf_latent_iterations` is another name for it (flags, YAML, old checkpoints' configs), and two
     different values for it in one source are refused."""
+    from codi.analysis.probe import probe
     from codi.cli.args import LATENT_ALIASES, UsageError, parse
     from codi.cli.evaluate import EvalArguments
     from codi.config import CODIModelArguments
-    from codi.probe import probe
 
     out = ["--output_dir", str(tmp_path)]
     assert parse_args(["--inf_latent_iterations", "4", *out])[0].num_latent == 4

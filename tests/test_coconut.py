@@ -13,9 +13,9 @@ from torch.nn import CrossEntropyLoss
 from transformers import TrainerCallback
 
 from codi.config import ARGUMENT_CLASSES, CODIModelArguments, parse_args
-from codi.data import RawRecord, encode_question
-from codi.generate import generate, suppressed_token_ids
-from codi.loader import load
+from codi.data.dataset import RawRecord, encode_question
+from codi.inference.generate import generate, suppressed_token_ids
+from codi.io.loader import load
 from codi.methods.coconut import (
     CoconutArguments,
     CoconutCollator,
@@ -433,7 +433,7 @@ def test_batched_generation_equals_batch_one_and_reference(tiny_dirs, arch):
     with torch.no_grad():
         for question, output in zip(QUESTIONS[:3], outputs):
             assert output.token_ids == reference_generate(pause, question, 2, 6, pause.pause_id, False)
-    # `codi eval` calls codi.generate.generate(model, ...): the same thoughts
+    # `codi eval` calls codi.inference.generate.generate(model, ...): the same thoughts
     assert [o.token_ids for o in generate(pause, QUESTIONS[:3], max_new_tokens=6)] == [
         o.token_ids for o in outputs
     ]

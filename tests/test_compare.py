@@ -21,8 +21,8 @@ from codi.compare import (
     compare,
 )
 from codi.compare.methods import icot_step_schedule
+from codi.data.synth import SynthConfig, make_splits
 from codi.report import t_interval, wilson_interval
-from codi.synth import SynthConfig, make_splits
 
 TINY = ModelSpec(n_layer=1, n_embd=16, n_head=2, num_latent=2)
 

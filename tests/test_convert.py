@@ -21,10 +21,10 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from codi import cli
-from codi.convert import convert_reference_checkpoint, load_reference_checkpoint
-from codi.hf import DEFAULT_LORA_TARGETS
+from codi.io.convert import convert_reference_checkpoint, load_reference_checkpoint
+from codi.io.hf import DEFAULT_LORA_TARGETS
+from codi.io.reference_weights import inspect_reference_state
 from codi.model import CODIModel
-from codi.reference_weights import inspect_reference_state
 from codi.testing import make_model, make_tokenizer
 
 NUM_LATENT = 3
@@ -411,7 +411,10 @@ def test_convert_refuses_a_different_base_unless_merged(tiny_gpt2, tmp_path):
     assert_same_outputs(merged, reference, tiny_gpt2)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("codi.evaluate") is None, reason="codi.evaluate not written yet")
+@pytest.mark.skipif(
+    importlib.util.find_spec("codi.inference.evaluate") is None,
+    reason="codi.inference.evaluate not written yet",
+)
 def test_codi_eval_runs_on_a_converted_checkpoint(tiny_gpt2, tmp_path):
     reference = build_reference(tiny_gpt2)
     save_reference(reference, str(tmp_path / "ref"), "bin")

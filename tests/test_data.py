@@ -1,4 +1,4 @@
-"""codi.data: loaders, the reference preprocessing (docs/method.md#preprocessing), distillation positions, collation."""
+"""codi.data.dataset: loaders, the reference preprocessing (docs/method.md#preprocessing), distillation positions, collation."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import RECORDS, shared_file
 
-from codi.data import (
+from codi.data.dataset import (
     IGNORE_INDEX,
     CODICollator,
     answer_value,
@@ -18,8 +18,15 @@ from codi.data import (
     process_cot,
     step_value_token_ids,
 )
-from codi.hf import add_special_tokens
-from codi.records import DataError, RawRecord, gsm8k_to_record, load_records, parse_icot_line, read_records
+from codi.data.records import (
+    DataError,
+    RawRecord,
+    gsm8k_to_record,
+    load_records,
+    parse_icot_line,
+    read_records,
+)
+from codi.io.hf import add_special_tokens
 from codi.testing import make_tokenizer
 
 
@@ -188,7 +195,7 @@ def test_max_token_num_drops_are_counted(tokenizers, caplog):
     tokenizer = tokenizers["gpt2"][0]
     sizes = [len(tokenizer(r.question + r.cot + r.answer)["input_ids"]) for r in RECORDS]
     limit = sorted(sizes)[1]  # keeps exactly the two shortest
-    with caplog.at_level("INFO", logger="codi.data"):
+    with caplog.at_level("INFO", logger="codi.data.dataset"):
         _, stats = _build(tokenizers, "gpt2", RECORDS, max_token_num=limit, name="tiny")
     assert stats.kept == 2 and dict(stats.dropped) == {"longer_than_max_token_num": 2}
     assert "tiny: read 4 records, kept 2, dropped longer_than_max_token_num: 2" in caplog.text

@@ -9,10 +9,10 @@ from dataclasses import replace
 import pytest
 
 from codi.cli.demo import main
+from codi.data.synth import SynthConfig, make_splits, to_icot_line
 from codi.demo.pipeline import DEMO_MARKER, claim_check, fresh_out_dir, run_demo
 from codi.demo.presets import PRESETS
 from codi.offline_models import build_tokenizer
-from codi.synth import SynthConfig, make_splits, to_icot_line
 
 
 def test_tokenizer_digits_are_tokens_and_decoding_is_exact():

@@ -386,9 +386,9 @@ def test_two_process_eval_writes_same_results(training_runs) -> None:
     7 items over 2 ranks (4 + 3) with batch size 2: the shards, and so the batches, differ from the
     single-process ones; greedy generation masks padding, so the answers must not change.
     """
-    evaluate = pytest.importorskip("codi.evaluate")
+    evaluate = pytest.importorskip("codi.inference.evaluate")
     if not hasattr(evaluate, "distributed"):
-        pytest.skip("codi.evaluate does not use codi.distributed yet: evaluation is not sharded")
+        pytest.skip("codi.inference.evaluate does not use codi.distributed yet: evaluation is not sharded")
     root = training_runs["root"]
     items = _write_records(root / "eval.txt", 7, seed=3)
     outputs = {}

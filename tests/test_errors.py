@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from codi import hub
-from codi.eval_data import load_eval_set
-from codi.records import DataError, read_records
-from codi.reference_weights import read_state_dict
+from codi.data.eval_data import load_eval_set
+from codi.data.records import DataError, read_records
+from codi.io import hub
+from codi.io.reference_weights import read_state_dict
 
 GOOD_LINE = "Tom has 3 apples and buys 4.||<<3+4=7>>||#### 7"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -146,7 +146,7 @@ def test_truncated_or_corrupt_weight_files_are_one_line_naming_the_file(tmp_path
 
 @pytest.fixture
 def fresh_hub_state(monkeypatch):
-    """codi.hub as at process start, no offline switch set by the user; everything restored after."""
+    """codi.io.hub as at process start, no offline switch set by the user; everything restored after."""
     from huggingface_hub import constants
 
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
@@ -217,7 +217,7 @@ def test_can_connect_is_bounded_by_its_timeout():
 
 
 def test_missing_hub_model_offline_is_one_line_naming_it(fresh_hub_state):
-    from codi.hf import ModelLoadError, _load_or_explain
+    from codi.io.hf import ModelLoadError, _load_or_explain
 
     def loader(source, **kwargs):
         raise OSError("We couldn't connect to 'http://127.0.0.1:9' to load the files\nmore")
@@ -236,9 +236,9 @@ _OFFLINE_SCRIPT = textwrap.dedent(
     """
     import contextlib, io, json, logging, os, shutil, sys, time
     from codi.config import CODIModelArguments
-    from codi.hf import load_tokenizer
+    from codi.io.hf import load_tokenizer
     from codi.model import CODIModel
-    from codi.records import load_hub_records
+    from codi.data.records import load_hub_records
     from huggingface_hub import constants
 
     cache = f"{constants.HF_HUB_CACHE}/models--codi-test--tiny"
@@ -331,7 +331,7 @@ def test_smollm2_preset_reads_what_its_comment_commands_write(tmp_path, monkeypa
 def test_missing_hub_model_with_offline_mode_set_says_how_to_download(monkeypatch):
     from huggingface_hub import constants
 
-    from codi.hf import ModelLoadError, _load_or_explain
+    from codi.io.hf import ModelLoadError, _load_or_explain
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(hub, "_went_offline", [])

@@ -10,9 +10,9 @@ import pytest
 
 from codi import cli
 from codi.config import CODIModelArguments
-from codi.data import DataError
-from codi.eval_data import EVAL_SETS, EvalItem, eval_set_spec, load_eval_set, parse_gold
-from codi.evaluate import (
+from codi.data.dataset import DataError
+from codi.data.eval_data import EVAL_SETS, EvalItem, eval_set_spec, load_eval_set, parse_gold
+from codi.inference.evaluate import (
     evaluate,
     extract_answer,
     extract_answer_strict,
@@ -297,7 +297,7 @@ def test_questions_that_do_not_fit_are_skipped_counted_and_named(short_model, tm
         EvalItem("word " * 60, 3.0, "toy.jsonl:2"),
         EvalItem("A shop sells 7 pens.", 7.0, "toy.jsonl:3"),
     ]
-    with caplog.at_level("WARNING", logger="codi.evaluate"):
+    with caplog.at_level("WARNING", logger="codi.inference.evaluate"):
         result = evaluate(
             short_model, items, "latent", name="toy", max_new_tokens=4, output_dir=str(tmp_path)
         )
@@ -318,7 +318,7 @@ def test_questions_that_do_not_fit_are_skipped_counted_and_named(short_model, tm
 
 
 def test_bad_questions_are_one_line_errors_naming_the_index(short_model):
-    from codi.generate import generate, unfit_questions
+    from codi.inference.generate import generate, unfit_questions
 
     with pytest.raises(ValueError, match=r"^questions\[0\] is None, not a string$"):
         generate(short_model, [None])
@@ -337,8 +337,8 @@ def test_bad_questions_are_one_line_errors_naming_the_index(short_model):
 
 
 def test_a_failing_set_keeps_the_results_of_the_sets_done(checkpoint, tmp_path):
-    from codi.eval_data import eval_set_spec
-    from codi.evaluate import evaluate_sets
+    from codi.data.eval_data import eval_set_spec
+    from codi.inference.evaluate import evaluate_sets
 
     model = CODIModel.from_pretrained(checkpoint)
     done = [EvalItem("Tom has 12 apples.", 12.0, "a:1"), EvalItem("Hi", 2.0, "a:2")]

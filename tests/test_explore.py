@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 import pytest
 import torch
 
-from codi.explore import (
+from codi.analysis.explore import (
     EXAMPLES,
     explore_question,
     latents_html,
@@ -60,9 +60,7 @@ def test_exploration_matches_generate_and_the_intervention_reaches_the_model(mak
     expected = model.generate(
         [QUESTION], max_new_tokens=12, latent_transform=lambda s, x: seen.append(s) or transform(s, x)
     )
-    assert result.intervened_text == expected[0].text and seen == list(
-        range(model.args.num_latent)
-    )
+    assert result.intervened_text == expected[0].text and seen == list(range(model.args.num_latent))
     num_positions = model.args.num_latent + 1
     assert [p.label for p in result.positions][:2] == ["<bot>", "latent 1"]
     assert len(result.positions) == len(result.intervened_positions) == num_positions
@@ -131,7 +129,7 @@ def test_page_in_a_headless_browser(make_model, tmp_path, monkeypatch):
     chromium = _chromium()
     from playwright.sync_api import sync_playwright
 
-    from codi.explore import launch
+    from codi.analysis.explore import launch
     from codi.model import CODIModel
 
     make_model().save_pretrained(str(tmp_path / "model"))

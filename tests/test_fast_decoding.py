@@ -13,9 +13,9 @@ import torch
 from test_coconut import coconut_model
 from test_generate import _tiny_codi
 
-import codi.static_decode as static_decode
+import codi.inference.static_decode as static_decode
 from codi.config import CODIModelArguments
-from codi.decoding import DecodingConfig
+from codi.inference.decoding import DecodingConfig
 from codi.methods.coconut import CoconutArguments
 from codi.model import CODIModel
 

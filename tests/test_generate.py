@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers452 import first_forward_mask_452
 
-import codi.generate as generation
+import codi.inference.generate as generation
 from codi.config import CODIModelArguments
-from codi.generate import GenerationOutput, generate, sample_next
+from codi.inference.generate import GenerationOutput, generate, sample_next
 from codi.model import CODIModel
 from codi.testing import save_tiny_model
 
@@ -113,7 +113,7 @@ def _reference_loop(model: CODIModel, questions: list[str], num_latent: int, max
     transformers 4.52 on CUDA built for it (the authors' stack: its pad rows attend to every position),
     then latent steps and decoder steps with NO attention mask and default positions, greedy over
     logits[:, :vocab_size - 1], the token of a finished row still fed but not recorded."""
-    from codi.data import encode_question, pad_sequences
+    from codi.data.dataset import encode_question, pad_sequences
 
     prompts = [encode_question(model.tokenizer, question) + [model.bot_id] for question in questions]
     ids = pad_sequences(prompts, model.pad_id, "left")
@@ -183,9 +183,7 @@ def test_generation_stops_at_the_position_limit(tmp_path):
     directory = save_tiny_model(str(tmp_path / "short"), "gpt2", max_positions=40)
     model = CODIModel.from_base(CODIModelArguments(model_name_or_path=directory, lora_r=4, prj_dim=16))
     question = "How many apples does Tom have now?"
-    used = (
-        len(generation.encode_question(model.tokenizer, question)) + 1 + model.args.num_latent + 1
-    )
+    used = len(generation.encode_question(model.tokenizer, question)) + 1 + model.args.num_latent + 1
     out = generate(model, [question], max_new_tokens=256)
     assert out[0].num_generated_tokens <= 40 - used
     with pytest.raises(ValueError, match="does not fit"):

@@ -88,7 +88,7 @@ def test_train_push_to_hub_uploads_through_our_saver(tiny_gpt2, train_file, tmp_
 
 
 def test_offline_switch_reaches_the_pinned_libraries():
-    """`codi.hub.go_offline` sets module constants of huggingface_hub and datasets (the variable is read
+    """`codi.io.hub.go_offline` sets module constants of huggingface_hub and datasets (the variable is read
     at import only): their names must still be what those libraries read, in the versions we support."""
     import datasets
     import datasets.load
@@ -117,7 +117,7 @@ def test_lm_eval_offline_fails_fast_in_one_line(tmp_path, tiny_gpt2):
     why, without lm-eval's retries."""
     pytest.importorskip("lm_eval", reason="lm-eval is not installed")
     from codi.config import CODIModelArguments
-    from codi.lm_eval_model import task_config
+    from codi.inference.lm_eval_model import task_config
     from codi.model import CODIModel
 
     CODIModel.from_base(

@@ -12,7 +12,7 @@ from conftest import RECORDS
 from transformers import TrainerCallback
 
 from codi.config import CODIDataArguments, CODIModelArguments, CODITrainingArguments
-from codi.data import CODICollator, build_dataset
+from codi.data.dataset import CODICollator, build_dataset
 from codi.methods.icot import (
     INF,
     ICoTArguments,

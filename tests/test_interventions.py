@@ -9,12 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from codi.ablate import verdict
-from codi.data import encode_question
-from codi.eval_data import EvalItem
-from codi.evaluate import evaluate, extract_answer
-from codi.generate import generate
-from codi.interventions import (
+from codi.analysis.ablate import verdict
+from codi.analysis.interventions import (
     Intervention,
     ablate,
     build_interventions,
@@ -27,6 +23,10 @@ from codi.interventions import (
     run_latent,
     zero_factory,
 )
+from codi.data.dataset import encode_question
+from codi.data.eval_data import EvalItem
+from codi.inference.evaluate import evaluate, extract_answer
+from codi.inference.generate import generate
 from codi.report import paired_drop
 
 QUESTIONS = [

@@ -10,9 +10,9 @@ from conftest import shared_file
 
 pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install -e '.[lm_eval]')")
 
-from codi.eval_data import load_eval_set  # noqa: E402
-from codi.evaluate import evaluate  # noqa: E402
-from codi.lm_eval_model import CODILM, cut_at, write_task_yaml  # noqa: E402
+from codi.data.eval_data import load_eval_set  # noqa: E402
+from codi.inference.evaluate import evaluate  # noqa: E402
+from codi.inference.lm_eval_model import CODILM, cut_at, write_task_yaml  # noqa: E402
 
 LIMIT, MAX_NEW_TOKENS = 5, 12
 
@@ -98,7 +98,7 @@ def test_max_new_tokens_model_arg_sets_the_answer_length(saved):
     default answer length; lm-eval's own `max_gen_toks` is accepted too, and both must agree."""
     from lm_eval.api.instance import Instance
 
-    from codi.loader import load as load_checkpoint
+    from codi.io.loader import load as load_checkpoint
 
     root, _ = saved
     lm = CODILM.create_from_arg_string(f"pretrained={root / 'model'},mode=cot,max_new_tokens=3")

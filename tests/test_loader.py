@@ -58,17 +58,17 @@ def test_one_loader_returns_the_class_each_checkpoint_needs(checkpoints, kind):
 
 @pytest.fixture
 def loads(monkeypatch):
-    """The classes `codi.loader.load` returned while a command ran (commands import it when they run)."""
-    import codi.loader
+    """The classes `codi.io.loader.load` returned while a command ran (commands import it when they run)."""
+    import codi.io.loader
 
-    seen, original = [], codi.loader.load
+    seen, original = [], codi.io.loader.load
 
     def spy(*args, **kwargs):
         model = original(*args, **kwargs)
         seen.append(type(model))
         return model
 
-    monkeypatch.setattr(codi.loader, "load", spy)
+    monkeypatch.setattr(codi.io.loader, "load", spy)
     return seen
 
 
@@ -93,14 +93,14 @@ def test_every_command_loads_every_kind_through_the_loader(checkpoints, kind, tm
     argv = ["ablate", "--model", path, "--data", data, "--interventions", "zero", "--no_progress"]
     ablated = cli.main(argv + common + ["--output_dir", str(tmp_path / "ablate")])
     assert ablated == (0 if kind in ("codi", "coconut") else 2)
-    from codi import explore
+    from codi.analysis import explore
 
     monkeypatch.setattr(explore, "_gradio", lambda: None)
     monkeypatch.setattr(explore, "build_app", lambda model, *args, **kwargs: model)
     monkeypatch.setattr(explore, "serve", lambda app, **kwargs: app)
     assert type(explore.launch(path, device="cpu", block=False)) is expected
     pytest.importorskip("lm_eval", reason="lm-eval is not installed")
-    from codi.lm_eval_model import CODILM
+    from codi.inference.lm_eval_model import CODILM
 
     assert type(CODILM(pretrained=path, device="cpu").model) is expected
     assert loads == [expected] * 5  # eval, probe, ablate, explore, lm-eval
@@ -144,7 +144,7 @@ def test_hub_id_loads_from_the_offline_cache(checkpoints, tmp_path, monkeypatch,
 
 
 def test_missing_hub_id_offline_is_one_line_naming_it(tmp_path, capsys):
-    from codi.hub import OfflineError
+    from codi.io.hub import OfflineError
 
     with pytest.raises(OfflineError, match="cannot load the checkpoint 'someone/not-cached'"):
         codi.load("someone/not-cached", cache_dir=str(tmp_path))

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from codi.data import IGNORE_INDEX
+from codi.data.dataset import IGNORE_INDEX
 from codi.losses import (
     combine_losses,
     distillation_loss,

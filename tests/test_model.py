@@ -11,7 +11,7 @@ from conftest import RECORDS, batch_for
 from tokenizers import processors
 
 from codi.config import CODIModelArguments
-from codi.data import IGNORE_INDEX, CODICollator, build_dataset
+from codi.data.dataset import IGNORE_INDEX, CODICollator, build_dataset
 from codi.model import CODIModel
 from codi.testing import make_model, make_tokenizer
 
@@ -411,7 +411,7 @@ def test_question_keeps_bos_and_the_other_parts_do_not(make_model):
 
 def test_missing_model_path_is_one_clear_error(tmp_path, capsys):
     from codi import cli
-    from codi.hf import ModelLoadError
+    from codi.io.hf import ModelLoadError
 
     missing = str(tmp_path / "no_such_model")
     with pytest.raises(ModelLoadError, match="no_such_model"):

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from codi.model import CODIModel
-from codi.model_card import (
+from codi.io.model_card import (
     add_eval_results,
     model_card_info,
     read_card_info,
@@ -13,6 +12,7 @@ from codi.model_card import (
     render_model_card,
     write_model_card,
 )
+from codi.model import CODIModel
 
 GSM8K_RESULT = {"dataset": "gsm8k", "mode": "latent", "n": 1319, "accuracy": 43.7, "strict_accuracy": 43.1}
 
@@ -102,12 +102,12 @@ def test_eval_results_are_added_to_an_existing_card(make_model, tmp_path):
 def test_a_users_readme_is_never_replaced(make_model, tmp_path, caplog):
     """A README.md in the output folder that codi did not write survives saving byte for byte (peft's
     own card update included); the card goes to MODEL_CARD.md beside it, and is said so."""
-    from codi.model_card import OWN_CARD_NAME, card_file
+    from codi.io.model_card import OWN_CARD_NAME, card_file
 
     mine = "# My experiment\n\nNotes that must survive.\n"
     (tmp_path / "README.md").write_text(mine)
     model = make_model()
-    with caplog.at_level("WARNING", logger="codi.model_card"):
+    with caplog.at_level("WARNING", logger="codi.io.model_card"):
         model.save_pretrained(str(tmp_path))
     assert (tmp_path / "README.md").read_text() == mine
     assert "not a card written by codi: kept" in caplog.text and OWN_CARD_NAME in caplog.text

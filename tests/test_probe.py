@@ -13,9 +13,8 @@ import pytest
 import torch
 from conftest import RECORDS, shared_file
 
-from codi.cli import main as cli_main
-from codi.probe import find_final_norm, probe
-from codi.probe_metric import (
+from codi.analysis.probe import find_final_norm, probe
+from codi.analysis.probe_metric import (
     PositionProbe,
     ProbeRecord,
     StepRef,
@@ -27,6 +26,7 @@ from codi.probe_metric import (
     summarize,
     token_matches,
 )
+from codi.cli import main as cli_main
 from codi.report import write_report
 from codi.testing import make_tokenizer
 
@@ -118,8 +118,8 @@ def test_reference_steps_parse_results():
 
 @pytest.mark.shared_data
 def test_reference_steps_of_the_validation_set():
-    from codi.data import read_records
-    from codi.probe_metric import as_number, bucket
+    from codi.analysis.probe_metric import as_number, bucket
+    from codi.data.dataset import read_records
 
     records = read_records(str(shared_file("gsm8k_aug_valid.txt")))
     steps = [reference_steps(record.cot) for record in records]

@@ -11,11 +11,11 @@ from conftest import RECORDS
 from test_train import logged, quick_args
 from transformers import TrainerCallback
 
-from codi.checkpoint import CheckpointError
 from codi.config import CODIModelArguments
-from codi.data import build_dataset
+from codi.data.dataset import build_dataset
+from codi.data.records import DataError, RawRecord
+from codi.io.checkpoint import CheckpointError
 from codi.model import CODIModel
-from codi.records import DataError, RawRecord
 from codi.testing import save_tiny_model
 from codi.training import CODITrainer, TrainingInterrupted, train
 
@@ -32,7 +32,7 @@ def test_non_numeric_answers_are_kept_counted_and_logged(make_model, caplog):
         RawRecord("How many?", "<<3+4=7>>", "#### seven", "f.txt:4"),
         RawRecord("Is it?", "<<1+0=1>>", "True", "f.jsonl:5"),
     ]
-    with caplog.at_level(logging.WARNING, logger="codi.data"):
+    with caplog.at_level(logging.WARNING, logger="codi.data.dataset"):
         dataset, stats = _build(model, records)
     assert stats.kept == 5 and len(dataset) == 5  # kept: right for non-math tasks
     assert stats.flagged["non_numeric_answer"] == 3  # "7 apples" -> its last token "apples"; "seven"; "True"
@@ -240,12 +240,12 @@ def test_demo_overwrite_refuses_a_folder_it_did_not_write(tmp_path):
 
 
 def test_probe_skips_questions_longer_than_the_model(make_model, caplog):
-    from codi.probe import probe
+    from codi.analysis.probe import probe
 
     model = make_model("gpt2")
     limit = model.hf_model.config.n_positions
     long_question = "Tom has 12 apples. " * (limit // 4)
-    with caplog.at_level(logging.WARNING, logger="codi.probe"):
+    with caplog.at_level(logging.WARNING, logger="codi.analysis.probe"):
         records = probe(model, [long_question, RECORDS[0].question], predict=False)
     assert [record.question for record in records] == [RECORDS[0].question]
     assert records[0].index == 1  # the input's own index: the report's rows name the right record

@@ -12,8 +12,8 @@ import pytest
 from conftest import REPO_ROOT
 
 from codi import cli
-from codi.data import build_dataset
-from codi.records import DataError, RawRecord, read_records
+from codi.data.dataset import build_dataset
+from codi.data.records import DataError, RawRecord, read_records
 
 
 def run(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -107,10 +107,12 @@ def test_probe_top_k_beyond_the_vocabulary_is_one_line(checkpoint, tmp_path, cap
 
 
 def test_explore_port_range_and_a_network_wide_host(monkeypatch, capsys):
-    import codi.explore
+    import codi.analysis.explore
 
     launched = []
-    monkeypatch.setattr(codi.explore, "launch", lambda *args, **kwargs: launched.append(kwargs["host"]))
+    monkeypatch.setattr(
+        codi.analysis.explore, "launch", lambda *args, **kwargs: launched.append(kwargs["host"])
+    )
     status, _, err = run(["explore", "--model", "m", "--port", "70000"], capsys)
     assert status == 2 and "--port must be in 1..65535, got 70000" in one_line_error(err)
     status, _, err = run(["explore", "--model", "m", "--top_k", "0"], capsys)
@@ -149,7 +151,7 @@ def test_lm_eval_batch_size_in_model_args_is_used(checkpoint, tmp_path):
     """lm-eval's command line passes its own --batch_size (default 1) beside model_args: a batch_size
     in model_args (as `codi lm-eval --help` lists it) was a duplicate keyword, a TypeError traceback."""
     pytest.importorskip("lm_eval", reason="lm-eval is not installed")
-    from codi.lm_eval_model import CODILM
+    from codi.inference.lm_eval_model import CODILM
 
     harness = {"batch_size": 1, "max_batch_size": None, "device": None}
     model = CODILM.create_from_arg_obj({"pretrained": checkpoint, "batch_size": 4}, harness)
@@ -164,7 +166,7 @@ def test_lm_eval_batch_size_in_model_args_is_used(checkpoint, tmp_path):
 
 
 def test_deeply_nested_json_names_the_file(tmp_path):
-    from codi.eval_data import load_eval_set
+    from codi.data.eval_data import load_eval_set
 
     nested = "[" * 100_000 + "]" * 100_000
     for name, text in [

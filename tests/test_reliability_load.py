@@ -12,8 +12,8 @@ from conftest import RECORDS
 from safetensors.torch import load_file, save_file
 
 from codi import cli
-from codi.checkpoint import CheckpointError
 from codi.config import CODIModelArguments
+from codi.io.checkpoint import CheckpointError
 from codi.losses import TrainingObjective
 from codi.model import CODIModel
 from codi.testing import save_tiny_model
@@ -128,7 +128,7 @@ def test_lora_checkpoint_without_a_base_fingerprint_warns_naming_the_base(make_m
     make_model("gpt2").save_pretrained(str(tmp_path / "ckpt"))
     _edit_json(tmp_path / "ckpt" / "codi_config.json", lambda c: c.pop("base_fingerprint"))
     other = save_tiny_model(str(tmp_path / "other"), arch="gpt2", seed=1)  # same shapes, other weights
-    with caplog.at_level(logging.WARNING, logger="codi.checkpoint_checks"):
+    with caplog.at_level(logging.WARNING, logger="codi.io.checkpoint_checks"):
         CODIModel.from_pretrained(str(tmp_path / "ckpt"), base_model_name_or_path=other)
     assert "records no base fingerprint" in caplog.text and other in caplog.text
 
@@ -172,9 +172,9 @@ def test_probe_and_ablate_refuse_checkpoints_without_latents(make_model, tiny_gp
 
 
 def test_eval_and_probe_refuse_when_no_question_fits_naming_the_limit(make_model, tmp_path, capsys):
-    from codi.eval_data import EvalItem, eval_set_spec
-    from codi.evaluate import evaluate_sets
-    from codi.probe import probe
+    from codi.analysis.probe import probe
+    from codi.data.eval_data import EvalItem, eval_set_spec
+    from codi.inference.evaluate import evaluate_sets
 
     model = make_model("gpt2")
     limit = model.hf_model.config.n_positions
@@ -200,17 +200,17 @@ def test_eval_and_probe_refuse_when_no_question_fits_naming_the_limit(make_model
     "gold", ["inf", "nan", "Infinity", "-inf", "1_000", "#### 1_000", "1e3", "1" + "0" * 400]
 )
 def test_non_finite_and_non_decimal_gold_answers_are_flagged(gold, caplog):
-    from codi.scoring import parse_gold
+    from codi.inference.scoring import parse_gold
 
-    with caplog.at_level(logging.WARNING, logger="codi.scoring"):
+    with caplog.at_level(logging.WARNING, logger="codi.inference.scoring"):
         assert parse_gold(gold, "g.jsonl:7") is None
     assert "g.jsonl:7" in caplog.text and "not a finite decimal number" in caplog.text
 
 
 def test_infinities_are_never_correct_and_flagged_in_training_data(make_model):
-    from codi.data import build_dataset
-    from codi.records import RawRecord
-    from codi.scoring import extract_answer, is_correct, parse_gold
+    from codi.data.dataset import build_dataset
+    from codi.data.records import RawRecord
+    from codi.inference.scoring import extract_answer, is_correct, parse_gold
 
     huge, twice = "1" + "0" * 400, "2" + "0" * 400
     assert not is_correct(extract_answer(f"The answer is: {twice}"), float(huge))  # both read as inf

@@ -24,7 +24,7 @@ from test_train import quick_args
 from transformers import TrainerCallback
 
 from codi import cli
-from codi.checkpoint import CheckpointError
+from codi.io.checkpoint import CheckpointError
 from codi.run_safety import LOCK_FILE, CheckpointSaveError
 from codi.runs import checkpoint_problem, is_ours, rotate_own_checkpoints
 from codi.training import CODITrainer, train

@@ -10,11 +10,11 @@ import pytest
 import torch
 from transformers import HfArgumentParser
 
-from codi import decoding
-from codi.decoding import DecodingConfig, apply_processors, sample_next, token_processors
-from codi.eval_data import EvalItem
-from codi.evaluate import evaluate, evaluate_samples
-from codi.generate import generate, generate_samples
+from codi.data.eval_data import EvalItem
+from codi.inference import decoding
+from codi.inference.decoding import DecodingConfig, apply_processors, sample_next, token_processors
+from codi.inference.evaluate import evaluate, evaluate_samples
+from codi.inference.generate import generate, generate_samples
 
 QUESTIONS = [
     "Tom has 12 apples and buys 30 more.",
@@ -230,7 +230,7 @@ def test_cot_samples_with_temperature(make_model):
 
 def _items(model):
     """Golds equal to some greedy answers, so that the accuracies are not all 0."""
-    from codi.scoring import extract_answer
+    from codi.inference.scoring import extract_answer
 
     outputs = generate(model, QUESTIONS, mode="cot", max_new_tokens=16)
     golds = [extract_answer(o.text) if i % 2 == 0 else 3.0 for i, o in enumerate(outputs)]

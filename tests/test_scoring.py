@@ -1,4 +1,4 @@
-"""One scoring rule: `codi.scoring` decides correctness for `codi eval`, the demo's table, the probe and
+"""One scoring rule: `codi.inference.scoring` decides correctness for `codi eval`, the demo's table, the probe and
 the benchmarks, so that they agree on the same outputs."""
 
 from __future__ import annotations
@@ -8,14 +8,21 @@ from pathlib import Path
 
 import pytest
 
-from codi import evaluate as evaluate_module
-from codi import probe as probe_module
-from codi import scoring
+from codi.analysis import probe as probe_module
 from codi.compare import Budget, evaluate_mode
-from codi.eval_data import EvalItem
-from codi.evaluate import evaluate
-from codi.generate import generate
-from codi.scoring import extract_answer, is_correct, majority_vote, parse_gold, pass_at_k, sample_metrics
+from codi.data.eval_data import EvalItem
+from codi.inference import evaluate as evaluate_module
+from codi.inference import scoring
+from codi.inference.evaluate import evaluate
+from codi.inference.generate import generate
+from codi.inference.scoring import (
+    extract_answer,
+    is_correct,
+    majority_vote,
+    parse_gold,
+    pass_at_k,
+    sample_metrics,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,7 +46,7 @@ def test_evaluate_reexports_the_one_rule():
         "is_correct",
     ):
         assert getattr(evaluate_module, name) is getattr(scoring, name)
-    from codi import eval_data
+    from codi.data import eval_data
 
     assert eval_data.parse_gold is scoring.parse_gold
 
@@ -88,7 +95,7 @@ def test_majority_vote_and_pass_at_k():
 def _golds(model, mode: str) -> tuple[list[str], list[bool]]:
     """Gold answers chosen from the model's own greedy outputs: right (the prediction, or within the
     tolerance), and wrong (prediction + 1, or any number when the output has none). Written as plain
-    decimals: the probe reads golds with `codi.scoring.as_number`, which takes no exponent."""
+    decimals: the probe reads golds with `codi.inference.scoring.as_number`, which takes no exponent."""
     outputs = generate(model, QUESTIONS, mode=mode, max_new_tokens=64)
     golds, expected = [], []
     for index, output in enumerate(outputs):

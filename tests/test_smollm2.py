@@ -8,8 +8,8 @@ import time
 import pytest
 
 from codi.config import parse_args
+from codi.data.synth import SynthConfig, synthesize
 from codi.offline_models import smollm2_gguf
-from codi.synth import SynthConfig, synthesize
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESET = os.path.join(REPO, "configs", "smollm2_synthetic.yaml")

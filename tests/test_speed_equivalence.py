@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import RECORDS, batch_for, shared_file
 
-from codi.data import read_records
+from codi.data.dataset import read_records
 
 ATOL = 1e-5
 
@@ -150,8 +150,8 @@ def test_min_new_tokens_forces_the_length_and_keeps_the_greedy_prefix(make_model
 def test_feed_answer_prompt_equals_feeding_the_prompt_token_by_token(make_model, arch):
     """`<eot>` + prompt in one forward = the same tokens fed one forward each (same cache, same
     positions): the free tokens that follow are the same."""
-    from codi.data import encode_question, pad_sequences
-    from codi.generate import _generate_batch, answer_prompt_ids, suppressed_token_ids
+    from codi.data.dataset import encode_question, pad_sequences
+    from codi.inference.generate import _generate_batch, answer_prompt_ids, suppressed_token_ids
 
     model = make_model(arch)
     prompt = answer_prompt_ids(model)
@@ -201,8 +201,8 @@ def test_feed_answer_prompt_through_generate(make_model):
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_last_logits_only_equals_the_last_of_all_logits(make_model, arch):
     """Greedy decoding computes the LM head on the last position only: the same logits there."""
-    from codi.data import encode_question, pad_sequences
-    from codi.generate import answer_prompt_ids
+    from codi.data.dataset import encode_question, pad_sequences
+    from codi.inference.generate import answer_prompt_ids
 
     model = make_model(arch)
     prompts = [encode_question(model.tokenizer, q) + [model.bot_id] for q in QUESTIONS]
@@ -227,7 +227,7 @@ def test_group_by_length_sampler_uses_teacher_lengths(make_model, tmp_path):
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
     from codi.config import CODITrainingArguments
-    from codi.data import CODICollator, build_dataset
+    from codi.data.dataset import CODICollator, build_dataset
     from codi.training import CODITrainer
 
     model = make_model("gpt2")

@@ -8,8 +8,8 @@ import re
 import pytest
 
 from codi.cli import main
-from codi.data import read_records
-from codi.synth import SynthConfig, check_cot, make_splits
+from codi.data.dataset import read_records
+from codi.data.synth import SynthConfig, check_cot, make_splits
 
 STEP = re.compile(r"^<<[\d+\-*/%()]+=\d+>>$")
 

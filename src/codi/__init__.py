@@ -15,8 +15,8 @@ _LAZY = {
     "CODITrainingArguments": "config",
     "parse_args": "config",
     "CODIModel": "model",
-    "AutoCODIModel": "loader",
-    "load": "loader",
+    "AutoCODIModel": "io.loader",
+    "load": "io.loader",
 }
 
 

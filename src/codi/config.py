@@ -19,8 +19,8 @@ from typing import Any
 
 from transformers import TrainingArguments
 
+from .inference.scoring import ANSWER_PROMPT
 from .losses import DISTILL_LOSS_TYPES, LossSettings
-from .scoring import ANSWER_PROMPT
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ The method, step by step (docs/method.md), and where each step lives:
 
 `CODIModel` wraps any Hugging Face causal LM (optionally LoRA-wrapped by peft) plus the projection MLP,
 and touches the LM only through public API (`get_input_embeddings`, `hidden_states`, `cache`). Loading
-is in `codi.hf`, checkpoints in `codi.checkpoint`, decoding in `codi.generate`.
+is in `codi.io.hf`, checkpoints in `codi.io.checkpoint`, decoding in `codi.inference.generate`.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ import torch
 import torch.nn as nn
 from transformers import DynamicCache
 
-from .checkpoint import CheckpointMixin
 from .config import CODIModelArguments
-from .hf import add_special_tokens, build_lm
+from .io.checkpoint import CheckpointMixin
+from .io.hf import add_special_tokens, build_lm
 from .latent import LatentPrefix, LatentTransform
 from .losses import (
     TrainingObjective,
@@ -434,8 +434,8 @@ class CODIModel(CheckpointMixin, nn.Module):
     # Inference
 
     def generate(self, questions, **kwargs):
-        """Answer questions with latent reasoning (or `mode="cot"`); see `codi.generate.generate`."""
-        from .generate import generate
+        """Answer questions with latent reasoning (or `mode="cot"`); see `codi.inference.generate.generate`."""
+        from .inference.generate import generate
 
         return generate(self, questions, **kwargs)
 

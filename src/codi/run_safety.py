@@ -28,7 +28,7 @@ import socket
 import time
 from contextlib import contextmanager
 
-from .checkpoint import CheckpointError, write_json_atomically
+from .io.checkpoint import CheckpointError, write_json_atomically
 from .runs import (
     RUN_FILE,
     STAGING_DIR,
@@ -191,7 +191,7 @@ def _safe_unpickling(checkpoint: str | None, names: tuple[str, ...]):
     try:
         yield
     except pickle.UnpicklingError as error:
-        from .reference_weights import _refusal_detail
+        from .io.reference_weights import _refusal_detail
 
         detail = _refusal_detail(str(error))
         raise CheckpointError(

@@ -24,11 +24,11 @@ from .config import (
     CODIModelArguments,
     CODITrainingArguments,
 )
-from .data import CODIDataset, DataStats, build_dataset
-from .hf import max_positions
+from .data.dataset import CODIDataset, DataStats, build_dataset
+from .data.records import DataError, RawRecord, load_records
+from .io.hf import max_positions
 from .losses import TrainingObjective
 from .model import CODIModel
-from .records import DataError, RawRecord, load_records
 from .run_safety import records_fingerprint
 
 
@@ -176,8 +176,8 @@ def check_model(model: Any, cls: type, name: str) -> None:
 def eval_items(rows: Any, name: str = "dataset") -> list:
     """`EvalItem`s of rows with question and answer columns (the gold: the answer, or its part after
     `####`, as a number), for `CODITrainer.evaluate_accuracy`."""
-    from .eval_data import EvalItem, normalize_question
-    from .scoring import parse_gold
+    from .data.eval_data import EvalItem, normalize_question
+    from .inference.scoring import parse_gold
 
     records = dataset_records(rows, name, method="no_cot_sft")  # the CoT is not read
     return [EvalItem(normalize_question(r.question), parse_gold(r.answer, r.where), r.where) for r in records]

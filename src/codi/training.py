@@ -19,10 +19,10 @@ import torch
 from transformers import Trainer, set_seed
 
 from . import trainer_inputs
-from .checkpoint import write_json_atomically
 from .config import CODIDataArguments, CODIModelArguments, CODITrainingArguments, resolve_defaults
-from .data import CODICollator, CODIDataset, DataStats
-from .hub import TrainerPushMixin
+from .data.dataset import CODICollator, CODIDataset, DataStats
+from .io.checkpoint import write_json_atomically
+from .io.hub import TrainerPushMixin
 from .losses import TrainingObjective
 from .model import CODIModel
 from .run_safety import (
@@ -153,7 +153,7 @@ class CODITrainer(SafeCheckpoints, TrainerPushMixin, Trainer):
         """Answer the questions of `dataset` (rows with question and answer columns) and score them as
         `codi eval` does; returns its summary (`accuracy` in %, speed). `mode`: latent, or cot for the
         baselines by default; `decoding`: `DecodingConfig` fields (`max_new_tokens=`, `batch_size=`)."""
-        from .evaluate import evaluate
+        from .inference.evaluate import evaluate
 
         model = self.accelerator.unwrap_model(self.model)
         method = self.config.method if self.config is not None else model.objective.method

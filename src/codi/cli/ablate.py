@@ -1,4 +1,4 @@
-"""`codi ablate`: interventions on the latents at inference (`codi.interventions`), one table and PNG."""
+"""`codi ablate`: interventions on the latents at inference (`codi.analysis.interventions`), one table and PNG."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ class AblateArguments:
         default="all",
         metadata={
             "help": "Comma-separated subset of zero,noise,shuffle,reverse,permute,first_k,num_latent "
-            "(all: every one); the unmodified model always runs. See codi.interventions."
+            "(all: every one); the unmodified model always runs. See codi.analysis.interventions."
         },
     )
     noise_sigmas: str = field(
@@ -84,7 +84,7 @@ class AblateArguments:
 def _load(path: str, args: AblateArguments):
 
     from ..distributed import local_device
-    from ..loader import load
+    from ..io.loader import load
 
     model = load(path, args.base_model, dtype=args.dtype)
     model.to(args.device or str(local_device()))
@@ -93,10 +93,10 @@ def _load(path: str, args: AblateArguments):
 
 def run_ablate(args: AblateArguments) -> dict:
     """Load the checkpoint(s) and the questions, run every intervention, write and print the results."""
-    from ..checkpoint_checks import require_latents
-    from ..eval_data import eval_set_spec, load_eval_set
-    from ..evaluate import evaluate
-    from ..interventions import ablate, build_interventions, parse_families
+    from ..analysis.interventions import ablate, build_interventions, parse_families
+    from ..data.eval_data import eval_set_spec, load_eval_set
+    from ..inference.evaluate import evaluate
+    from ..io.checkpoint_checks import require_latents
 
     families = parse_families(args.interventions)
     sigmas = args.sigmas()

@@ -1,4 +1,4 @@
-"""`codi convert`: an authors' reference checkpoint -> this project's format (`codi.convert`)."""
+"""`codi convert`: an authors' reference checkpoint -> this project's format (`codi.io.convert`)."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def main(argv: list[str]) -> int:
     args, settings = parse(
         "codi convert", (ConvertArguments, ConvertModelSettings), argv, aliases=LATENT_ALIASES
     )
-    from ..convert import convert_reference_checkpoint
+    from ..io.convert import convert_reference_checkpoint
 
     report = convert_reference_checkpoint(
         args.reference_checkpoint,

@@ -1,4 +1,4 @@
-"""`codi data synth`: write synthetic GSM8k-Aug-style data (`codi.synth`; no torch needed).
+"""`codi data synth`: write synthetic GSM8k-Aug-style data (`codi.data.synth`; no torch needed).
 
 Files already in `--out` that it would write (`train.txt`, `test.jsonl`, `synth_config.json`, ...) are
 never replaced without `--overwrite`: they may be the user's own data.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from ..synth import SPLITS, SynthConfig, synthesize
+from ..data.synth import SPLITS, SynthConfig, synthesize
 from .args import UsageError, parse
 
 DESCRIPTION = (

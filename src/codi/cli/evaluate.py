@@ -1,4 +1,4 @@
-"""`codi eval`: load a checkpoint, evaluate every requested set (`codi.evaluate`), print and save."""
+"""`codi eval`: load a checkpoint, evaluate every requested set (`codi.inference.evaluate`), print and save."""
 
 from __future__ import annotations
 
@@ -101,9 +101,9 @@ def main(argv: list[str]) -> int:
     if args.fix_attn_mask and not args.reference_compat:
         logger.warning("--fix_attn_mask has no effect without --reference_compat")
     from .. import distributed
-    from ..evaluate import evaluate_sets, load_eval_sets
-    from ..loader import load
-    from ..model_card import record_eval_results
+    from ..inference.evaluate import evaluate_sets, load_eval_sets
+    from ..io.loader import load
+    from ..io.model_card import record_eval_results
 
     distributed.init()  # no-op unless launched by torchrun / accelerate with several processes
     sets = load_eval_sets(args.datasets, args.data_dir, args.data_file, args.limit)

@@ -1,4 +1,4 @@
-"""`codi explore --model DIR`: serve the latent-thought explorer (`codi.explore`) on this machine."""
+"""`codi explore --model DIR`: serve the latent-thought explorer (`codi.analysis.explore`) on this machine."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def main(argv: list[str]) -> int:
     warning = exposure_warning(args.host, args.port)
     if warning:
         print(warning, file=sys.stderr)
-    from ..explore import launch
+    from ..analysis.explore import launch
 
     print(f"CODI explorer: http://{args.host}:{args.port} (Ctrl+C stops it)")
     launch(

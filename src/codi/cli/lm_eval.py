@@ -110,9 +110,9 @@ def main(argv: list[str]) -> int:
     paths, rest = split_config(argv)
     flags = [flag for path in paths for flag in config_flags(path)] + rest
     flags += check_codi_arguments(flags)
-    from .. import hub
+    from ..io import hub
 
     hub.check_now()  # before lm-eval and datasets are imported: they read the offline switch then
-    from ..lm_eval_model import run_lm_eval_cli
+    from ..inference.lm_eval_model import run_lm_eval_cli
 
     return run_lm_eval_cli(flags)

@@ -1,4 +1,4 @@
-"""`codi probe`: decode the latent thoughts of a checkpoint on a data file (`codi.probe.run_probe`)."""
+"""`codi probe`: decode the latent thoughts of a checkpoint on a data file (`codi.analysis.probe.run_probe`)."""
 
 from __future__ import annotations
 
@@ -44,11 +44,11 @@ def check_top_k(top_k: int, vocabulary: int) -> None:
 def main(argv: list[str]) -> int:
     (args,) = parse("codi probe", (ProbeArguments,), argv, aliases=LATENT_ALIASES)
 
-    from ..checkpoint_checks import require_latents
+    from ..analysis.probe import run_probe
+    from ..data.records import read_records
     from ..distributed import local_device
-    from ..loader import load
-    from ..probe import run_probe
-    from ..records import read_records
+    from ..io.checkpoint_checks import require_latents
+    from ..io.loader import load
     from ..report import probe_table
 
     records = read_records(args.data)[: args.limit]

@@ -31,11 +31,11 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from ..data import answer_value
-from ..eval_data import EvalItem
-from ..records import read_records
+from ..data.dataset import answer_value
+from ..data.eval_data import EvalItem
+from ..data.records import read_records
+from ..inference.scoring import parse_gold
 from ..report import RunRecord, aggregate, comparison_chart, comparison_table, write_results
-from ..scoring import parse_gold
 from .methods import (
     METHODS,
     TABLE1_METHODS,
@@ -94,8 +94,8 @@ def prepare_base(spec: ModelSpec, train_file: str, directory: str, seed: int) ->
     word/digit tokenizer is built from the training file (saved in `directory`)."""
     if spec.path is not None:
         return spec.path
+    from ..data.synth import to_icot_line
     from ..offline_models import build_base_model
-    from ..synth import to_icot_line
 
     marker = "#### " if spec.vocab_answer_marker else ""
     texts = [
@@ -356,7 +356,7 @@ TABLE1_OPTIONS: dict[str, dict] = {
 def synthetic_data(out_dir: str, synth=None) -> dict[str, str]:
     """Write the demo's data (default: its default preset's: 3-step mod-10 chains, uniform wording,
     20000 / 200 / 500 records, data seed 0) into `out_dir`; returns the `.txt` path of each split."""
-    from ..synth import SynthConfig, synthesize
+    from ..data.synth import SynthConfig, synthesize
 
     config = synth or SynthConfig(
         n_train=20000, n_validation=200, n_test=500, min_steps=3, max_steps=3, wording="uniform", seed=0

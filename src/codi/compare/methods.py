@@ -2,7 +2,7 @@
 the model and budget every method shares, and the arguments of one run.
 
 Add a method with `register(Method(name, label, eval_mode, train))`; `train(ctx: RunContext)` returns a
-trained model that `evaluate(model, items, ctx, mode)` scores (default: `codi.evaluate` in `mode`, by
+trained model that `evaluate(model, items, ctx, mode)` scores (default: `codi.inference.evaluate` in `mode`, by
 default the method's `eval_mode`).
 """
 
@@ -15,9 +15,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ..config import CODIDataArguments, CODIModelArguments, CODITrainingArguments
-from ..data import process_cot
-from ..eval_data import EvalItem
-from ..records import read_records
+from ..data.dataset import process_cot
+from ..data.eval_data import EvalItem
+from ..data.records import read_records
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class Method:
 
     eval_mode: `generate` mode; "latent" (continuous thoughts) or "cot" (decoding from the question:
     an explicit CoT for CoT-SFT, none for No-CoT-SFT and iCoT, whose CoT was removed in training).
-    train(ctx) -> a trained model that `evaluate(model, items, ctx, mode)` (default: `codi.evaluate`)
+    train(ctx) -> a trained model that `evaluate(model, items, ctx, mode)` (default: `codi.inference.evaluate`)
     accepts. available() -> None, or why the method cannot run here. trains_as: the `method` its
     `CODITrainingArguments` get (codi, cot_sft, ...). load(ctx) -> the model `train` saved in
     `ctx.out_dir` (when set, the method can train in a second process: `compare(parallel=True)`).
@@ -401,10 +401,10 @@ def evaluate_mode(
     name: str = "eval",
     out_dir: str | None = None,
 ) -> dict:
-    """`codi.evaluate.evaluate` in `mode` with the budget's decoding; questions/s is the fastest of
+    """`codi.inference.evaluate.evaluate` in `mode` with the budget's decoding; questions/s is the fastest of
     `budget.timing_repeats` identical passes (greedy: the same answers), so a busy machine does not
     decide the comparison; answers, scores and sample files are the first pass's."""
-    from ..evaluate import evaluate
+    from ..inference.evaluate import evaluate
 
     result = None
     for repeat in range(max(1, budget.timing_repeats)):

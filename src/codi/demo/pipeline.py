@@ -1,7 +1,7 @@
 """`codi demo`: the offline end-to-end demonstration of CODI, as presets of the comparison harness
 (`codi.compare`) on data and a model it makes itself.
 
-1. synthetic GSM8k-Aug-style data (`codi.synth`): train / validation / test, disjoint by problem;
+1. synthetic GSM8k-Aug-style data (`codi.data.synth`): train / validation / test, disjoint by problem;
 2. `codi.compare` with the preset's settings (`harness_settings`): a word/digit-level tokenizer and a
    small GPT-2 from scratch (saved HF-style under `<out>/seed<S>/base`), No-CoT-SFT and CODI trained
    with the same number of steps (No-CoT-SFT in a second process), CODI evaluated in latent mode and as
@@ -103,7 +103,7 @@ def claim_check(rows: dict) -> dict[str, bool]:
 
 def run_probe(model, records: list[dict], out_dir: str) -> dict | None:
     """The latent probe (paper §5, Table 3); its summary, or None."""
-    from ..probe import run_probe as probe_and_report
+    from ..analysis.probe import run_probe as probe_and_report
 
     try:
         summary = probe_and_report(
@@ -170,8 +170,8 @@ def run_demo(preset: Preset, seed: int, out_dir: str, probe: bool = True, device
     import torch
 
     from ..compare import compare
+    from ..data.synth import synthesize
     from ..report import speedup_table, write_results
-    from ..synth import synthesize
 
     settings = check_demo(preset, seed, device)
     # One thread: these models are tiny, and on a shared 2-core machine two threads per process

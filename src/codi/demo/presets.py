@@ -125,7 +125,7 @@ def parse_overrides(items: list[str], preset: Preset) -> dict:
 
 def synth_config(preset: Preset, seed: int):
     """The synthetic data of a preset: its chains, wording and split sizes, drawn with `seed`."""
-    from ..synth import SynthConfig
+    from ..data.synth import SynthConfig
 
     return SynthConfig(
         n_train=preset.n_train,

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data import IGNORE_INDEX, CODICollator, CODIDataset
+from ..data.dataset import IGNORE_INDEX, CODICollator, CODIDataset
 
 
 def drop_cot_tokens(

@@ -1,9 +1,9 @@
 """Probe results: the Table-3 matching rule, summary metrics, PNG plots (matplotlib, Agg) and one
-self-contained HTML page (the rule itself is described in `codi.probe`'s docstring).
+self-contained HTML page (the rule itself is described in `codi.analysis.probe`'s docstring).
 
 The HTML has no external assets (inline CSS, images as base64 data URIs) so it can be mailed or
 archived as one file. Each question is one `<tr class="question-row">`; its latent tokens are coloured
-green when they match a reference intermediate result (rule "first_token", see `codi.probe`).
+green when they match a reference intermediate result (rule "first_token", see `codi.analysis.probe`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import json
 import os
 from collections.abc import Sequence
 
-from ..probe_metric import ProbeRecord, TopK, step_positions, token_matches, write_jsonl
+from ..analysis.probe_metric import ProbeRecord, TopK, step_positions, token_matches, write_jsonl
 
 SAMPLE_QUESTIONS = 20  # rows of the top-1 heatmap
 

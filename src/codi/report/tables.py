@@ -8,7 +8,7 @@ import json
 import os
 from collections.abc import Sequence
 
-from ..probe_metric import BUCKETS
+from ..analysis.probe_metric import BUCKETS
 
 
 def write_results(output_dir: str, summary: dict, table_file: str = "table.txt") -> str:

@@ -1,7 +1,7 @@
 """Coconut (Hao et al. 2024): continuous thoughts fed back as input embeddings, a stage curriculum.
 
 `CoconutTrainer(model=..., args=CoconutConfig(...), train_dataset=...)` (`codi train --method coconut`); decoding: `CoconutModel.generate` (same outputs as
-CODI's `codi.generate.generate`); checkpoints: `CoconutModel.from_pretrained` (or `codi.load`, which picks it for a Coconut checkpoint).
+CODI's `codi.inference.generate.generate`); checkpoints: `CoconutModel.from_pretrained` (or `codi.load`, which picks it for a Coconut checkpoint).
 """
 
 from .data import (

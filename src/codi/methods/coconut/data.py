@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ...config import ANSWER_PROMPT
-from ...data import (
+from ...data.dataset import (
     IGNORE_INDEX,
     DataError,
     DataStats,
@@ -105,8 +105,8 @@ def tokenize_records(
     max_samples: int | None = None,
     name: str = "train",
 ) -> tuple[list[CoconutRecord], DataStats]:
-    """Tokenise records into steps, screened by the reference's filters as `codi.data.build_dataset`
-    screens them (`codi.data.screen_record`); unlike it, no cap at the model's positions and no count of
+    """Tokenise records into steps, screened by the reference's filters as `codi.data.dataset.build_dataset`
+    screens them (`codi.data.dataset.screen_record`); unlike it, no cap at the model's positions and no count of
     non-numeric answers."""
     if cot_style == "commonsense":
         raise DataError("coconut: cot_style commonsense has no steps to remove; use equation | nl | auto")

@@ -8,7 +8,7 @@ input embedding, without projection (a CODI model with `use_prj=False`). Trainin
 and takes the mean next-token cross-entropy over the remaining steps and the answer (labels -100 on
 the question, the markers and the thoughts). Rows of a batch may have different numbers of thoughts:
 a row's extra thought steps are masked (attended by nothing, position ids not advanced), which makes
-it the same computation as the reference's per-row sequences. Inference is `codi.generate.generate`:
+it the same computation as the reference's per-row sequences. Inference is `codi.inference.generate.generate`:
 question <bot>, n thoughts, <eot>, greedy decoding, batched with the KV cache.
 """
 
@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 from transformers import DynamicCache
 
-from ...checkpoint import CONFIG_NAME
+from ...io.checkpoint import CONFIG_NAME
 from ...losses import next_token_ce
 from ...model import CODIModel
 from .schedule import CoconutArguments
@@ -176,7 +176,7 @@ class CoconutModel(CODIModel):
 
     def encode_latents(self, input_ids, attention_mask, num_latent, *args, latent_transform=None, **kwargs):
         """CODI's latent loop; pause as thought feeds the `<pause>` embedding at every thought position
-        (any `latent_transform` then applies to it), so `codi.generate.generate` decodes it too."""
+        (any `latent_transform` then applies to it), so `codi.inference.generate.generate` decodes it too."""
         if self.coconut.variant == "pause":
             pause_ids = torch.tensor([[self.pause_id]], device=input_ids.device)
             user_transform = latent_transform
@@ -190,9 +190,9 @@ class CoconutModel(CODIModel):
         )
 
     def generate(self, questions, *, mode: str = "latent", **kwargs):
-        """`codi.generate.generate`; w/o thought decodes from the question alone (it was trained without
+        """`codi.inference.generate.generate`; w/o thought decodes from the question alone (it was trained without
         markers or thoughts), whatever `mode` asks."""
-        from ...generate import generate
+        from ...inference.generate import generate
 
         if mode == "latent" and self.coconut.variant == "no_thoughts":
             kwargs.pop("num_latent", None)

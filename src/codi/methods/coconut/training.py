@@ -28,7 +28,7 @@ from transformers import TrainerCallback
 
 from ... import trainer_inputs
 from ...config import CODIDataArguments, CODIModelArguments, CODITrainingArguments
-from ...data import DataStats, load_records
+from ...data.dataset import DataStats, load_records
 from ...run_safety import records_fingerprint
 from ...trainer_inputs import CODIConfig, eval_source, train_source
 from ...training import CODITrainer, TrainResult

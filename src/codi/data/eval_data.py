@@ -13,8 +13,8 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..inference.scoring import ANSWER_PROMPT, parse_gold
 from .records import DataError, load_hub_dataset, named_decode_errors, parse_icot_line, read_json_rows
-from .scoring import ANSWER_PROMPT, parse_gold
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The verdict of `codi ablate` (`codi.cli.ablate` runs `codi.interventions`) and its files; the table,
+"""The verdict of `codi ablate` (`codi.cli.ablate` runs `codi.analysis.interventions`) and its files; the table,
 chart and intervals are drawn by `codi.report`.
 
     codi ablate --model DIR --data test.txt --limit 500 --no_cot_model NOCOT_DIR --output_dir OUT
@@ -24,7 +24,7 @@ import json
 import logging
 import os
 
-from .report import write_results
+from ..report import write_results
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Decoding on a static KV cache, on CUDA with CUDA-graph steps (docs/speed.md#decoding).
 
-The eager loop of `codi.generate` is host-bound on a GPU: each step launches hundreds of small ops
+The eager loop of `codi.inference.generate` is host-bound on a GPU: each step launches hundreds of small ops
 (a growing `DynamicCache`, a fresh 4-D mask built by transformers, a host sync in that mask code),
 and the GPU waits for Python. Here every single-position step (each latent thought, `<eot>`, the
 answer prompt, each answer or CoT token) has the same shapes:
@@ -239,7 +239,7 @@ def session(model, batch: int, length: int, kind: str) -> _Session | None:
 
 
 def decode(model, input_ids, attention_mask, config: DecodingConfig, run: dict, kind: str) -> tuple | None:
-    """The static loop of `codi.generate._decode_batch`: generated ids (B, steps) and the latents.
+    """The static loop of `codi.inference.generate._decode_batch`: generated ids (B, steps) and the latents.
 
     run: num_latent, max_new_tokens, min_new_tokens, forced (answer prompt ids), suppress, sample (the
     next-token rule) and its sampling options, plan (`_LatentPlan`). Returns None when the model's
@@ -334,13 +334,18 @@ def _plain_lora_layers(model) -> list | None:
         return None
     from peft.tuners.lora import Linear, LoraLayer
 
-    from .fused_lora import FusedLoraLinear  # the same layer, trained through one autograd node
+    from ..fused_lora import FusedLoraLinear  # the same layer, trained through one autograd node
 
     layers = [module for module in model.lm.modules() if isinstance(module, LoraLayer)]
     size = 0
     for layer in layers:
         adapters = list(layer.active_adapters)
-        if type(layer) not in (Linear, FusedLoraLinear) or len(adapters) != 1 or layer.merged or layer.lora_variant:
+        if (
+            type(layer) not in (Linear, FusedLoraLinear)
+            or len(adapters) != 1
+            or layer.merged
+            or layer.lora_variant
+        ):
             return None
         if adapters[0] not in layer.lora_A:
             return None

@@ -30,7 +30,7 @@ results do not depend on the batch size (up to the float noise of padding, as in
 "Recorded" latents are those the unmodified run fed (`generate(..., return_latents=True)`); feeding them
 back in their own order reproduces the unmodified answers exactly (tested).
 
-The verdict (answers depend on the latents or not) and its rule: `codi.ablate` (module docstring).
+The verdict (answers depend on the latents or not) and its rule: `codi.analysis.ablate` (module docstring).
 """
 
 from __future__ import annotations
@@ -42,11 +42,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ..data.dataset import encode_question
+from ..inference.generate import GenerationOutput, generate, length_order_batches
+from ..inference.scoring import extractors, is_correct
+from ..report import ablation_chart, ablation_table, binomial_half_width, paired_drop
 from .ablate import verdict, write_outputs
-from .data import encode_question
-from .generate import GenerationOutput, generate, length_order_batches
-from .report import ablation_chart, ablation_table, binomial_half_width, paired_drop
-from .scoring import extractors, is_correct
 
 logger = logging.getLogger(__name__)
 

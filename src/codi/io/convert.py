@@ -37,9 +37,9 @@ from typing import Any
 
 import torch
 
-from .config import CODIModelArguments
+from ..config import CODIModelArguments
+from ..model import CODIModel
 from .hf import load_tokenizer
-from .model import CODIModel
 from .reference_weights import (
     LM_PREFIX,
     LORA_KEY,

@@ -6,7 +6,7 @@
                              special token ids, the LoRA base's fingerprint, the versions that wrote it
     tokenizer files
 
-    README.md                the model card (`codi.model_card`), unless the folder holds a README of its own
+    README.md                the model card (`codi.io.model_card`), unless the folder holds a README of its own
 
 `codi_config.json` is written last, atomically: a folder without it is not a (complete) checkpoint.
 Loading takes every option that grants code execution or depends on the machine (trust_remote_code,
@@ -17,7 +17,7 @@ A mixin of `CODIModel` (like transformers' `PreTrainedModel`): it needs `lm`, `h
 It is huggingface_hub's `ModelHubMixin` with this format behind its hooks (`_save_pretrained`,
 `_from_pretrained`, `generate_model_card`): `from_pretrained` takes a folder or a hub id (downloaded with
 `snapshot_download`, or read from the HF cache when offline) and `push_to_hub` uploads a saved folder.
-Which class a folder needs (CODI, Coconut, ...) is `codi.loader`'s business: `codi.load(path_or_id)`.
+Which class a folder needs (CODI, Coconut, ...) is `codi.io.loader`'s business: `codi.load(path_or_id)`.
 """
 
 from __future__ import annotations
@@ -32,11 +32,11 @@ import torch
 from huggingface_hub import ModelCard, ModelHubMixin
 from safetensors.torch import load_file, save_file
 
+from ..config import CODIModelArguments
+from ..losses import LossSettings, TrainingObjective
 from . import checkpoint_checks, hub
 from .checkpoint_checks import CheckpointError
-from .config import CODIModelArguments
 from .hf import ModelLoadError, build_lm
-from .losses import LossSettings, TrainingObjective
 from .model_card import build_model_card, keep_foreign_readme, model_card_info, write_model_card
 
 logger = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ def base_fingerprint(model, state_dict: dict[str, torch.Tensor] | None = None) -
 def produced_by() -> dict[str, str]:
     import transformers
 
-    from . import __version__
+    from .. import __version__
 
     return {"codi": __version__, "transformers": transformers.__version__, "torch": torch.__version__}
 
@@ -144,7 +144,7 @@ def resolve_checkpoint(
     token: str | bool | None = None,
 ) -> str:
     """The local folder of a checkpoint: `source` itself, or the hub repository `source` downloaded with
-    `snapshot_download` (from the HF cache alone when offline or the hub is unreachable: codi.hub)."""
+    `snapshot_download` (from the HF cache alone when offline or the hub is unreachable: codi.io.hub)."""
     source = os.fspath(source)
     if os.path.isdir(source):
         return source
@@ -199,11 +199,11 @@ class CheckpointMixin(ModelHubMixin):
     ) -> str | None:
         """HF-style folder: adapter (LoRA) or full weights, `codi_extra.safetensors`, config, tokenizer,
         model card. A README.md in the folder that this package did not write is kept as it was, and the
-        card goes to MODEL_CARD.md instead (`codi.model_card`).
+        card goes to MODEL_CARD.md instead (`codi.io.model_card`).
 
         `state_dict` (keys as in `self.state_dict()`): write these tensors instead of the live ones; the
         HF Trainer passes the gathered full weights under FSDP and DeepSpeed ZeRO-3.
-        `model_card_kwargs`: for `codi.model_card.model_card_info` (datasets, eval_results, name).
+        `model_card_kwargs`: for `codi.io.model_card.model_card_info` (datasets, eval_results, name).
         `push_to_hub`: then upload it to `repo_id` (default: the folder's name), see `push_to_hub`.
         """
         if config is not None:  # ModelHubMixin's config.json would clash with a full model's own
@@ -248,7 +248,7 @@ class CheckpointMixin(ModelHubMixin):
         write_json_atomically(os.path.join(output_dir, CONFIG_NAME), config)
 
     def generate_model_card(self, *args, **kwargs) -> ModelCard:
-        """This model's card (`codi.model_card`); kwargs: `model_card_info`'s (datasets, eval_results...)."""
+        """This model's card (`codi.io.model_card`); kwargs: `model_card_info`'s (datasets, eval_results...)."""
         return build_model_card(model_card_info(self, **kwargs))
 
     @staticmethod
@@ -279,7 +279,7 @@ class CheckpointMixin(ModelHubMixin):
         file is ignored (a downloaded checkpoint must not be able to run its own code here). Other
         `model_kwargs`: `CODIModelArguments` fields (e.g. `num_latent`, `reference_compat`). A file lacking
         a tensor the model needs (or holding one it lacks) is an error unless `allow_incomplete_weights=True`
-        (`codi.checkpoint_checks`).
+        (`codi.io.checkpoint_checks`).
         """
         return cls._from_pretrained(
             model_id=os.fspath(pretrained_model_name_or_path), revision=revision, cache_dir=cache_dir,

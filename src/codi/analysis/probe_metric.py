@@ -1,7 +1,7 @@
 """The probe's records and the paper's Table-3 metric: do the decoded latents hold the CoT's results?
 
 A record holds, for one question, the top-k tokens decoded at `<bot>` and after each latent thought
-(`codi.probe` fills it; `codi.report` draws it). A top-k token matches a step result `c` of the
+(`codi.analysis.probe` fills it; `codi.report` draws it). A top-k token matches a step result `c` of the
 reference CoT's steps `<<a op b=c>>` (all steps of the FULL CoT, the last included) when
 
     whole        its stripped text, commas removed, is a number equal to the result (".5" == "0.5"), or
@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
-from .scoring import as_number
+from ..inference.scoring import as_number
 
 STEP_PATTERN = re.compile(r"<<([^<>]*)>>")
 BUCKETS = ("1", "2", "3+")

@@ -21,8 +21,8 @@ import os
 import types
 import typing
 
-from .config import METHODS, CODIModelArguments
-from .losses import LossSettings
+from ..config import METHODS, CODIModelArguments
+from ..losses import LossSettings
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "to
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, truncated, corrupt, inconsistent or does not fit; the message names
-    the file (re-exported by `codi.checkpoint`)."""
+    the file (re-exported by `codi.io.checkpoint`)."""
 
 
 # --------------------------------------------------------------------------------------------------

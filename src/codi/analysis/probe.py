@@ -10,7 +10,7 @@ For every question the latent loop is run once and, at each of the num_latent + 
     lens       optionally, a logit lens: every entry of `hidden_states` (embedding output and each
                block's output) through the model's final norm and the LM head
 
-The records and the paper's Table-3 metric are in `codi.probe_metric`; plots and HTML in `codi.report`.
+The records and the paper's Table-3 metric are in `codi.analysis.probe_metric`; plots and HTML in `codi.report`.
 """
 
 from __future__ import annotations
@@ -21,16 +21,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from .data import DataError, answer_value, encode_question, pad_sequences
-from .probe_metric import (
-    PositionProbe,
-    ProbeRecord,
-    TopK,
-    as_number,
-    reference_steps,
-    summarize,
-)
-from .report import write_report
+from ..data.dataset import DataError, answer_value, encode_question, pad_sequences
+from ..report import write_report
+from .probe_metric import PositionProbe, ProbeRecord, TopK, as_number, reference_steps, summarize
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +136,7 @@ def probe(
 
     `records_or_questions`: question strings, or records with `question` (and `cot`, `answer`: RawRecord
     or dicts). `num_latent` defaults to `model.args.num_latent`. With `predict` the answers
-    are generated greedily (`codi.generate`) and scored against the gold value. No weight is changed
+    are generated greedily (`codi.inference.generate`) and scored against the gold value. No weight is changed
     and the model's train/eval mode is restored.
     """
     if top_k < 1 or batch_size < 1:
@@ -165,7 +158,7 @@ def probe(
             probed.extend(_probe_batch(model, decoder, chunk, num_latent, after_projection, logit_lens, norm))
         outputs = [None] * len(items)
         if predict and items:
-            from .generate import generate
+            from ..inference.generate import generate
 
             questions = [question for question, _, _ in items]
             outputs = generate(
@@ -187,8 +180,8 @@ def probe(
 def _fitting(model, items: list, num_latent: int) -> tuple[list[int], list]:
     """(input indices, items) of the questions that fit the model's positions with its latents; the
     others are dropped, counted and named in a warning (a learned position table fails past its size)."""
-    from .evaluate import refuse_if_none_fit
-    from .generate import unfit_questions
+    from ..inference.evaluate import refuse_if_none_fit
+    from ..inference.generate import unfit_questions
 
     unfit = unfit_questions(model, [question for question, _, _ in items], num_latent=num_latent)
     refuse_if_none_fit(unfit, len(items), "probe")
@@ -211,7 +204,7 @@ def _make_record(index, item, positions, cosine, output, tokenizer) -> ProbeReco
         latent_cosine=cosine,
     )
     if output is not None:
-        from .scoring import extract_answer, is_correct
+        from ..inference.scoring import extract_answer, is_correct
 
         record.predicted_text = output.text
         record.predicted = extract_answer(output.text)
@@ -238,7 +231,7 @@ def run_probe(
     directory. `metadata` is merged into the summary (e.g. model and data paths); kwargs go to `probe`.
     Returns the summary with the written file paths under "paths"."""
     if isinstance(model, str):
-        from .loader import load
+        from ..io.loader import load
 
         metadata = {"model": model, **(metadata or {})}
         title = title or f"CODI probe: {model}"

@@ -1,6 +1,6 @@
 """Decoding options in one frozen object, the next-token rule, and latent-trajectory sampling.
 
-`DecodingConfig` is what `codi.generate.generate` / `generate_samples`, `codi.evaluate.evaluate` and
+`DecodingConfig` is what `codi.inference.generate.generate` / `generate_samples`, `codi.inference.evaluate.evaluate` and
 the probe take instead of loose keyword arguments; its fields carry `help` metadata so a command line
 can be built from it. The next token is chosen with transformers' logits processors (suppression,
 min-length, temperature, top-k), and our own top-p (see `_top_p`).
@@ -39,9 +39,7 @@ class DecodingConfig:
     """How answers are decoded; validated on construction (one-line `ValueError` naming the field)."""
 
     mode: str = _help("latent: CODI's latent reasoning; cot: teacher-mode explicit CoT.", default="latent")
-    num_latent: int | None = _help(
-        "Latent thoughts (default: the model's num_latent).", default=None
-    )
+    num_latent: int | None = _help("Latent thoughts (default: the model's num_latent).", default=None)
     max_new_tokens: int = _help("Answer tokens to generate at most.", default=256)
     min_new_tokens: int = _help("No EOS before this many tokens (benchmarks: fixed lengths).", default=0)
     do_sample: bool = _help("Sample answer tokens instead of greedy decoding.", default=False)

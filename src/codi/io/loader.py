@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import os
 
+from ..methods.coconut.model import CoconutModel, is_coconut_checkpoint
+from ..model import CODIModel
 from .checkpoint import resolve_checkpoint
-from .methods.coconut.model import CoconutModel, is_coconut_checkpoint
-from .model import CODIModel
 
 
 def checkpoint_class(folder: str) -> type[CODIModel]:

@@ -14,8 +14,8 @@ import torch
 import torch.nn as nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ..config import CODIModelArguments
 from . import hub
-from .config import CODIModelArguments
 
 BOT_TOKEN, EOT_TOKEN, PAD_TOKEN = "<bot>", "<eot>", "<pad>"
 
@@ -71,7 +71,7 @@ def load_base_model(args: CODIModelArguments, path: str | None = None):
 
 def _load_or_explain(loader, what: str, source: str, kwargs: dict):
     """Call an HF `from_pretrained`, turning 'not found / hub unreachable' into one clear error.
-    A hub id is loaded after one reachability check (codi.hub): offline, from the cache at once."""
+    A hub id is loaded after one reachability check (codi.io.hub): offline, from the cache at once."""
     hub.prepare_hub_access(source)
     try:
         loaded = loader(source, **kwargs)

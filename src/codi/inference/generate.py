@@ -7,8 +7,7 @@ Questions are sorted by length and cut into batches (less padding), left-padded,
 returned in input order. Padding is masked at every step (question, latents, decoder) and position
 ids skip the pads, so the greedy output of an example does not depend on which batch it is in. With
 the reference policy (`codi.reference`) the latent path instead reproduces the reference's unmasked steps.
-Options: one `codi.decoding.DecodingConfig`; k answers per question (pass@k, majority vote):
-`generate_samples`.
+Options: one `DecodingConfig` (`.decoding`); k answers per question (pass@k, majority vote): `generate_samples`.
 """
 
 from __future__ import annotations
@@ -21,8 +20,9 @@ from dataclasses import dataclass, replace
 import torch
 from transformers import DynamicCache
 
+from ..data.dataset import encode_answer, encode_question, pad_sequences
+from ..io.hf import max_positions
 from . import static_decode
-from .data import encode_answer, encode_question, pad_sequences
 from .decoding import (
     DecodingConfig,
     apply_processors,
@@ -34,7 +34,6 @@ from .decoding import (
     sample_next,
     token_processors,
 )
-from .hf import max_positions
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +45,7 @@ class GenerationOutput:
     text: the generated tokens decoded without special tokens.
     token_ids: the generated token ids, the EOS included when one was generated.
     num_generated_tokens: len(token_ids) (each one cost a decoder forward position).
-    num_latent_positions: latent thoughts fed before `<eot>` (0 in CoT mode); `<bot>` and `<eot>` are
-        two further positions that are not counted here.
+    num_latent_positions: latent thoughts fed before `<eot>` (0 in CoT mode; `<bot>`, `<eot>` not counted).
     latents: (num_latent, d) float32 CPU tensor of the latent embeddings fed, when asked for.
     """
 
@@ -167,7 +165,9 @@ def _decode_batch(
     input_ids = pad_sequences(prompts, model.pad_id, "left").to(device)
     attention_mask = (pad_sequences([[1] * len(p) for p in prompts], 0, "left")).to(device)
     kind = static_decode.engine(model, config)
-    if kind != "eager":  # the same loop on a static cache (codi.static_decode); None: cannot be static
+    if (
+        kind != "eager"
+    ):  # the same loop on a static cache (codi.inference.static_decode); None: cannot be static
         forced = answer_prompt_ids(model)[: max_new_tokens - 1] if config.feed_answer_prompt else []
         run = dict(num_latent=num_latent, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens)
         run |= dict(forced=forced, suppress=suppressed_token_ids(model), sampling=sampling, plan=plan)

@@ -213,7 +213,7 @@ MODEL_FILE_PATTERNS = [
 
 
 class TrainerPushMixin:
-    """For an HF Trainer whose model saves `codi.checkpoint` folders: `--push_to_hub` (`--hub_model_id`,
+    """For an HF Trainer whose model saves `codi.io.checkpoint` folders: `--push_to_hub` (`--hub_model_id`,
     `--hub_strategy`, `--hub_token`, `--hub_revision`) uploads the folders our saver wrote. The Trainer's
     own push copies only the HF weight files into the run folder (half a CODI checkpoint) and replaces
     the model card with its training summary."""

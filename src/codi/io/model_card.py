@@ -60,7 +60,7 @@ def model_card_info(
     method: default the model's training objective (`model.objective.method`).
     datasets: training data names (Hub ids go to the metadata, any other name to the body only);
         default `model.training_data` when set.
-    eval_results: `codi.evaluate.evaluate` result dicts (`dataset`, `mode`, `n`, `accuracy`, ...).
+    eval_results: `codi.inference.evaluate.evaluate` result dicts (`dataset`, `mode`, `n`, `accuracy`, ...).
     """
     args = model.args
     objective = getattr(model, "objective", None)
@@ -122,7 +122,7 @@ def front_matter(info: dict) -> dict:
 def eval_result(result: dict) -> EvalResult:
     """One `codi eval` result as an `EvalResult`: the benchmark (its Hub id when known), accuracy in %;
     the decoding mode is in the metric's name (both modes of one set share the set's model-index entry)."""
-    from .eval_data import EVAL_SETS
+    from ..data.eval_data import EVAL_SETS
 
     spec = EVAL_SETS.get(result["dataset"])
     mode = result.get("mode", "latent")

@@ -18,13 +18,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, replace
 
-from . import distributed
+from .. import distributed
+from ..data.eval_data import EvalItem, EvalSetSpec, eval_set_spec, load_eval_set
+from ..report import eval_table, write_results
 from .decoding import DecodingConfig, make_config
-from .eval_data import EvalItem, EvalSetSpec, eval_set_spec, load_eval_set
 from .generate import generate, generate_samples, unfit_questions
-from .report import eval_table, write_results
 
-# The scoring rule lives in `codi.scoring`; these names stay importable from here.
+# The scoring rule lives in `codi.inference.scoring`; these names stay importable from here.
 from .scoring import (  # noqa: F401
     extract_answer,
     extract_answer_strict,
@@ -276,7 +276,7 @@ def evaluate_samples(
     skipped: dict[int, str] | None = None,
     **options,
 ) -> dict:
-    """k = `num_samples` answers per question (`codi.generate.generate_samples`): pass@k (%, some sample
+    """k = `num_samples` answers per question (`codi.inference.generate.generate_samples`): pass@k (%, some sample
     correct), pass@1 (mean sample accuracy), majority-vote accuracy, and their strict versions.
 
     Skipped questions count wrong, as in `evaluate`. Writes `{name}_{mode}_samples.jsonl`: per question

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from . import hub
+from ..io import hub
 
 logger = logging.getLogger(__name__)
 
@@ -202,7 +202,7 @@ def load_hub_records(name: str, split: str = "train") -> list[RawRecord]:
 
 
 def load_hub_dataset(dataset_id: str, *config: str, split: str):
-    """`datasets.load_dataset` after one hub reachability check (codi.hub): when the hub is unreachable,
+    """`datasets.load_dataset` after one hub reachability check (codi.io.hub): when the hub is unreachable,
     from the cache at once, or one line naming the dataset instead of a minute of retries."""
     hub.prepare_hub_access(dataset_id)
     import datasets

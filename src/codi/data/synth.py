@@ -8,7 +8,7 @@ default (mod 10, `+`/`*`, 3 steps) is a family whose steps do not commute, so th
 intermediate values: a tiny model trained without a CoT stays near 20-30% (docs/demo.md).
 
     codi data synth --out data/synth --n_train 20000 --seed 0
-    from codi.synth import SynthConfig, make_splits
+    from codi.data.synth import SynthConfig, make_splits
 
 Splits are disjoint by the underlying problem (start value and operations), not only by wording, so
 test accuracy measures generalisation and not a memorised problem under another name.

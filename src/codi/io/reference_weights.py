@@ -1,7 +1,7 @@
 """Reading the authors' released checkpoints (docs/method.md#reference-checkpoints): where the weight
 files are (local file or folder, sharded index, hub repo), their tensors (safe loading only), the key
 variants of the layout, and the settings the weights alone tell (LoRA rank and targets, projection).
-`codi.convert` maps them into a `CODIModel`.
+`codi.io.convert` maps them into a `CODIModel`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Training data: the preprocessing (docs/method.md#preprocessing), teacher/student views, collation.
 
-Records are read by `codi.records`.
+Records are read by `codi.data.records`.
 
 A record becomes one `Example` holding both views of the same problem:
 
@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .losses import IGNORE_INDEX
+from ..inference.scoring import ANSWER_PROMPT, as_number
+from ..losses import IGNORE_INDEX
 from .records import DataError, DataStats, RawRecord, load_records, read_records  # noqa: F401 (re-exported)
-from .scoring import ANSWER_PROMPT, as_number
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Side by side: the teacher's explicit chain of thought (`mode="cot"`), the latent answer, and the
 answer after an intervention on one latent thought (zeroed, or Gaussian noise at sigma x its RMS);
-below, each latent position's top-k tokens before and after the projection (`codi.probe`) and the
+below, each latent position's top-k tokens before and after the projection (`codi.analysis.probe`) and the
 logit lens (every layer's state through the final norm and the LM head) as a heatmap.
 
 Built with Gradio (the optional extra `explore`). The page is served on this machine only by default (`--host` changes that), with no share
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .eval_data import normalize_question
+from ..data.eval_data import normalize_question
 from .probe import PositionProbe, TopK, _Decoder, _probe_batch, find_final_norm
 
 INTERVENTIONS = ("none", "zero", "noise")
@@ -74,7 +74,7 @@ def single_latent_transform(kind: str, index: int, sigma: float = 1.0, seed: int
 
 
 class _Intervened:
-    """`model` whose `encode_latents` applies `transform`: lets `codi.probe` decode intervened latents."""
+    """`model` whose `encode_latents` applies `transform`: lets `codi.analysis.probe` decode intervened latents."""
 
     def __init__(self, model, transform):
         self._model, self._transform = model, transform
@@ -322,7 +322,7 @@ def load_examples(path: str, limit: int = 20) -> list[str]:
     """Questions to pick from: a GSM8k-style .jsonl / .json, an ICoT .txt (`question||cot #### answer`
     lines), or any other text file with one question a line."""
     if path.endswith((".jsonl", ".json")):
-        from .data import read_records
+        from ..data.dataset import read_records
 
         questions = [record.question for record in read_records(path)]
     else:
@@ -346,8 +346,8 @@ def launch(
     block: bool = True,
 ):
     """Load the checkpoint in `model_dir` and serve the explorer on http://host:port."""
-    from .distributed import local_device
-    from .loader import load
+    from ..distributed import local_device
+    from ..io.loader import load
 
     _gradio()  # a missing `explore` extra fails before the model loads
     examples = load_examples(examples_file) if examples_file else None

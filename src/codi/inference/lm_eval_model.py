@@ -6,13 +6,13 @@ has no entry-point or `--include_path` hook for models. Importing this module re
 
     codi lm-eval --model codi --model_args pretrained=DIR,mode=latent --tasks ... (this package's wrapper
         of lm-eval's own command line: same flags, the model registered first), or
-    import codi.lm_eval_model; lm_eval.simple_evaluate(model="codi", model_args="pretrained=DIR", ...)
+    import codi.inference.lm_eval_model; lm_eval.simple_evaluate(model="codi", model_args="pretrained=DIR", ...)
 
 model_args: pretrained (checkpoint folder or hub id, required; loaded with `codi.load`), mode (latent | cot), base_model (LoRA base if
 moved), num_latent (default: the checkpoint's), max_new_tokens (256; lm-eval's own name max_gen_toks is
 accepted too; a task's `max_gen_toks` wins for its requests), dtype, device, batch_size (wins over lm-eval's `--batch_size`),
 feed_answer_prompt. `generate_until` requests are answered with
-`codi.generate.generate` (contexts normalised as `codi eval` does, so the same question gets the same
+`codi.inference.generate.generate` (contexts normalised as `codi eval` does, so the same question gets the same
 answer), then cut at the request's `until` strings. Log-likelihood requests are refused: a CODI
 model's answer distribution only exists after its latent thoughts, which multiple-choice scoring skips.
 
@@ -32,9 +32,11 @@ try:
     from lm_eval.api.model import LM
     from lm_eval.api.registry import register_model
 except ImportError as error:  # an optional extra
-    raise ImportError("codi lm-eval needs lm-evaluation-harness: pip install 'codi-latent[lm_eval]'") from error
+    raise ImportError(
+        "codi lm-eval needs lm-evaluation-harness: pip install 'codi-latent[lm_eval]'"
+    ) from error
 
-from .eval_data import normalize_question
+from ..data.eval_data import normalize_question
 
 logger = logging.getLogger(__name__)
 
@@ -95,14 +97,16 @@ class CODILM(LM):
     ):
         super().__init__()
         if unknown:
-            raise ValueError(f"codi: unknown model_args {sorted(unknown)}; see `codi.lm_eval_model`")
+            raise ValueError(
+                f"codi: unknown model_args {sorted(unknown)}; see `codi.inference.lm_eval_model`"
+            )
         if not pretrained:
             raise ValueError("codi: model_args needs pretrained=DIR (a CODI checkpoint folder)")
         if mode not in ("latent", "cot"):
             raise ValueError(f"codi: model_args mode must be latent or cot, got {mode!r}")
         import torch
 
-        from .loader import load
+        from ..io.loader import load
 
         self.mode = mode
         # "auto" (lm-eval's batch-size search) has no meaning here: generation is already batched.
@@ -130,7 +134,7 @@ class CODILM(LM):
     def loglikelihood(self, requests):
         raise NotImplementedError(
             "codi: loglikelihood is not supported: a CODI model answers after its latent thoughts; "
-            "use generate_until tasks (e.g. `codi.lm_eval_model.task_config`)"
+            "use generate_until tasks (e.g. `codi.inference.lm_eval_model.task_config`)"
         )
 
     def loglikelihood_rolling(self, requests):
@@ -162,7 +166,7 @@ class CODILM(LM):
         return answers  # type: ignore[return-value]
 
     def _settings(self, gen_kwargs: dict) -> dict:
-        """`codi.generate.generate` keyword arguments (plus `until`) from lm-eval's gen_kwargs."""
+        """`codi.inference.generate.generate` keyword arguments (plus `until`) from lm-eval's gen_kwargs."""
         until = gen_kwargs.pop("until", None) or []
         until = [until] if isinstance(until, str) else list(until)
         max_new_tokens = int(gen_kwargs.pop("max_gen_toks", self.max_gen_toks))
@@ -254,7 +258,7 @@ def run_lm_eval_cli(argv: list[str]) -> int:
     """lm-eval's command line (same flags) with the `codi` model registered (`codi lm-eval`)."""
     from lm_eval.__main__ import cli_evaluate
 
-    from . import hub
+    from ..io import hub
 
     saved = sys.argv
     sys.argv = ["lm-eval", *argv]

@@ -6,7 +6,7 @@ so the same outputs always get the same verdicts. Two extractions per answer:
   reference: the reference's extraction (commas removed, LAST match of `-?\\d+\\.?\\d*`, float);
   strict:    only the number right after the last answer prompt (no prompt -> wrong).
 
-For k sampled answers per question (`codi.generate.generate_samples`): pass@k (some sample correct),
+For k sampled answers per question (`codi.inference.generate.generate_samples`): pass@k (some sample correct),
 the unbiased pass@1 (mean sample accuracy) and majority-vote accuracy.
 """
 

@@ -1,0 +1,1 @@
+"""Looking inside the latents: probe, interventions, ablations, the explorer."""

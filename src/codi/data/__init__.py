@@ -1,0 +1,1 @@
+"""Data: record readers, the training dataset and collator, benchmark sets, synthetic data."""

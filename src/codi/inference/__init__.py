@@ -1,0 +1,1 @@
+"""Decoding (latent and CoT), scoring, evaluation, and the lm-eval adapter."""
