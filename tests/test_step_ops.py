@@ -135,3 +135,13 @@ def test_loss_terms_of_a_training_forward_read_nothing_back(make_model):
     finally:
         handle.remove()
     assert reads.count <= len(calls)
+
+
+def test_trainer_steps_with_the_fused_adamw(tmp_path):
+    """One kernel for every parameter: torch's per-parameter AdamW loop (its CPU default) dispatches
+    ~10 ops per tensor, 4,262 per step for SmolLM2's LoRA layout (docs/speed.md)."""
+    from transformers.training_args import OptimizerNames
+
+    from codi.config import CODITrainingArguments
+
+    assert CODITrainingArguments(output_dir=str(tmp_path)).optim == OptimizerNames.ADAMW_TORCH_FUSED
