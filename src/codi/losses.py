@@ -71,14 +71,26 @@ def gather_positions(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Ten
     return hidden[rows, positions.to(hidden.device)]
 
 
-def pointwise_distance(student: torch.Tensor, teacher: torch.Tensor, loss_type: str) -> torch.Tensor:
-    """Mean distance between (B, d) tensors: smooth_l1 (beta 1), l1 or l2 (MSE)."""
+def gather_layer_positions(hidden_states: Sequence[torch.Tensor], positions: torch.Tensor) -> torch.Tensor:
+    """`gather_positions` of every layer at once: L tensors (B, T, d) -> (L, B, d). The row index is
+    built once, not per layer (a training step gathers every layer twice)."""
+    first = hidden_states[0]
+    rows = torch.arange(first.size(0), device=first.device)
+    positions = positions.to(first.device)
+    return torch.stack([hidden[rows, positions] for hidden in hidden_states])
+
+
+def pointwise_distance(
+    student: torch.Tensor, teacher: torch.Tensor, loss_type: str, reduction: str = "mean"
+) -> torch.Tensor:
+    """Mean distance between (B, d) tensors: smooth_l1 (beta 1), l1 or l2 (MSE); `reduction="none"`:
+    elementwise."""
     if loss_type == "smooth_l1":
-        return F.smooth_l1_loss(student, teacher, beta=1.0)
+        return F.smooth_l1_loss(student, teacher, beta=1.0, reduction=reduction)
     if loss_type == "l1":
-        return F.l1_loss(student, teacher)
+        return F.l1_loss(student, teacher, reduction=reduction)
     if loss_type == "l2":
-        return F.mse_loss(student, teacher)
+        return F.mse_loss(student, teacher, reduction=reduction)
     raise ValueError(f"unknown distill_loss_type {loss_type!r} (smooth_l1 | l1 | l2)")
 
 
@@ -93,9 +105,12 @@ def latent_step_ce(latent_logits: torch.Tensor, step_labels: torch.Tensor) -> to
     count = min(latent_logits.size(1), step_labels.size(1))
     logits = latent_logits[:, :count].float()
     labels = step_labels[:, :count].to(logits.device)
-    if not bool((labels != IGNORE_INDEX).any()):
-        return logits.sum() * 0.0  # keeps the graph (and DDP's gradient hooks) connected
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+    # sum / max(count, 1) is the mean CE, and 0 (with the graph, and DDP's gradient hooks, connected)
+    # when no pair counts, without asking the device whether any does (a host sync per step)
+    total = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
 
 
 @dataclass
@@ -105,8 +120,8 @@ class DistillOutput:
 
 
 def distillation_loss(
-    student_hidden: Sequence[torch.Tensor],
-    teacher_hidden: Sequence[torch.Tensor],
+    student_hidden: Sequence[torch.Tensor] | torch.Tensor,
+    teacher_hidden: Sequence[torch.Tensor] | torch.Tensor,
     loss_type: str = LossSettings.distill_loss_type,
     div_std: bool = LossSettings.distill_loss_div_std,
     l2_std_twice: bool = False,
@@ -114,24 +129,27 @@ def distillation_loss(
     """Layer-wise distillation between student and teacher vectors at the distillation position.
 
     student_hidden, teacher_hidden: L tensors of shape (B, d), one per `hidden_states` entry
-    (embedding output plus every block). The teacher is detached here, whatever the caller passed.
-    With `div_std`, each layer's loss is divided by the (unbiased) std of that layer's teacher (B, d)
-    tensor. `l2_std_twice` reproduces the reference's bug of dividing the l2 loss by the std twice.
+    (embedding output plus every block), or one (L, B, d) tensor (`gather_layer_positions`). The
+    teacher is detached here, whatever the caller passed. With `div_std`, each layer's loss is divided
+    by the (unbiased) std of that layer's teacher (B, d) tensor. `l2_std_twice` reproduces the
+    reference's bug of dividing the l2 loss by the std twice. All layers are computed in one batch of
+    ops (the same per-layer means as a loop over the layers, up to float rounding).
     """
     if len(student_hidden) != len(teacher_hidden):
         raise ValueError(f"{len(student_hidden)} student layers but {len(teacher_hidden)} teacher layers")
-    losses = []
-    for student, teacher in zip(student_hidden, teacher_hidden):
-        teacher = teacher.detach().float()
-        loss = pointwise_distance(student.float(), teacher, loss_type)
-        if div_std:
-            std = teacher.std()
-            loss = loss / std
-            if l2_std_twice and loss_type == "l2":
-                loss = loss / std
-        losses.append(loss)
-    stacked = torch.stack(losses)
-    return DistillOutput(loss=stacked.mean(), per_layer=stacked.detach())
+    student = _stacked(student_hidden).float()
+    teacher = _stacked(teacher_hidden).detach().float()
+    per_layer = pointwise_distance(student, teacher, loss_type, reduction="none").flatten(1).mean(dim=1)
+    if div_std:
+        std = teacher.flatten(1).std(dim=1)
+        per_layer = per_layer / std
+        if l2_std_twice and loss_type == "l2":
+            per_layer = per_layer / std
+    return DistillOutput(loss=per_layer.mean(), per_layer=per_layer.detach())
+
+
+def _stacked(layers: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+    return layers if isinstance(layers, torch.Tensor) else torch.stack(list(layers))
 
 
 @dataclass

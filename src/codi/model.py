@@ -35,7 +35,7 @@ from .losses import (
     TrainingObjective,
     combine_losses,
     distillation_loss,
-    gather_positions,
+    gather_layer_positions,
     latent_step_ce,
     next_token_ce,
 )
@@ -373,7 +373,7 @@ class CODIModel(CheckpointMixin, nn.Module):
         if self.policy.second_teacher_forward:
             with torch.no_grad():
                 target_states = self.teacher_forward(teacher_input_ids, teacher_attention_mask).hidden_states
-        teacher_vectors = [gather_positions(h, teacher_distill_pos).detach() for h in target_states]
+        teacher_vectors = gather_layer_positions(target_states, teacher_distill_pos).detach()
         step_supervision = objective.loss.latent_step_loss_factor > 0
         if step_supervision and latent_step_labels is None:
             raise ValueError(
@@ -393,7 +393,7 @@ class CODIModel(CheckpointMixin, nn.Module):
             self._latent_step_loss(prefix, student, offset, latent_step_labels) if step_supervision else None
         )
         # 4. distillation at the position that predicts the answer value, then the total
-        student_vectors = [gather_positions(h, decoder_distill_pos + offset) for h in student.hidden_states]
+        student_vectors = gather_layer_positions(student.hidden_states, decoder_distill_pos + offset)
         loss = objective.loss
         distill = distillation_loss(
             student_vectors,
