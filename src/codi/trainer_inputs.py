@@ -222,23 +222,25 @@ def build_datasets(
         position_limit=max_positions(model.hf_model),
         num_latent=model.args.num_latent,
     )
+
+    def build(records, max_samples, name):
+        return build_dataset(records, model.tokenizer, max_samples=max_samples, name=name, **common)
+
+    return build_splits(data_args, build, train_records, eval_records)
+
+
+def build_splits(data_args: CODIDataArguments, build, train_records=None, eval_records=None) -> tuple:
+    """`build(records, max_samples, name) -> (dataset, stats)` on the training records (given, or read from
+    what `data_args` names; fingerprinted, so that a resume on other data is refused) and on the
+    validation records when there are any: (train set, its stats, validation set or None, its stats)."""
     source_name = "train_dataset" if train_records is not None else train_source(data_args)
     if train_records is None:
         train_records = load_records(source_name, "train")
-    train_set, train_stats = build_dataset(
-        train_records, model.tokenizer, max_samples=data_args.max_train_samples, name="train", **common
-    )
+    train_set, train_stats = build(train_records, data_args.max_train_samples, "train")
     train_stats.fingerprint = records_fingerprint(source_name, train_records[: train_stats.read])
     source = eval_source(data_args)
     if eval_records is None and source is not None:
         eval_records = load_records(source, data_args.validation_split or "validation")
     if eval_records is None:
         return train_set, train_stats, None, None
-    eval_set, eval_stats = build_dataset(
-        eval_records,
-        model.tokenizer,
-        max_samples=data_args.max_eval_samples,
-        name="validation",
-        **common,
-    )
-    return train_set, train_stats, eval_set, eval_stats
+    return (train_set, train_stats, *build(eval_records, data_args.max_eval_samples, "validation"))

@@ -150,6 +150,14 @@ def token_processors(suppress_ids: list[int], min_new_tokens: int, eos_id: int |
     return processors
 
 
+def token_buffers(pad_id: int, batch: int, max_new_tokens: int, forced: list[int], device):
+    """The generated tokens (pad-filled, the `forced` ones first) and the per-row finished flags."""
+    generated = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    if forced:
+        generated[:, : len(forced)] = torch.tensor(forced, device=device)
+    return generated, torch.zeros(batch, dtype=torch.bool, device=device)
+
+
 def apply_processors(processors, input_ids: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor:
     """`processors` in order. Not `LogitsProcessorList.__call__`: it inspects every processor's signature
     at every call (~80 us per token on a CPU, for keyword arguments none of these take)."""

@@ -32,6 +32,7 @@ from .decoding import (
     noisy_latents,
     row_seed,
     sample_next,
+    token_buffers,
     token_processors,
 )
 
@@ -191,10 +192,7 @@ def _decode_batch(
         token_processors(suppress, min_new_tokens, eos, device),
         token_processors(suppress, 0, eos, device),
     )
-    generated = torch.full((batch, max_new_tokens), model.pad_id, dtype=torch.long, device=device)
-    if forced:
-        generated[:, : len(forced)] = torch.tensor(forced, device=device)
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    generated, finished = token_buffers(model.pad_id, batch, max_new_tokens, forced, device)
     steps = len(forced)
     for position in range(len(forced), max_new_tokens):
         processors = early if position < min_new_tokens else late
@@ -298,14 +296,7 @@ def unfit_questions(
 
 
 def generate(
-    model,
-    questions: list[str],
-    config: DecodingConfig | None = None,
-    *,
-    return_latents: bool = False,
-    progress: bool = False,
-    latent_transform=None,
-    **options,
+    model, questions: list[str], config: DecodingConfig | None = None, **options
 ) -> list[GenerationOutput]:
     """Answer `questions` with a `CODIModel`, in input order: one `GenerationOutput` per question.
 
@@ -320,11 +311,14 @@ def generate(
     tokens). k > 1 samples per question: `generate_samples`.
     `latent_transform(step, latent (B, d)) -> (B, d)` (latent mode): applied to each latent before it is
     fed, per batch (see `CODIModel.encode_latents`); batches follow length order, not input order.
+    `return_latents`, `progress`: as in `generate_samples`, which this is with one sample per question.
     """
-    config = make_config(config, **options)
+    fields = DecodingConfig.field_names()
+    config = make_config(config, **{key: value for key, value in options.items() if key in fields})
     if config.num_samples != 1:
         raise ValueError("generate returns one answer per question: use generate_samples for num_samples > 1")
-    return _generate_rows(model, questions, config, return_latents, progress, latent_transform)
+    rest = {key: value for key, value in options.items() if key not in fields}
+    return [samples[0] for samples in generate_samples(model, questions, config, **rest)]
 
 
 def generate_samples(

@@ -34,7 +34,7 @@ import torch
 from transformers import StaticCache
 from transformers.cache_utils import StaticLayer
 
-from .decoding import DecodingConfig, apply_processors, token_processors
+from .decoding import DecodingConfig, apply_processors, token_buffers, token_processors
 
 logger = logging.getLogger(__name__)
 
@@ -124,28 +124,19 @@ class _Session:
         self.mask.fill_(self.minimum)
         self.column = 0
 
+    def _step(self, embeds, mask, position, **outputs):
+        return self.hf_model(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=position, cache=self.cache, use_cache=True,
+            **outputs,
+        )  # fmt: skip
+
     def _hidden(self, embeds, mask, position):
-        out = self.hf_model(
-            inputs_embeds=embeds,
-            attention_mask=mask,
-            position_ids=position,
-            cache=self.cache,
-            use_cache=True,
-            output_hidden_states=True,
-            logits_to_keep=torch.empty(0, dtype=torch.long, device=embeds.device),
-        )
+        no_logits = torch.empty(0, dtype=torch.long, device=embeds.device)
+        out = self._step(embeds, mask, position, output_hidden_states=True, logits_to_keep=no_logits)
         return out.hidden_states[-1][:, -1]
 
     def _logits(self, embeds, mask, position):
-        out = self.hf_model(
-            inputs_embeds=embeds,
-            attention_mask=mask,
-            position_ids=position,
-            cache=self.cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        return out.logits[:, -1]
+        return self._step(embeds, mask, position, logits_to_keep=1).logits[:, -1]
 
     def prefill(self, embeds: torch.Tensor, attention_mask: torch.Tensor, logits: bool) -> torch.Tensor:
         """The left-padded prompt (B, L) from column 0; the last position's logits or last-layer state."""
@@ -280,10 +271,7 @@ def _answer(model, state: _Session, logits: torch.Tensor, run: dict) -> torch.Te
     forced, max_new, min_new = run["forced"], run["max_new_tokens"], run["min_new_tokens"]
     early = token_processors(run["suppress"], min_new, eos, device)
     late = token_processors(run["suppress"], 0, eos, device)
-    generated = torch.full((batch, max_new), model.pad_id, dtype=torch.long, device=device)
-    if forced:
-        generated[:, : len(forced)] = torch.tensor(forced, device=device)
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    generated, finished = token_buffers(model.pad_id, batch, max_new, forced, device)
     steps = len(forced)
     for position in range(len(forced), max_new):
         logits = apply_processors(early if position < min_new else late, generated[:, :position], logits)

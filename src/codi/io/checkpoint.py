@@ -134,6 +134,9 @@ def validate_folder(path: str, config: dict) -> None:
         )
 
 
+HUB_OPTIONS = ("revision", "cache_dir", "force_download", "local_files_only", "token")
+
+
 def resolve_checkpoint(
     source: str,
     *,

@@ -16,7 +16,7 @@ import os
 
 from ..methods.coconut.model import CoconutModel, is_coconut_checkpoint
 from ..model import CODIModel
-from .checkpoint import resolve_checkpoint
+from .checkpoint import HUB_OPTIONS, resolve_checkpoint
 
 
 def checkpoint_class(folder: str) -> type[CODIModel]:
@@ -31,29 +31,14 @@ class AutoCODIModel:
         raise TypeError("AutoCODIModel is not instantiated: use AutoCODIModel.from_pretrained(...)")
 
     @classmethod
-    def from_pretrained(
-        cls,
-        pretrained_model_name_or_path: str | os.PathLike,
-        base_model_name_or_path: str | None = None,
-        dtype: str | None = None,
-        *,
-        revision: str | None = None,
-        cache_dir: str | None = None,
-        force_download: bool = False,
-        local_files_only: bool = False,
-        token: str | bool | None = None,
-        **model_kwargs,
-    ) -> CODIModel:
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args, **kwargs) -> CODIModel:
         """Load a checkpoint folder or hub repository as `CODIModel` or `CoconutModel` (see the module
-        docstring); `model_kwargs`: `CODIModel.from_pretrained`'s (trust_remote_code, allow_base_mismatch,
-        attn_implementation, `CODIModelArguments` overrides)."""
-        folder = resolve_checkpoint(
-            os.fspath(pretrained_model_name_or_path), revision=revision, cache_dir=cache_dir,
-            force_download=force_download, local_files_only=local_files_only, token=token,
-        )  # fmt: skip
-        return checkpoint_class(folder).from_pretrained(
-            folder, base_model_name_or_path, dtype, **model_kwargs
-        )
+        docstring), with `CODIModel.from_pretrained`'s arguments (the hub's `revision`, `cache_dir`,
+        `force_download`, `local_files_only`, `token`; `trust_remote_code`, `allow_base_mismatch`,
+        `attn_implementation`, `CODIModelArguments` overrides)."""
+        hub_options = {key: kwargs.pop(key) for key in HUB_OPTIONS if key in kwargs}
+        folder = resolve_checkpoint(os.fspath(pretrained_model_name_or_path), **hub_options)
+        return checkpoint_class(folder).from_pretrained(folder, *args, **kwargs)
 
 
 def load(pretrained_model_name_or_path: str | os.PathLike, *args, **kwargs) -> CODIModel:

@@ -28,9 +28,8 @@ from transformers import TrainerCallback
 
 from ... import trainer_inputs
 from ...config import CODIDataArguments, CODIModelArguments, CODITrainingArguments
-from ...data.dataset import DataStats, load_records
-from ...run_safety import records_fingerprint
-from ...trainer_inputs import CODIConfig, eval_source, train_source
+from ...data.dataset import DataStats
+from ...trainer_inputs import CODIConfig, build_splits
 from ...training import CODITrainer, TrainResult
 from .data import CoconutCollator, CoconutDataset, MarkerIds, RecordIndices, tokenize_records
 from .model import CoconutModel, build_coconut_model
@@ -241,27 +240,14 @@ def build_coconut_datasets(
         answer_prompt=model.args.answer_prompt,
     )
     ids = MarkerIds(model.bot_id, model.eot_id, model.pause_id)
-    source_name = "train_dataset" if train_records is not None else train_source(data_args)
-    if train_records is None:
-        train_records = load_records(source_name, "train")
-    records, train_stats = tokenize_records(
-        train_records, model.tokenizer, max_samples=data_args.max_train_samples, **common
-    )
-    train_stats.fingerprint = records_fingerprint(source_name, train_records[: train_stats.read])
-    source = eval_source(data_args)
-    if eval_records is None and source is not None:
-        eval_records = load_records(source, data_args.validation_split or "validation")
-    if eval_records is None:
-        return CoconutDataset(records, settings, ids, seed), train_stats, None, None
-    eval_records, eval_stats = tokenize_records(
-        eval_records, model.tokenizer, max_samples=data_args.max_eval_samples, name="validation", **common
-    )
-    return (
-        CoconutDataset(records, settings, ids, seed),
-        train_stats,
-        CoconutDataset(eval_records, settings, ids, seed),
-        eval_stats,
-    )
+
+    def build(records, max_samples, name):
+        tokenized, stats = tokenize_records(
+            records, model.tokenizer, max_samples=max_samples, name=name, **common
+        )
+        return CoconutDataset(tokenized, settings, ids, seed), stats
+
+    return build_splits(data_args, build, train_records, eval_records)
 
 
 def train_coconut(
