@@ -262,11 +262,8 @@ def test_coconut_without_a_schedule_walks_every_stage_within_the_budget():
     assert coconut_step_schedule(ctx(600, None), CoconutArguments(), {"epochs_per_stage": 1}) == {}
 
 
-def test_codi_compare_prints_its_table_once(tmp_path, capsys):
-    from codi import cli
-
-    paths = write_pair(tmp_path, n_train=16, n_test=4)
-    argv = [
+def _no_cot_compare(paths) -> list[str]:
+    return [
         "compare",
         "--train_file",
         paths["train"],
@@ -275,6 +272,13 @@ def test_codi_compare_prints_its_table_once(tmp_path, capsys):
         "--methods",
         "no_cot_sft",
     ]
+
+
+def test_codi_compare_prints_its_table_once(tmp_path, capsys):
+    from codi import cli
+
+    paths = write_pair(tmp_path, n_train=16, n_test=4)
+    argv = _no_cot_compare(paths)
     argv += ["--max_steps", "2", "--batch_size", "8", "--n_layer", "1", "--n_embd", "16", "--n_head", "2"]
     assert cli.main([*argv, "--out_dir", str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out
@@ -286,15 +290,7 @@ def test_duplicate_seeds_fail_up_front_in_one_line(tmp_path, capsys):
     from codi import cli
 
     paths = write_pair(tmp_path, n_train=8, n_test=2)
-    argv = [
-        "compare",
-        "--train_file",
-        paths["train"],
-        "--test_file",
-        paths["test"],
-        "--methods",
-        "no_cot_sft",
-    ]
+    argv = _no_cot_compare(paths)
     argv += ["--max_steps", "2", "--seeds", "0,0", "--out_dir", str(tmp_path / "out")]
     assert cli.main(argv) == 2
     error = capsys.readouterr().err.strip()

@@ -10,22 +10,10 @@ import sys
 
 import pytest
 from conftest import REPO_ROOT
+from test_cli import one_line_error, run
 
-from codi import cli
 from codi.data.dataset import build_dataset
 from codi.data.records import DataError, RawRecord, read_records
-
-
-def run(argv: list[str], capsys) -> tuple[int, str, str]:
-    status = cli.main(argv)
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
-
-
-def one_line_error(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
