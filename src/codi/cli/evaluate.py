@@ -140,7 +140,10 @@ def main(argv: list[str]) -> int:
     )
     if distributed.is_main_process():  # metrics and files once
         print(summary["table"])
-        record_eval_results(args.model, summary["results"])  # into the checkpoint's model card
+        if args.limit is None and not overrides and not args.do_sample and args.num_samples == 1:
+            record_eval_results(args.model, summary["results"])  # the card states full, default runs only
+        else:
+            logger.info("not added to the model card: a partial or non-default evaluation")
     distributed.finish()
     return 0
 

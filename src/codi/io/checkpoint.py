@@ -110,9 +110,10 @@ def read_config(path: str) -> dict:
             raise CheckpointError(f"{config_path}: truncated or corrupt JSON ({error})") from error
     if not isinstance(config, dict) or config.get("format") != "codi":
         raise CheckpointError(f"{config_path}: not a CODI checkpoint config")
-    checkpoint_checks.check_config(config, config_path)
-    if config.get("format_version", 0) > FORMAT_VERSION:
+    version = config.get("format_version", 0)
+    if isinstance(version, int) and version > FORMAT_VERSION:  # a wrong type is check_config's
         raise CheckpointError(f"{config_path}: unsupported checkpoint format {config.get('format_version')}")
+    checkpoint_checks.check_config(config, config_path)
     for key in ("model_args", "vocab_rows", "base_vocab_rows", "special_token_ids"):
         if key not in config:
             raise CheckpointError(f"{config_path}: missing key {key!r}")
@@ -148,7 +149,7 @@ def resolve_checkpoint(
 ) -> str:
     """The local folder of a checkpoint: `source` itself, or the hub repository `source` downloaded with
     `snapshot_download` (from the HF cache alone when offline or the hub is unreachable: codi.io.hub)."""
-    source = os.fspath(source)
+    source = os.path.expanduser(os.fspath(source))
     if os.path.isdir(source):
         return source
     if hub.is_local(source):
@@ -254,10 +255,6 @@ class CheckpointMixin(ModelHubMixin):
         """This model's card (`codi.io.model_card`); kwargs: `model_card_info`'s (datasets, eval_results...)."""
         return build_model_card(model_card_info(self, **kwargs))
 
-    @staticmethod
-    def read_config(path: str) -> dict:
-        return read_config(path)
-
     @classmethod
     def from_pretrained(
         cls,
@@ -357,12 +354,13 @@ class CheckpointMixin(ModelHubMixin):
                 f"{path}: tokenizer special ids {model.pad_id, model.bot_id, model.eot_id} != saved {ids}"
             )
         checkpoint_checks.check_weights(model, path, config, allow_incomplete_weights)
-        model.load_weights(path)
+        model.load_weights(path, allow_incomplete_weights)
         model.eval()
         return model
 
-    def load_weights(self, path: str) -> None:
-        """Load the trained weights of a checkpoint into this (identically built) model; used to resume."""
+    def load_weights(self, path: str, allow_incomplete: bool = False) -> None:
+        """Load the trained weights of a checkpoint into this (identically built) model; used to resume.
+        A missing or unexpected tensor is an error unless `allow_incomplete` (the caller was told which)."""
         if self.is_lora:
             from peft import set_peft_model_state_dict
             from peft.utils import SAFETENSORS_WEIGHTS_NAME
@@ -373,7 +371,7 @@ class CheckpointMixin(ModelHubMixin):
             if unexpected:
                 raise ValueError(f"{path}: adapter keys not in this model: {unexpected[:5]}")
         else:
-            self._load_full_weights(path)
+            self._load_full_weights(path, allow_incomplete)
         extra = load_safetensors(os.path.join(path, EXTRA_WEIGHTS_NAME))
         with torch.no_grad():
             prj_state = {key[4:]: value for key, value in extra.items() if key.startswith("prj.")}
@@ -387,20 +385,19 @@ class CheckpointMixin(ModelHubMixin):
                 weight = self.hf_model.get_output_embeddings().weight
                 weight[self.base_vocab_rows :].copy_(extra["added_output_embeddings"])
 
-    def _load_full_weights(self, path: str) -> None:
+    def _load_full_weights(self, path: str, allow_incomplete: bool = False) -> None:
         from transformers.trainer_utils import load_sharded_checkpoint  # moved here in transformers 5
 
-        if not os.path.isfile(os.path.join(path, "model.safetensors")):
-            load_sharded_checkpoint(self.hf_model, path, strict=False)
-            return
-        result = self.hf_model.load_state_dict(
-            load_safetensors(os.path.join(path, "model.safetensors")), strict=False
-        )
+        if os.path.isfile(os.path.join(path, "model.safetensors")):
+            state = load_safetensors(os.path.join(path, "model.safetensors"))
+            result = self.hf_model.load_state_dict(state, strict=False)
+        else:
+            result = load_sharded_checkpoint(self.hf_model, path, strict=False)
         # strict=False only for tied weights (the LM head is not saved); anything else missing or
         # unexpected means another model, which must not resume silently half-loaded.
         tied = getattr(self.hf_model, "_tied_weights_keys", None) or {}
         missing = [key for key in result.missing_keys if key not in tied]
-        if missing or result.unexpected_keys:
+        if (missing or result.unexpected_keys) and not allow_incomplete:
             raise ValueError(
                 f"{path}: weights do not match this model: missing {missing[:5]}, "
                 f"unexpected {result.unexpected_keys[:5]}"

@@ -212,6 +212,10 @@ MODEL_FILE_PATTERNS = [
 ]  # fmt: skip
 
 
+# allow_patterns match through folders (`*` matches `/`): a run folder's checkpoints and logs stay out
+RUN_ONLY_PATTERNS = ["checkpoint-*", "runs/*", ".staging/*"]
+
+
 class TrainerPushMixin:
     """For an HF Trainer whose model saves `codi.io.checkpoint` folders: `--push_to_hub` (`--hub_model_id`,
     `--hub_strategy`, `--hub_token`, `--hub_revision`) uploads the folders our saver wrote. The Trainer's
@@ -238,6 +242,7 @@ class TrainerPushMixin:
             return None
         return upload_folder(
             self.args.output_dir, self.hub_model_id, allow_patterns=MODEL_FILE_PATTERNS,
+            ignore_patterns=RUN_ONLY_PATTERNS,
             commit_message=commit_message, token=token or self.args.hub_token,
             revision=revision or self.args.hub_revision,
         )  # fmt: skip
