@@ -241,3 +241,12 @@ def test_one_number_of_latents_for_training_and_inference(make_model, tmp_path):
     saved["model_args"]["inf_latent_iterations"] = 5
     path.write_text(json.dumps(saved))
     assert CODIModel.from_pretrained(str(tmp_path / "old")).args.num_latent == 5
+
+
+def test_plain_training_arguments_get_the_default_learning_rate(make_model, tmp_path):
+    """A built model with plain `CODITrainingArguments` (no config path) still trains at the default rate."""
+    from codi.config import LORA_LEARNING_RATE, CODITrainingArguments
+
+    args = CODITrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to="none")
+    assert args.learning_rate is None
+    assert CODITrainer(model=make_model("gpt2"), args=args).args.learning_rate == LORA_LEARNING_RATE

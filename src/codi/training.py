@@ -90,6 +90,8 @@ class CODITrainer(SafeCheckpoints, TrainerPushMixin, Trainer):
             data_collator = data_collator or self.collator(model)
             kwargs["callbacks"] = [*self.method_callbacks(), *(kwargs.get("callbacks") or ())]
             self.prepare_args(self.config)
+        if getattr(args, "learning_rate", 0) is None and isinstance(model, CODIModel):
+            resolve_defaults(model.args, args)  # plain training arguments come through no config path
         super().__init__(
             model=model,
             args=args,
@@ -172,8 +174,11 @@ class CODITrainer(SafeCheckpoints, TrainerPushMixin, Trainer):
         """What `codi train` does: the run folder's rules (checked before any model loads), the trainer,
         training, the final validation, the model saved to `output_dir` with metrics and state."""
         resume, signature = start_run(config.model_args(), config.data_args(), config, config.method_args())
-        trainer = cls(args=config, run_signature=signature, **kwargs)
-        return trainer.result(fit_and_save(trainer, resume, trainer.train_stats, trainer.extra_metrics))
+        try:
+            trainer = cls(args=config, run_signature=signature, **kwargs)
+            return trainer.result(fit_and_save(trainer, resume, trainer.train_stats, trainer.extra_metrics))
+        finally:  # a model or data that fails to load must not keep the folder locked in this process
+            release_run_lock(config.output_dir)
 
     def train(self, resume_from_checkpoint=None, **kwargs):
         """HF `train`; built from a config (and not by `run`), the run folder's rules apply first: the

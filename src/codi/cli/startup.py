@@ -87,7 +87,8 @@ def configure_threads(environ: MutableMapping[str, str] = os.environ) -> int | N
 
 
 def wants_help(argv: list[str]) -> bool:
-    return any(token in HELP_FLAGS for token in argv) and "--config" not in argv
+    configured = any(token == "--config" or token.startswith("--config=") for token in argv)
+    return any(token in HELP_FLAGS for token in argv) and not configured
 
 
 def _cache_dir() -> str:

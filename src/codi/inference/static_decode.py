@@ -264,7 +264,8 @@ def decode(model, input_ids, attention_mask, config: DecodingConfig, run: dict, 
 
 
 def _answer(model, state: _Session, logits: torch.Tensor, run: dict) -> torch.Tensor:
-    """The token loop: the eager loop's rules, the all-finished check every `SYNC_EVERY` tokens."""
+    """The token loop: the eager loop's rules, the all-finished check every `SYNC_EVERY` tokens (every
+    token when sampling)."""
     device = logits.device
     batch = logits.shape[0]
     eos = model.tokenizer.eos_token_id
@@ -273,6 +274,8 @@ def _answer(model, state: _Session, logits: torch.Tensor, run: dict) -> torch.Te
     late = token_processors(run["suppress"], 0, eos, device)
     generated, finished = token_buffers(model.pad_id, batch, max_new, forced, device)
     steps = len(forced)
+    # sampling draws from a generator shared across batches: no draw after the eager loop would stop
+    every = 1 if run["sampling"].get("do_sample") else SYNC_EVERY
     for position in range(len(forced), max_new):
         logits = apply_processors(early if position < min_new else late, generated[:, :position], logits)
         next_ids = run["sample"](logits, **run["sampling"]).masked_fill(finished, model.pad_id)
@@ -280,7 +283,7 @@ def _answer(model, state: _Session, logits: torch.Tensor, run: dict) -> torch.Te
         steps = position + 1
         if eos is not None:
             finished = finished | (next_ids == eos)
-        check = steps >= min_new and (steps - min_new) % SYNC_EVERY == 0
+        check = steps >= min_new and (steps - min_new) % every == 0
         if steps == max_new or (check and bool(finished.all())):
             break
         logits = state.step(model.embed(next_ids.unsqueeze(1)), ~finished, logits=True)
