@@ -250,3 +250,20 @@ def test_plain_training_arguments_get_the_default_learning_rate(make_model, tmp_
     args = CODITrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to="none")
     assert args.learning_rate is None
     assert CODITrainer(model=make_model("gpt2"), args=args).args.learning_rate == LORA_LEARNING_RATE
+
+
+def test_the_trainer_api_records_and_checks_the_data_it_trains_on(tiny_gpt2, tmp_path):
+    """`CODITrainer(...).train()` (not only `codi train`) fingerprints its records in every checkpoint and
+    refuses to resume onto other records."""
+    run = tmp_path / "run"
+
+    def config(**extra):
+        return CODIConfig(output_dir=str(run), save_strategy="steps", save_steps=1, **TINY, **extra)
+
+    CODITrainer(model=tiny_gpt2, args=config(max_steps=2), train_dataset=ROWS).train()
+    record = json.loads((run / "checkpoint-1" / "codi_run.json").read_text())
+    assert record["training_data"]["records"] == len(ROWS)
+    edited = [{**row, "answer": "7"} for row in ROWS]
+    trainer = CODITrainer(model=tiny_gpt2, args=config(max_steps=2), train_dataset=edited)
+    with pytest.raises(ValueError, match="differ from the records it was trained on"):
+        trainer.train(resume_from_checkpoint=str(run / "checkpoint-1"))

@@ -27,7 +27,6 @@ from .config import (
 from .data.dataset import CODIDataset, DataStats, build_dataset
 from .data.records import DataError, RawRecord, load_records
 from .io.hf import max_positions
-from .losses import TrainingObjective
 from .model import CODIModel
 from .run_safety import records_fingerprint
 
@@ -181,10 +180,6 @@ def eval_items(rows: Any, name: str = "dataset") -> list:
 
     records = dataset_records(rows, name, method="no_cot_sft")  # the CoT is not read
     return [EvalItem(normalize_question(r.question), parse_gold(r.answer, r.where), r.where) for r in records]
-
-
-def build_model(model_args: CODIModelArguments, training_args: CODITrainingArguments) -> CODIModel:
-    return CODIModel.from_base(model_args, TrainingObjective.from_args(training_args))
 
 
 def train_source(data_args: CODIDataArguments) -> str:

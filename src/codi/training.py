@@ -42,7 +42,7 @@ from .runs import (
     refuse_foreign_checkpoints,
     run_signature,
 )
-from .trainer_inputs import CODIConfig, build_datasets, build_model  # noqa: F401  (importable from here too)
+from .trainer_inputs import CODIConfig
 
 logger = logging.getLogger(__name__)
 COMPONENTS = ("student_ce", "teacher_ce", "distill_loss", "latent_step_ce")
@@ -190,6 +190,11 @@ class CODITrainer(SafeCheckpoints, TrainerPushMixin, Trainer):
             resume_from_checkpoint, self.run_signature = start_run(
                 config.model_args(), config.data_args(), config, config.method_args()
             )
+        # every way into training records the data it reads, and refuses a resume onto other data
+        fingerprint = self.train_stats.fingerprint if self.train_stats is not None else None
+        check_training_data(
+            self, resume_from_checkpoint if isinstance(resume_from_checkpoint, str) else None, fingerprint
+        )
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def _get_train_sampler(self, train_dataset=None):
@@ -355,7 +360,6 @@ def fit_and_save(trainer: Trainer, resume: str | None, train_stats: DataStats, e
     `extra_metrics()` returns after training) and state."""
     output_dir = trainer.args.output_dir
     try:
-        check_training_data(trainer, resume, train_stats.fingerprint)
         output = trainer.train(resume_from_checkpoint=resume)
     except KeyboardInterrupt:
         release_run_lock(output_dir)
@@ -373,7 +377,12 @@ def fit_and_save(trainer: Trainer, resume: str | None, train_stats: DataStats, e
         metrics.update(trainer.evaluate())
     trainer.save_model(output_dir)
     if trainer.is_world_process_zero():
-        counts = {"train_records_kept": train_stats.kept, "train_records_dropped": dict(train_stats.dropped)}
+        counts = {}
+        if train_stats is not None:  # None: a dataset built by the caller
+            counts = {
+                "train_records_kept": train_stats.kept,
+                "train_records_dropped": dict(train_stats.dropped),
+            }
         trainer.save_metrics("all", {**metrics, **counts, **extra_metrics()})
         trainer.save_state()
     release_run_lock(output_dir)
