@@ -215,7 +215,7 @@ def _warm_up(runner: Runner, modes, question: str, device: str, counter) -> dict
             "lm_positions": counter.positions,
         }
         print(f"warm-up {mode}: {info[mode]}", file=sys.stderr, flush=True)
-    counter.handle.remove()
+    counter.remove()
     for mode in modes:
         info[mode] |= host_costs(runner, mode, [question], info[mode]["lm_calls"], device)
     return info

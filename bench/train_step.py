@@ -12,7 +12,10 @@ variants:
                      exactly num_latent latents, the last fed with the decoder tokens.
   default            the default: as above, and the student reuses the teacher's question keys/values.
   default_plain_lora the default with peft's own LoRA layers instead of the fused LoRA linear
-                     (`fused_lora=False`: same results, more ops per adapter).
+                     (`fused_lora=False`: same results, more ops per adapter), through transformers'
+                     modules.
+  default_transformers  the default through transformers' modules (`layer_stack=False`) instead of
+                     codi's layer stack: the default path before the layer stack.
 
 It also counts the positions fed to the LM per step (a forward hook), which is what (a) saves, and the
 host cost of one step of each variant (`host_cost.py`): ATen ops dispatched, launches, host-device
@@ -43,10 +46,16 @@ import host_cost  # noqa: E402
 from codi.fused_lora import fuse_lora_layers  # noqa: E402
 
 VARIANTS = {
-    "reference_compat": {"reference_compat": True, "share_question": False},
+    "reference_compat": {"reference_compat": True, "share_question": False, "layer_stack": False},
     "default_unshared": {"reference_compat": False, "share_question": False},
     "default": {"reference_compat": False, "share_question": True},
-    "default_plain_lora": {"reference_compat": False, "share_question": True, "fused_lora": False},
+    "default_transformers": {"reference_compat": False, "share_question": True, "layer_stack": False},
+    "default_plain_lora": {
+        "reference_compat": False,
+        "share_question": True,
+        "fused_lora": False,
+        "layer_stack": False,
+    },
 }
 
 
@@ -57,7 +66,9 @@ def variant(model, name: str):
     fuse_lora_layers(model, enabled=flags.get("fused_lora", True))
     return model.with_settings(
         replace(model.objective, share_question=flags["share_question"]),
-        replace(model.args, reference_compat=flags["reference_compat"]),
+        replace(
+            model.args, reference_compat=flags["reference_compat"], layer_stack=flags.get("layer_stack", True)
+        ),
     )
 
 
@@ -88,7 +99,14 @@ class PositionCounter:
     def __init__(self, model):
         self.positions = 0
         self.calls = 0
+        self.model, self.stack = model, model.stack
         self.handle = model.hf_model.register_forward_pre_hook(self._hook, with_kwargs=True)
+        if self.stack is not None:  # codi's layer stack runs the LM without calling transformers' model
+            model.stack = _CountedStack(self.stack, self._hook)
+
+    def remove(self) -> None:
+        self.handle.remove()
+        self.model.stack = self.stack
 
     def _hook(self, module, args, kwargs) -> None:
         embeds = kwargs.get("inputs_embeds")
@@ -99,6 +117,17 @@ class PositionCounter:
 
     def reset(self) -> None:
         self.positions = self.calls = 0
+
+
+class _CountedStack:
+    """A layer stack that reports each call to `hook` as a forward pre-hook would."""
+
+    def __init__(self, stack, hook):
+        self.stack, self.hook, self.active = stack, hook, stack.active
+
+    def __call__(self, **kwargs):
+        self.hook(None, (), kwargs)
+        return self.stack(**kwargs)
 
 
 def train_steps(model, optimizer, batches: list[dict], device: str, dtype: torch.dtype) -> None:
@@ -159,7 +188,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         counter.reset()
         train_steps(view, optimizer, batches[:1], args.device, dtype)
         positions[name], calls[name] = counter.positions, counter.calls
-    counter.handle.remove()
+    counter.remove()
     costs = {
         name: step_host_cost(variant(model, name), optimizer, batches[0], args) for name in args.variants
     }
@@ -276,7 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.batch_size, args.steps, args.repeats = min(args.batch_size, 4), 1, min(args.repeats, 3)
         args.variants = [
-            name for name in args.variants if name not in ("default_unshared", "default_plain_lora")
+            name
+            for name in args.variants
+            if name not in ("default_unshared", "default_plain_lora", "default_transformers")
         ]
     common.emit(run(args), args.output)
     return 0

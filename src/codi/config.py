@@ -73,6 +73,14 @@ class CODIModelArguments:
             "as plain peft, far fewer ops per step; docs/speed.md). False: peft's own layers."
         },
     )
+    layer_stack: bool = field(
+        default=True,
+        metadata={
+            "help": "Run GPT-2 and Llama models through codi's own decoder stack (grouped projections, "
+            "merged LoRA updates, the key/value cache passed explicitly): the same function in far fewer "
+            "operations per step (docs/speed.md). False: transformers' forward."
+        },
+    )
     lora_init: bool = field(
         default=True,
         metadata={"help": "Reference flag: standard LoRA init (B=0). Accepted for compatibility."},

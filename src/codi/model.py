@@ -25,12 +25,12 @@ from functools import partial
 
 import torch
 import torch.nn as nn
-from transformers import DynamicCache
 
 from .config import CODIModelArguments
 from .io.checkpoint import CheckpointMixin
 from .io.hf import add_special_tokens, build_lm
 from .latent import LatentPrefix, LatentTransform
+from .layer_stack import LayerStack, StackCache
 from .losses import (
     TrainingObjective,
     combine_losses,
@@ -88,6 +88,7 @@ class CODIModel(CheckpointMixin, nn.Module):
         self.policy = ReferencePolicy.from_flags(args.reference_compat, args.fix_attn_mask)
         self.pad_id, self.bot_id, self.eot_id = add_special_tokens(tokenizer)
         self.prj = build_projection(hidden_size, args)
+        self.stack = LayerStack.build(self.hf_model) if args.layer_stack else None
         self.special_token_embeddings = None
         if args.train_special_token_embeddings:
             rows = self.hf_model.get_input_embeddings().weight[[self.bot_id, self.eot_id]]
@@ -110,6 +111,8 @@ class CODIModel(CheckpointMixin, nn.Module):
             view.objective = objective
         if args is not None:
             view.args = args
+            if args.layer_stack != self.args.layer_stack:
+                view.stack = LayerStack.build(self.hf_model) if args.layer_stack else None
             view.policy = ReferencePolicy.from_flags(args.reference_compat, args.fix_attn_mask)
         return view
 
@@ -146,18 +149,27 @@ class CODIModel(CheckpointMixin, nn.Module):
             return hidden.to(dtype)
         return self.prj(hidden.to(self.prj[1].weight.dtype)).to(dtype)
 
-    def _lm_step(
+    def _lm(self, cache, mask) -> nn.Module | LayerStack:
+        """What runs the LM: codi's layer stack where it applies (docs/speed.md), else transformers'
+        model. A call continues on the kind of cache it was given (`cache` None: a new one)."""
+        stack = self.stack
+        if stack is None or not stack.active or (mask is not None and mask.dim() != 2):
+            return self.hf_model
+        return stack if cache is None or isinstance(cache, StackCache) else self.hf_model
+
+    def lm_step(
         self,
         embeds,
         mask,
         positions,
         cache,
         *,
-        all_logits: bool,
+        all_logits: bool = False,
         hidden_states: bool = True,
         last_logits_only: bool = False,
     ):
-        """One forward of the LM over `embeds` (B, T, d) continuing `cache`.
+        """One forward of the LM over `embeds` (B, T, d) continuing `cache` (None: a new one), through
+        codi's layer stack where it applies, else transformers' model (`_lm`).
 
         Logits: all positions, the last only (`last_logits_only`: the LM head is a large share of a
         decoding step), or none.
@@ -166,7 +178,7 @@ class CODIModel(CheckpointMixin, nn.Module):
             keep = 1
         else:
             keep = 0 if all_logits else torch.empty(0, dtype=torch.long, device=embeds.device)
-        return self.hf_model(
+        return self._lm(cache, mask)(
             inputs_embeds=embeds,
             attention_mask=mask,
             position_ids=positions,
@@ -205,7 +217,7 @@ class CODIModel(CheckpointMixin, nn.Module):
         # 4.52 with sdpa dropped the mask of an unpadded batch (is_causal): the 2-D mask reproduces that
         if self.policy.unmask_fully_masked_rows and not bool(attention_mask.all()):
             step_mask = question_step_mask(attention_mask, embeds.dtype)
-        out = self._lm_step(embeds, step_mask, positions, DynamicCache(), all_logits=False)
+        out = self.lm_step(embeds, step_mask, positions, None, all_logits=False)
         prefix = LatentPrefix(
             cache=out.cache,
             attention_mask=attention_mask,
@@ -218,7 +230,7 @@ class CODIModel(CheckpointMixin, nn.Module):
 
     def encode_latents_after_question(
         self,
-        question_cache: DynamicCache,
+        question_cache,
         student_input_ids: torch.Tensor,
         student_attention_mask: torch.Tensor,
         num_latent: int,
@@ -244,7 +256,7 @@ class CODIModel(CheckpointMixin, nn.Module):
         question_cache.crop(-(question_cache.get_seq_length() - question_columns))
         mask = torch.cat([question_mask, question_mask.new_ones(question_mask.shape[0], 1)], dim=1)
         bot_ids = student_input_ids[:, -1:]
-        out = self._lm_step(self.embed(bot_ids), mask, lengths.unsqueeze(1), question_cache, all_logits=False)
+        out = self.lm_step(self.embed(bot_ids), mask, lengths.unsqueeze(1), question_cache, all_logits=False)
         prefix = LatentPrefix(cache=out.cache, attention_mask=mask, next_position=lengths + 1, pending=None)
         return self._feed_latents(prefix, out, num_latent, keep_hidden, True, False)
 
@@ -276,7 +288,7 @@ class CODIModel(CheckpointMixin, nn.Module):
                 prefix.pending = latent
                 break
             step_mask = torch.cat([prefix.attention_mask, ones], dim=1)
-            out = self._lm_step(
+            out = self.lm_step(
                 latent,
                 None if policy.unmasked_latents else step_mask,
                 None if policy.default_position_ids else prefix.next_position.unsqueeze(1),
@@ -315,7 +327,7 @@ class CODIModel(CheckpointMixin, nn.Module):
         if not self.policy.default_position_ids:
             positions = prefix.next_position.unsqueeze(1) + (mask.long().cumsum(-1) - 1).clamp(min=0)
         step_mask = None if self.policy.unmasked_decoder else full_mask
-        out = self._lm_step(
+        out = self.lm_step(
             embeds,
             step_mask,
             positions,
@@ -334,7 +346,7 @@ class CODIModel(CheckpointMixin, nn.Module):
 
     def teacher_forward(self, input_ids, attention_mask, use_cache: bool = False):
         """Teacher (CoT) forward; `use_cache` also returns its keys/values (to share the question)."""
-        return self.hf_model(
+        return self._lm(None, attention_mask)(
             inputs_embeds=self.embed(input_ids),
             attention_mask=attention_mask,
             output_hidden_states=True,

@@ -34,7 +34,13 @@ OWNED_MARKERS = ("trainer_state.json", RUN_FILE)  # both in every checkpoint a c
 # Files an earlier run leaves in its output folder.
 _RUN_OUTPUTS = ("codi_config.json", "trainer_state.json", "all_results.json", RUN_FILE)
 # Arguments that do not change what a run computes (logging, saving, evaluation, loading options).
-_MODEL_FIELDS_IGNORED = {"inf_latent_iterations", "trust_remote_code", "attn_implementation", "fused_lora"}
+_MODEL_FIELDS_IGNORED = {
+    "inf_latent_iterations",
+    "trust_remote_code",
+    "attn_implementation",
+    "fused_lora",
+    "layer_stack",
+}
 _DATA_FIELDS = (
     "data_name", "train_file", "cot_style", "include_last_cot", "max_token_num", "skip_negative_answers",
     "max_train_samples",

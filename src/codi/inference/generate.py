@@ -18,7 +18,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
-from transformers import DynamicCache
 
 from ..data.dataset import encode_answer, encode_question, pad_sequences
 from ..io.hf import max_positions
@@ -83,13 +82,13 @@ class _CoTState:
     def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         self.model = model
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        out = model.hf_model(
-            inputs_embeds=model.embed(input_ids),
-            attention_mask=attention_mask,
-            position_ids=positions,
-            cache=DynamicCache(),
-            use_cache=True,
-            logits_to_keep=1,
+        out = model.lm_step(
+            model.embed(input_ids),
+            attention_mask,
+            positions,
+            None,
+            hidden_states=False,
+            last_logits_only=True,
         )
         self.cache, self.mask = out.cache, attention_mask
         self.next_position = attention_mask.long().sum(-1)
@@ -98,13 +97,13 @@ class _CoTState:
     def step(self, input_ids: torch.Tensor, input_mask: torch.Tensor) -> torch.Tensor:
         """Feed one token per row (B, 1); rows with mask 0 are padding. Returns logits (B, V)."""
         self.mask = torch.cat([self.mask, input_mask], dim=1)
-        out = self.model.hf_model(
-            inputs_embeds=self.model.embed(input_ids),
-            attention_mask=self.mask,
-            position_ids=self.next_position.unsqueeze(1),
-            cache=self.cache,
-            use_cache=True,
-            logits_to_keep=1,
+        out = self.model.lm_step(
+            self.model.embed(input_ids),
+            self.mask,
+            self.next_position.unsqueeze(1),
+            self.cache,
+            hidden_states=False,
+            last_logits_only=True,
         )
         self.cache = out.cache
         self.next_position = self.next_position + input_mask[:, 0].long()

@@ -21,7 +21,6 @@ import os
 
 import torch
 import torch.nn as nn
-from transformers import DynamicCache
 
 from ...io.checkpoint import CONFIG_NAME
 from ...losses import next_token_ce
@@ -121,7 +120,7 @@ class CoconutModel(CODIModel):
         call (it needs no state after it).
         """
         positions = (prefix_mask.long().cumsum(-1) - 1).clamp(min=0)
-        out = self._lm_step(self.embed(prefix_ids), prefix_mask, positions, DynamicCache(), all_logits=False)
+        out = self.lm_step(self.embed(prefix_ids), prefix_mask, positions, None, all_logits=False)
         cache, mask, next_position = out.cache, prefix_mask, prefix_mask.long().sum(-1)
         hidden = out.hidden_states[-1][:, -1]
         steps = int(num_latent.max()) if num_latent.numel() else 0
@@ -134,7 +133,7 @@ class CoconutModel(CODIModel):
                 pending, pending_mask = latent, active
                 break
             mask = torch.cat([mask, active], dim=1)
-            out = self._lm_step(latent, mask, next_position.unsqueeze(1), cache, all_logits=False)
+            out = self.lm_step(latent, mask, next_position.unsqueeze(1), cache, all_logits=False)
             cache, next_position = out.cache, next_position + active[:, 0].long()
             hidden = out.hidden_states[-1][:, -1]
         embeds, step_mask = self.embed(suffix_ids), suffix_mask
@@ -142,7 +141,7 @@ class CoconutModel(CODIModel):
             embeds = torch.cat([pending, embeds], dim=1)
             step_mask = torch.cat([pending_mask, suffix_mask], dim=1)
         positions = next_position.unsqueeze(1) + (step_mask.long().cumsum(-1) - 1).clamp(min=0)
-        out = self._lm_step(
+        out = self.lm_step(
             embeds,
             torch.cat([mask, step_mask], dim=1),
             positions,
@@ -168,7 +167,10 @@ class CoconutModel(CODIModel):
         if prefix_ids is not None:
             logits = self.continuous_logits(prefix_ids, prefix_mask, num_latent, suffix_ids, suffix_mask)
         else:
-            logits = self.hf_model(inputs_embeds=self.embed(input_ids), attention_mask=attention_mask).logits
+            lm = self._lm(None, attention_mask)
+            logits = lm(
+                inputs_embeds=self.embed(input_ids), attention_mask=attention_mask, use_cache=False
+            ).logits
         return {"loss": next_token_ce(logits, labels)}
 
     # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,290 @@
+"""The LM's decoder stack as plain tensor code, with the key/value cache passed in and returned.
+
+A CODI step calls the LM eight times (teacher, `<bot>`, the latents, the answer) and each call runs
+every decoder layer through transformers' modules, peft's LoRA wrappers and a `DynamicCache`: on a GPU
+the step's time is set by the ~100k operations this dispatches, not by the arithmetic (docs/speed.md).
+`LayerStack` runs the same computation for GPT-2 and Llama-family models in far fewer operations:
+
+- the projections that read one input run as one matmul (q/k/v; Llama's gate/up), on weights
+  concatenated once while frozen;
+- a LoRA adapter is applied through its merged update `scaling * B @ A`: without dropout the layer
+  uses `W + scaling * B @ A`, with dropout `x @ W^T + (dropout(x) @ (scaling * B @ A)^T)`; both are
+  the adapter's function exactly (rounding aside) and give A and B the same gradients;
+- the rotary embedding is applied to queries and keys together, `rotate_half` as a signed permutation;
+- attention is one `scaled_dot_product_attention` call per layer with a boolean mask built once per
+  call; the cache is a list of per-layer key/value tensors (`StackCache`), so nothing in the layer
+  depends on cache objects or layer indices (a compiler sees one layer function, called L times).
+
+It reads the weights from the live modules at every call (training updates them in place) and returns
+what transformers returns: logits, hidden states (embeddings, every layer, the last after the final
+norm) and the cache. `LayerStack.build` returns None for anything it does not reproduce (other
+architectures, cross-attention, DoRA or several adapters, quantised layers), and the caller keeps
+transformers' forward; a 4-D mask or a transformers cache also goes to transformers' forward.
+`tests/test_layer_stack.py` proves it equal to transformers' forward, values and gradients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .stack_weights import ProjectionGroup, projection
+
+
+@dataclass
+class StackCache:
+    """Keys and values of every layer, (B, kv_heads, P, head_dim) each: what the next call continues."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    def get_seq_length(self, layer: int = 0) -> int:
+        return self.keys[layer].shape[2] if self.keys else 0
+
+    def crop(self, max_length: int) -> None:
+        """Keep the first `max_length` columns; a negative value drops that many from the end (as
+        `DynamicCache.crop`)."""
+        length = self.get_seq_length()
+        keep = length + max_length if max_length < 0 else min(max_length, length)
+        self.keys = [k[:, :, :keep] for k in self.keys]
+        self.values = [v[:, :, :keep] for v in self.values]
+
+
+@dataclass
+class StackOutput:
+    logits: torch.Tensor | None
+    hidden_states: tuple[torch.Tensor, ...] | None
+    cache: StackCache | None
+
+
+@dataclass
+class _Layer:
+    """One decoder layer's modules: norms, the projections and what the attention needs."""
+
+    norm_1: nn.Module
+    norm_2: nn.Module
+    qkv: ProjectionGroup  # GPT-2: c_attn; Llama: q, k, v
+    out: ProjectionGroup
+    up: ProjectionGroup  # GPT-2: c_fc; Llama: gate, up
+    down: ProjectionGroup
+    act: nn.Module
+    attention: nn.Module
+    dropouts: tuple[nn.Module, ...]  # GPT-2's residual dropouts; Llama has none
+
+
+class LayerStack:
+    """`LayerStack.build(hf_model)(inputs_embeds=..., attention_mask=..., ...)`: the module docstring."""
+
+    def __init__(self, hf_model: nn.Module, arch: str, layers: list[_Layer]):
+        self.hf_model, self.arch, self.layers = hf_model, arch, layers
+        config = hf_model.config
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.body = hf_model.get_decoder() if arch == "llama" else hf_model.transformer
+        self._rotation: dict[tuple, torch.Tensor] = {}
+
+    @classmethod
+    def build(cls, hf_model: nn.Module) -> LayerStack | None:
+        """The stack of a transformers GPT-2 or Llama causal LM (peft LoRA layers included), else None."""
+        from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+        config = getattr(hf_model, "config", None)
+        try:
+            if type(hf_model).__name__ == "GPT2LMHeadModel":
+                blocks = hf_model.transformer.h
+                if config.add_cross_attention or config.reorder_and_upcast_attn:
+                    return None
+                if not all(type(block) is GPT2Block for block in blocks):
+                    return None
+                return cls(hf_model, "gpt2", [_gpt2_layer(block) for block in blocks])
+            if type(hf_model).__name__ == "LlamaForCausalLM":
+                layers = hf_model.get_decoder().layers
+                if not all(type(layer) is LlamaDecoderLayer for layer in layers):
+                    return None
+                return cls(hf_model, "llama", [_llama_layer(layer) for layer in layers])
+        except _Unsupported:
+            return None
+        return None
+
+    @property
+    def active(self) -> bool:
+        """False while transformers' own features that the stack does not reproduce are on."""
+        return not getattr(self.hf_model, "gradient_checkpointing", False) and not getattr(
+            self.body, "gradient_checkpointing", False
+        )
+
+    # ----------------------------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: StackCache | None = None,
+        use_cache: bool = True,
+        output_hidden_states: bool = True,
+        logits_to_keep: int | torch.Tensor = 0,
+    ) -> StackOutput:
+        batch, length = inputs_embeds.shape[:2]
+        past = cache.get_seq_length() if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + length, device=inputs_embeds.device).unsqueeze(0)
+        mask = _attention_mask(attention_mask, batch, past, length, inputs_embeds.device)
+        hidden = self._embed(inputs_embeds, position_ids)
+        rope = self._rope(hidden, position_ids)
+        states = [hidden] if output_hidden_states else None
+        keys, values = [], []
+        for index, layer in enumerate(self.layers):
+            past_kv = (cache.keys[index], cache.values[index]) if cache is not None else None
+            hidden, key, value = self._layer(layer, hidden, past_kv, mask, rope)
+            keys.append(key)
+            values.append(value)
+            if states is not None:
+                states.append(hidden)
+        hidden = self.body.norm(hidden) if self.arch == "llama" else self.body.ln_f(hidden)
+        if states is not None:
+            states[-1] = hidden
+        logits = self.hf_model.lm_head(_keep(hidden, logits_to_keep))
+        return StackOutput(
+            logits=logits,
+            hidden_states=tuple(states) if states is not None else None,
+            cache=StackCache(keys, values) if use_cache else None,
+        )
+
+    def _embed(self, embeds: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        if self.arch == "llama":
+            return embeds
+        hidden = embeds + self.body.wpe(position_ids).to(embeds.device)
+        return self.body.drop(hidden)
+
+    def _rope(self, hidden: torch.Tensor, position_ids: torch.Tensor):
+        """(cos, sin, rotation) broadcast over heads, or None (GPT-2: learned absolute positions)."""
+        if self.arch != "llama":
+            return None
+        cos, sin = self.body.rotary_emb(hidden, position_ids=position_ids)
+        key = (self.head_dim, cos.dtype, cos.device)
+        rotation = self._rotation.get(key)
+        if rotation is None:  # rotate_half(x) == x @ rotation: (-x2, x1), exact in any float dtype
+            half = self.head_dim // 2
+            rotation = torch.zeros(self.head_dim, self.head_dim, dtype=cos.dtype, device=cos.device)
+            rotation[half:, :half] = -torch.eye(half, dtype=cos.dtype, device=cos.device)
+            rotation[:half, half:] = torch.eye(half, dtype=cos.dtype, device=cos.device)
+            self._rotation[key] = rotation
+        return cos.unsqueeze(2), sin.unsqueeze(2), rotation
+
+    def _layer(self, layer: _Layer, hidden, past_kv, mask, rope):
+        """One decoder layer: (hidden out, keys, values), keys/values including the past."""
+        batch, length, _ = hidden.shape
+        heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
+        qkv = layer.qkv(layer.norm_1(hidden))
+        qk_heads = heads + kv_heads
+        qkv = qkv.view(batch, length, heads + 2 * kv_heads, head_dim)
+        qk, value = qkv[:, :, :qk_heads], qkv[:, :, qk_heads:]
+        if rope is not None:
+            cos, sin, rotation = rope
+            qk = torch.addcmul(qk * cos, qk @ rotation, sin)
+        query = qk[:, :, :heads].transpose(1, 2)
+        key = qk[:, :, heads:].transpose(1, 2)
+        value = value.transpose(1, 2)
+        if past_kv is not None:
+            key = torch.cat([past_kv[0], key], dim=2)
+            value = torch.cat([past_kv[1], value], dim=2)
+        attention = layer.attention
+        dropout = attention.attn_dropout.p if self.arch == "gpt2" else attention.attention_dropout
+        attended = F.scaled_dot_product_attention(
+            query,
+            key,
+            value,
+            attn_mask=mask,
+            dropout_p=dropout if attention.training else 0.0,
+            is_causal=mask is None and past_kv is None and length > 1,
+            scale=attention.scaling,
+            enable_gqa=kv_heads != heads,
+        )
+        attended = attended.transpose(1, 2).reshape(batch, length, heads * head_dim)
+        update = layer.out(attended)
+        if layer.dropouts:
+            update = layer.dropouts[0](update)
+        hidden = hidden + update
+        up = layer.up(layer.norm_2(hidden))
+        if len(layer.up) == 2:  # Llama: act(gate) * up
+            gate, up = up.chunk(2, dim=-1)
+            up = layer.act(gate) * up
+        else:
+            up = layer.act(up)
+        update = layer.down(up)
+        if layer.dropouts:
+            update = layer.dropouts[1](update)
+        return hidden + update, key, value
+
+
+class _Unsupported(Exception):
+    """A layer the stack does not reproduce: `LayerStack.build` returns None."""
+
+
+def _gpt2_layer(block) -> _Layer:
+    attention, mlp = block.attn, block.mlp
+    return _Layer(
+        norm_1=block.ln_1,
+        norm_2=block.ln_2,
+        qkv=_group(attention.c_attn),
+        out=_group(attention.c_proj),
+        up=_group(mlp.c_fc),
+        down=_group(mlp.c_proj),
+        act=mlp.act,
+        attention=attention,
+        dropouts=(attention.resid_dropout, mlp.dropout),
+    )
+
+
+def _llama_layer(layer) -> _Layer:
+    attention, mlp = layer.self_attn, layer.mlp
+    return _Layer(
+        norm_1=layer.input_layernorm,
+        norm_2=layer.post_attention_layernorm,
+        qkv=_group(attention.q_proj, attention.k_proj, attention.v_proj),
+        out=_group(attention.o_proj),
+        up=_group(mlp.gate_proj, mlp.up_proj),
+        down=_group(mlp.down_proj),
+        act=mlp.act_fn,
+        attention=attention,
+        dropouts=(),
+    )
+
+
+def _group(*modules: nn.Module) -> ProjectionGroup:
+    found = [projection(module) for module in modules]
+    if any(p is None for p in found):
+        raise _Unsupported(", ".join(type(module).__name__ for module in modules))
+    return ProjectionGroup(tuple(found))
+
+
+def _attention_mask(attention_mask, batch: int, past: int, length: int, device) -> torch.Tensor | None:
+    """Boolean (B, 1, length, past + length): causal and the keys' padding; None: causal, no padding.
+
+    A query whose every key is masked (a padded position) attends to itself, so its row stays finite;
+    such positions feed nothing that is kept.
+    """
+    if attention_mask is None:
+        if past == 0:
+            return None
+        attention_mask = torch.ones(batch, past + length, dtype=torch.bool, device=device)
+    if attention_mask.dim() != 2:
+        raise ValueError("LayerStack takes 2-D attention masks only")
+    keys = attention_mask.bool()[:, None, None, :]
+    columns = torch.arange(past + length, device=device)
+    rows = torch.arange(past, past + length, device=device).unsqueeze(1)
+    allowed = keys & (columns <= rows)
+    alone = (columns == rows) & ~allowed.any(dim=-1, keepdim=True)
+    return allowed | alone
+
+
+def _keep(hidden: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+    if isinstance(logits_to_keep, int):
+        return hidden if logits_to_keep == 0 else hidden[:, -logits_to_keep:]
+    return hidden[:, logits_to_keep]

@@ -1,0 +1,136 @@
+"""The projections of `codi.layer_stack`: frozen or trained linear layers, with or without a peft LoRA
+adapter, run as few matmuls as possible.
+
+A LoRA projection computes `x @ W^T + b + scaling * dropout(x) @ A^T @ B^T`. With `M = scaling * B @ A`
+(out x in, built from the adapter at each call, so A and B get their gradients through it) this is
+
+    without dropout:  x @ (W + M)^T + b
+    with dropout:     [x, dropout(x)] @ [W, M]^T + b
+
+and projections that read the same input (q/k/v, gate/up) stack along the output: their frozen weights
+are concatenated once (while they do not change) and their updates go in one block-diagonal matrix,
+each with its own dropout mask, so a group is one matmul forward and two backward. The arithmetic is
+the adapter's exactly; only the rounding and the dropout masks' random draws differ from peft's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+
+@dataclass
+class Projection:
+    """A linear layer (`nn.Linear` or GPT-2's `Conv1D`) and, when peft wrapped it, its LoRA layer."""
+
+    base: nn.Module
+    lora: nn.Module | None  # peft's lora.Linear (or codi's fused subclass)
+    adapter_name: str | None
+
+    def weight(self) -> torch.Tensor:
+        """(out, in), whatever the storage (Conv1D keeps (in, out))."""
+        weight = self.base._parameters["weight"]
+        return weight.t() if type(self.base) is Conv1D else weight
+
+    def bias(self) -> torch.Tensor | None:
+        return self.base._parameters.get("bias")
+
+    def adapter(self) -> tuple[torch.Tensor, torch.Tensor, float, float] | None:
+        """(A, B, scaling, dropout probability) of the active adapter, or None (no adapter, merged into
+        the weight, or disabled)."""
+        lora = self.lora
+        if lora is None or lora._disable_adapters or lora.merged_adapters:
+            return None
+        name = self.adapter_name
+        a = lora.lora_A._modules[name]._parameters["weight"]
+        b = lora.lora_B._modules[name]._parameters["weight"]
+        dropout = lora.lora_dropout._modules[name]
+        p = dropout.p if type(dropout) is nn.Dropout and dropout.training else 0.0
+        return a, b, lora.scaling[name], p
+
+
+def projection(module: nn.Module) -> Projection | None:
+    """The `Projection` of `module`, or None when the stack cannot reproduce it (DoRA and other
+    variants, several adapters, a LoRA bias, quantised or other base layers)."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    if type(module) in (nn.Linear, Conv1D):
+        return Projection(module, None, None)
+    if not isinstance(module, LoraLinear):
+        return None
+    base = module.base_layer
+    names = list(module.lora_A.keys())
+    if type(base) not in (nn.Linear, Conv1D) or len(names) != 1 or module.lora_variant:
+        return None
+    name = names[0]
+    if module.lora_A[name].bias is not None or module.lora_B[name].bias is not None:
+        return None
+    if getattr(module, "use_dora", {}).get(name) or module.active_adapters != [name]:
+        return None
+    return Projection(base, module, name)
+
+
+class ProjectionGroup:
+    """Projections reading one input, run together: `group(x)` = their outputs concatenated."""
+
+    def __init__(self, projections: tuple[Projection, ...]):
+        self.projections = projections
+        self._frozen: tuple[tuple, torch.Tensor, torch.Tensor | None] | None = None
+
+    def __len__(self) -> int:
+        return len(self.projections)
+
+    def base(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The stacked weight (out_total, in) and bias; concatenated once while nothing trains them."""
+        if len(self.projections) == 1:
+            return self.projections[0].weight(), self.projections[0].bias()
+        weights = [p.weight() for p in self.projections]
+        biases = [p.bias() for p in self.projections]
+        if any(t is not None and t.requires_grad for t in weights + biases):
+            return torch.cat(weights), (None if biases[0] is None else torch.cat(biases))
+        key = tuple((t.data_ptr(), t._version, t.dtype) for t in weights + biases if t is not None)
+        if self._frozen is None or self._frozen[0] != key:
+            bias = None if biases[0] is None else torch.cat(biases)
+            self._frozen = (key, torch.cat(weights), bias)
+        return self._frozen[1], self._frozen[2]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        adapters = [p.adapter() for p in self.projections]
+        weight, bias = self.base()
+        if all(a is None for a in adapters):
+            return F.linear(x, weight, bias)
+        probabilities = {a[3] if a is not None else None for a in adapters}
+        if len(probabilities) != 1:  # mixed: some adapted, or different dropouts; one at a time
+            return torch.cat([ProjectionGroup((p,))(x) for p in self.projections], dim=-1)
+        p = probabilities.pop()
+        if not _merge_pays(weight, adapters, p):
+            out = F.linear(x, weight, bias)
+            updates = [F.linear(F.linear(F.dropout(x, p, True), a), b) * c for a, b, c, _ in adapters]
+            return out + (updates[0] if len(updates) == 1 else torch.cat(updates, dim=-1))
+        merged = [torch.mm(b * c, a) for a, b, c, _ in adapters]
+        if p == 0.0:  # x @ (W + M)^T
+            delta = merged[0] if len(merged) == 1 else torch.cat(merged)
+            return F.linear(x, weight + delta.to(weight.dtype), bias)
+        # [x, dropout_1(x), ..., dropout_k(x)] @ [W, blockdiag(M_1, ..., M_k)]^T: one mask per adapter,
+        # drawn (adapter, row, feature) so that on the CPU they are the masks peft's k calls draw
+        flat = x.reshape(-1, x.shape[-1])
+        groups = len(merged)
+        dropped = F.dropout(flat.unsqueeze(0).expand(groups, -1, -1), p, True)
+        inputs = torch.cat([flat, dropped.transpose(0, 1).reshape(flat.shape[0], -1)], dim=1)
+        block = merged[0] if groups == 1 else torch.block_diag(*merged)
+        out = F.linear(inputs, torch.cat([weight, block.to(weight.dtype)], dim=1), bias)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def _merge_pays(weight: torch.Tensor, adapters: list, p: float) -> bool:
+    """Whether the merged update costs fewer multiply-adds per token than the low-rank matmuls: it
+    trades r * (in + out) per adapter for in * out (and one more input copy per adapter under dropout),
+    a win only when the rank is large for the width (small models with a paper-size rank)."""
+    out_features, in_features = weight.shape
+    low_rank = sum(a.shape[0] * (in_features + b.shape[0]) for a, b, _, _ in adapters)
+    copies = len(adapters) if p > 0.0 else 1
+    return copies * in_features * out_features <= low_rank
