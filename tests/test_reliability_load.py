@@ -124,6 +124,35 @@ def test_tokenizer_errors_name_the_file(make_model, tmp_path):
     assert str(tmp_path) in str(error.value)
 
 
+@pytest.mark.parametrize(
+    "content, named",
+    [
+        ("{ this is not json", "truncated or corrupt JSON"),
+        ("[1, 2]", "expected a JSON object"),
+        ('{"format": "coconut"}', "missing key 'settings'"),
+        ('{"settings": {"c_thought": "2"}}', "settings.c_thought: '2' is not a valid int"),
+        ('{"settings": {"thoughts": 2}}', "settings.thoughts: unknown key"),
+        ('{"settings": {"uniform_prob": 1.5}}', "uniform_prob must be in [0, 1]"),
+    ],
+)
+def test_a_bad_coconut_config_is_one_line_before_the_model_is_built(
+    tiny_gpt2, tmp_path, monkeypatch, content, named
+):
+    from codi.io.loader import load
+
+    folder = _coconut_checkpoint(tiny_gpt2, tmp_path / "coconut")
+    (tmp_path / "coconut" / "coconut_config.json").write_text(content)
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was built before coconut_config.json was read")
+
+    monkeypatch.setattr("codi.io.checkpoint.build_lm", never)
+    with pytest.raises(CheckpointError) as error:
+        load(folder)
+    message = _one_line(error)
+    assert message.startswith(f"{tmp_path / 'coconut' / 'coconut_config.json'}: ") and named in message
+
+
 def test_lora_checkpoint_without_a_base_fingerprint_warns_naming_the_base(make_model, tmp_path, caplog):
     make_model("gpt2").save_pretrained(str(tmp_path / "ckpt"))
     _edit_json(tmp_path / "ckpt" / "codi_config.json", lambda c: c.pop("base_fingerprint"))

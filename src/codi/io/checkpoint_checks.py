@@ -8,6 +8,7 @@ against each other first. Each failure is one line naming the file and the key o
 
     check_config(config, config_path)            types of `codi_config.json` against its dataclasses
     check_files(path, config)                     tokenizer and adapter files, before anything is built
+    read_settings(path, cls)                      a method's settings file, e.g. `coconut_config.json`
     check_weights(model, path, config, allow)     tensor names of the weight files against the model
     require_latents(model, command)               a command that reads latents refuses other methods
 """
@@ -129,6 +130,19 @@ def _read_json(path: str) -> dict:
     if not isinstance(value, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(value).__name__}")
     return value
+
+
+def read_settings(path: str, cls, key: str = "settings"):
+    """`cls(**value[key])` for the JSON file `path` (a settings file beside `codi_config.json`), each
+    field checked against `cls`'s types first: one line naming the file for anything else."""
+    saved = _read_json(path)
+    if key not in saved:
+        raise CheckpointError(f"{path}: missing key {key!r}")
+    _check_fields(saved[key], cls, f"{path}: {key}")
+    try:
+        return cls(**saved[key])
+    except (TypeError, ValueError) as error:  # the dataclass's own checks (ranges, combinations)
+        raise CheckpointError(f"{path}: {key}: {error}") from error
 
 
 def check_files(path: str, config: dict) -> None:
