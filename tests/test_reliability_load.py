@@ -3,6 +3,7 @@ gold answers are read as plain finite decimals (docs/reliability.md, "Loading an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
@@ -109,6 +110,27 @@ def test_garbage_or_inconsistent_adapter_config_is_refused(make_model, tmp_path)
         CODIModel.from_pretrained(str(tmp_path))
     config.write_text(original)
     CODIModel.from_pretrained(str(tmp_path))
+
+
+def test_adapter_check_takes_unrecorded_lora_settings_from_the_model_arguments(tmp_path, monkeypatch):
+    """A `codi_config.json` without lora_r / lora_alpha was trained with `CODIModelArguments`' defaults:
+    the adapter is checked against those, wherever they are set."""
+    from codi.io.checkpoint_checks import check_files
+
+    defaults = {field.name: field.default for field in dataclasses.fields(CODIModelArguments)}
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    adapter = {"r": defaults["lora_r"], "lora_alpha": defaults["lora_alpha"], "peft_type": "LORA"}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(adapter))
+    check_files(str(tmp_path), {"model_args": {}})
+    for name, key in (("lora_r", "r"), ("lora_alpha", "lora_alpha")):
+        with monkeypatch.context() as patch:
+            patch.setattr(CODIModelArguments.__dataclass_fields__[name], "default", defaults[name] + 1)
+            with pytest.raises(CheckpointError, match=rf"{key} {defaults[name]} != {defaults[name] + 1}"):
+                check_files(str(tmp_path), {"model_args": {}})
+    with monkeypatch.context() as patch:  # a full fine-tune by default: no adapter is looked for
+        patch.setattr(CODIModelArguments.__dataclass_fields__["use_lora"], "default", False)
+        (tmp_path / "adapter_config.json").unlink()
+        check_files(str(tmp_path), {"model_args": {}})
 
 
 def test_tokenizer_errors_name_the_file(make_model, tmp_path):

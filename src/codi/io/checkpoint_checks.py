@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 # Commands that read latent thoughts, and the methods whose checkpoints have them.
 LATENT_METHODS = {"probe": ("codi",), "ablate": ("codi", "coconut")}
 _CALLER_KEYS = ("trust_remote_code", "dtype", "attn_implementation")  # dropped on load, any type
+_ADAPTER_KEYS = {"r": "lora_r", "lora_alpha": "lora_alpha"}  # adapter_config.json key -> model_args key
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
@@ -145,6 +146,11 @@ def read_settings(path: str, cls, key: str = "settings"):
         raise CheckpointError(f"{path}: {key}: {error}") from error
 
 
+def _model_default(name: str):
+    """A `CODIModelArguments` field's default: what a `codi_config.json` without that key was trained with."""
+    return CODIModelArguments.__dataclass_fields__[name].default
+
+
 def check_files(path: str, config: dict) -> None:
     """The tokenizer files exist and parse; a LoRA checkpoint's `adapter_config.json` parses and agrees
     with the rank, alpha and targets in `codi_config.json` (the adapter is rebuilt from the latter)."""
@@ -156,13 +162,13 @@ def check_files(path: str, config: dict) -> None:
         if os.path.isfile(os.path.join(path, name)):
             _read_json(os.path.join(path, name))
     args = config.get("model_args", {})
-    if not args.get("use_lora", True):
+    if not args.get("use_lora", _model_default("use_lora")):
         return
     adapter_path = os.path.join(path, "adapter_config.json")
     if not os.path.isfile(adapter_path):
         raise CheckpointError(f"{adapter_path}: file not found (incomplete LoRA checkpoint?)")
     adapter = _read_json(adapter_path)
-    expected = {"r": args.get("lora_r", 128), "lora_alpha": args.get("lora_alpha", 32)}
+    expected = {key: args.get(name, _model_default(name)) for key, name in _ADAPTER_KEYS.items()}
     if args.get("lora_target_modules"):
         expected["target_modules"] = sorted(args["lora_target_modules"])
     found = dict(adapter)
