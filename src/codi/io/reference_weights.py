@@ -22,7 +22,6 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 LM_PREFIX = "codi."
 PRJ_PREFIX = "prj."
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])\.(?P<adapter>[^.]+)\.weight$")
 
 
@@ -41,7 +40,7 @@ def resolve_checkpoint_files(path_or_hub_id: str, revision: str | None = None) -
         raise FileNotFoundError(
             f"{path_or_hub_id}: no reference checkpoint found (looked for {', '.join(WEIGHT_FILES + INDEX_FILES)})"
         )
-    if os.path.exists(path_or_hub_id) or not _HUB_ID.match(path_or_hub_id):
+    if not hub.is_hub_id(path_or_hub_id, owner=True):
         raise FileNotFoundError(f"{path_or_hub_id}: no such file or folder, and not a hub id (owner/name)")
     return _download(path_or_hub_id, revision)
 
