@@ -118,7 +118,8 @@ def test_adapter_check_takes_unrecorded_lora_settings_from_the_model_arguments(t
     from codi.io.checkpoint_checks import check_files
 
     defaults = {field.name: field.default for field in dataclasses.fields(CODIModelArguments)}
-    (tmp_path / "tokenizer_config.json").write_text("{}")
+    for name in ("tokenizer_config.json", "adapter_model.safetensors", "codi_extra.safetensors"):
+        (tmp_path / name).write_text("{}")  # only their presence is checked here
     adapter = {"r": defaults["lora_r"], "lora_alpha": defaults["lora_alpha"], "peft_type": "LORA"}
     (tmp_path / "adapter_config.json").write_text(json.dumps(adapter))
     check_files(str(tmp_path), {"model_args": {}})
@@ -130,7 +131,42 @@ def test_adapter_check_takes_unrecorded_lora_settings_from_the_model_arguments(t
     with monkeypatch.context() as patch:  # a full fine-tune by default: no adapter is looked for
         patch.setattr(CODIModelArguments.__dataclass_fields__["use_lora"], "default", False)
         (tmp_path / "adapter_config.json").unlink()
+        (tmp_path / "adapter_model.safetensors").rename(tmp_path / "model.safetensors")
         check_files(str(tmp_path), {"model_args": {}})
+
+
+@pytest.mark.parametrize(
+    "use_lora, lost, named",
+    [
+        (True, ["adapter_model.safetensors"], "adapter_model.safetensors not found"),
+        (False, ["model.safetensors"], "model.safetensors not found"),
+        (True, ["codi_extra.safetensors"], "codi_extra.safetensors: file not found"),
+        (True, ["adapter_config.json"], "adapter_config.json: file not found"),
+        (True, ["tokenizer.json", "tokenizer_config.json"], "no tokenizer files"),
+    ],
+)
+def test_a_missing_file_is_named_by_the_one_files_check_before_the_model_is_built(
+    make_model, tmp_path, monkeypatch, use_lora, lost, named
+):
+    """`check_files` alone accounts for every file a checkpoint folder needs (weights, extras, adapter
+    config, tokenizer): the folder is refused in one line before a model is built from it."""
+    from codi.io.checkpoint_checks import check_files
+
+    make_model("gpt2", use_lora=use_lora).save_pretrained(str(tmp_path))
+    config = json.loads((tmp_path / "codi_config.json").read_text())
+    check_files(str(tmp_path), config)
+    for name in lost:
+        (tmp_path / name).unlink()
+    with pytest.raises(CheckpointError, match=named):
+        check_files(str(tmp_path), config)
+
+    def never(*args, **kwargs):
+        raise AssertionError("a model was built from an incomplete folder")
+
+    monkeypatch.setattr("codi.io.checkpoint.build_lm", never)
+    with pytest.raises(CheckpointError) as error:
+        CODIModel.from_pretrained(str(tmp_path))
+    assert named in _one_line(error) and str(tmp_path) in str(error.value)
 
 
 def test_tokenizer_errors_name_the_file(make_model, tmp_path):
