@@ -1,4 +1,4 @@
-"""The static-cache (and compiled) decoding loop gives the eager loop's greedy tokens (float32).
+"""The static-cache (and compiled) decoding loop gives the eager loop's greedy tokens and seeded draws (float32).
 
 The eager loop (`fast_decoding="off"`) is the reference; the fast one feeds every position on a static
 KV cache with its own mask, merges LoRA projections, and checks for all-finished every few tokens.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import logging
 import weakref
+from collections import Counter
 from dataclasses import replace
 
 import pytest
@@ -197,3 +198,27 @@ def test_release_frees_static_caches_and_merged_weights(model):
     items = [EvalItem(question, 1.0) for question in QUESTIONS]
     evaluate(model, items, "latent", max_new_tokens=4, fast_decoding="static")
     assert kept() == ([], [])
+
+
+@pytest.mark.parametrize("mode", ["latent", "cot"])
+def test_seeded_sampling_draws_the_eager_loops_tokens(model, mode):
+    """Same seed, temperature and top_k: the static loop draws exactly the eager loop's tokens, over
+    batches that share one generator and whose rows end at EOS at different steps (one draw more or
+    less than the eager loop in a batch would shift every later batch's tokens)."""
+    options = dict(
+        mode=mode, do_sample=True, temperature=0.8, top_k=20, seed=3, max_new_tokens=30, batch_size=2
+    )
+    drawn = model.generate(QUESTIONS, fast_decoding="off", **options)
+    tokenizer, old = model.tokenizer, model.tokenizer.eos_token
+    frequent = Counter(token for output in drawn for token in output.token_ids[1:]).most_common(1)[0][0]
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(frequent)  # rows then end early, unevenly
+    try:
+        eager = model.generate(QUESTIONS, fast_decoding="off", **options)
+        fast = model.generate(QUESTIONS, fast_decoding="static", **options)
+        greedy = model.generate(QUESTIONS, fast_decoding="off", mode=mode, max_new_tokens=30, batch_size=2)
+    finally:
+        tokenizer.eos_token = old
+    assert [o.token_ids for o in fast] == [o.token_ids for o in eager]
+    assert [o.token_ids for o in eager] != [o.token_ids for o in greedy]  # it did sample
+    lengths = [o.num_generated_tokens for o in eager]
+    assert len(set(lengths)) > 2 and min(lengths) < 30, lengths  # rows end at different steps
