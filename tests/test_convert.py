@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from codi import cli
 from codi.io.convert import convert_reference_checkpoint, load_reference_checkpoint
 from codi.io.hf import DEFAULT_LORA_TARGETS
+from codi.io.hub import OfflineError
 from codi.io.reference_weights import inspect_reference_state
 from codi.model import CODIModel
 from codi.testing import make_model, make_tokenizer
@@ -339,7 +340,7 @@ def test_hub_id_without_network_gives_a_clear_error(monkeypatch, tiny_gpt2):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read when called, not the env
-    with pytest.raises(FileNotFoundError, match="could not fetch .* from the hub repo 'zen-E/CODI-gpt2'"):
+    with pytest.raises(OfflineError, match="cannot load the reference checkpoint 'zen-E/CODI-gpt2': offline"):
         load_reference_checkpoint("zen-E/CODI-gpt2", tiny_gpt2)
 
 
@@ -363,6 +364,40 @@ def test_hub_id_resolves_from_the_local_hub_cache(monkeypatch, tiny_gpt2, tmp_pa
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     model = load_reference_checkpoint("zen-E/CODI-gpt2", tiny_gpt2, lora_alpha=LORA_ALPHA)
     assert model.conversion_report.source == [str(snapshot / "pytorch_model.bin")]
+
+
+def test_hub_reference_is_fetched_by_download_repo_one_format_at_a_time(monkeypatch, tmp_path):
+    """A hub id goes through `codi.io.hub.download_repo` (the package's one hub download), asking for
+    the safetensors files first and for the `.bin` files only when the repository has no safetensors."""
+    from codi.io import hub, reference_weights
+
+    calls = []
+
+    def download_repo(source, what, *, revision=None, allow_patterns=None):
+        calls.append((source, what, revision, allow_patterns[0]))
+        folder = tmp_path / str(len(list(tmp_path.iterdir())))
+        folder.mkdir()
+        if allow_patterns[0] in holds:
+            (folder / allow_patterns[0]).write_bytes(b"")
+        return str(folder)
+
+    monkeypatch.setattr(hub, "download_repo", download_repo)
+    holds = {"pytorch_model.bin"}
+    files = reference_weights.resolve_checkpoint_files("zen-E/CODI-gpt2", revision="v1")
+    assert files == [str(tmp_path / "1" / "pytorch_model.bin")]
+    assert calls == [
+        ("zen-E/CODI-gpt2", "reference checkpoint", "v1", "model.safetensors"),
+        ("zen-E/CODI-gpt2", "reference checkpoint", "v1", "pytorch_model.bin"),
+    ]
+    calls.clear()
+    holds = {"model.safetensors", "pytorch_model.bin"}
+    assert reference_weights.resolve_checkpoint_files("zen-E/CODI-gpt2") == [
+        str(tmp_path / "2" / "model.safetensors")
+    ]
+    assert len(calls) == 1
+    holds = set()
+    with pytest.raises(FileNotFoundError, match="zen-E/CODI-gpt2: the hub repository holds no reference"):
+        reference_weights.resolve_checkpoint_files("zen-E/CODI-gpt2")
 
 
 def test_ddp_and_coconut_prefixes_are_normalised(tiny_gpt2, tmp_path):

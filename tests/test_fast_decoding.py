@@ -1,4 +1,4 @@
-"""The static-cache (and compiled) decoding loop gives the eager loop's greedy tokens (float32).
+"""The static-cache (and compiled) decoding loop gives the eager loop's greedy tokens and seeded draws (float32).
 
 The eager loop (`fast_decoding="off"`) is the reference; the fast one feeds every position on a static
 KV cache with its own mask, merges LoRA projections, and checks for all-finished every few tokens.
@@ -6,6 +6,10 @@ KV cache with its own mask, merges LoRA projections, and checks for all-finished
 
 from __future__ import annotations
 
+import gc
+import logging
+import weakref
+from collections import Counter
 from dataclasses import replace
 
 import pytest
@@ -154,3 +158,67 @@ def test_compiled_step_traces_whole(tmp_path, monkeypatch):
 def test_bad_fast_decoding_value_names_the_field():
     with pytest.raises(ValueError, match="fast_decoding must be one of auto, off, static, graphs, compile"):
         DecodingConfig(fast_decoding="fast")
+
+
+def test_engine_is_worked_out_and_logged_once_per_generate_call(model, monkeypatch, caplog):
+    """The engine (and the line saying why a requested fast loop is not used) once per `generate`
+    call, not once per batch."""
+    reference = model.with_settings(args=replace(model.args, reference_compat=True))
+    engine, calls = static_decode.engine, []
+    monkeypatch.setattr(static_decode, "engine", lambda *args: calls.append(1) or engine(*args))
+    with caplog.at_level(logging.INFO, logger="codi.inference.static_decode"):
+        reference.generate(QUESTIONS, max_new_tokens=3, batch_size=1, fast_decoding="static")
+    assert len(calls) == 1
+    lines = [r.getMessage() for r in caplog.records if r.name == "codi.inference.static_decode"]
+    assert lines == [
+        "fast_decoding=static not used: the reference policy's steps are unmasked; decoding eagerly"
+    ]
+
+
+def test_release_frees_static_caches_and_merged_weights(model):
+    """Fast decoding keeps its static caches and merged LoRA weights between `generate` calls (reused
+    by the next); `release` frees them, and `evaluate` (what an evaluation during training runs)
+    releases them when it returns."""
+    from codi.data.eval_data import EvalItem
+    from codi.inference.evaluate import evaluate
+
+    def kept() -> tuple[list, list]:
+        sessions = list(static_decode._sessions.get(model.hf_model, {}).values())
+        merged = [static_decode._merged[m][1] for m in model.lm.modules() if m in static_decode._merged]
+        return sessions, merged
+
+    model.generate(QUESTIONS, max_new_tokens=4, fast_decoding="static")
+    sessions, merged = kept()
+    assert sessions and merged
+    alive = [weakref.ref(session.cache) for session in sessions] + [weakref.ref(w) for w in merged]
+    del sessions, merged
+    static_decode.release(model)
+    gc.collect()
+    assert kept() == ([], []) and all(ref() is None for ref in alive)
+    items = [EvalItem(question, 1.0) for question in QUESTIONS]
+    evaluate(model, items, "latent", max_new_tokens=4, fast_decoding="static")
+    assert kept() == ([], [])
+
+
+@pytest.mark.parametrize("mode", ["latent", "cot"])
+def test_seeded_sampling_draws_the_eager_loops_tokens(model, mode):
+    """Same seed, temperature and top_k: the static loop draws exactly the eager loop's tokens, over
+    batches that share one generator and whose rows end at EOS at different steps (one draw more or
+    less than the eager loop in a batch would shift every later batch's tokens)."""
+    options = dict(
+        mode=mode, do_sample=True, temperature=0.8, top_k=20, seed=3, max_new_tokens=30, batch_size=2
+    )
+    drawn = model.generate(QUESTIONS, fast_decoding="off", **options)
+    tokenizer, old = model.tokenizer, model.tokenizer.eos_token
+    frequent = Counter(token for output in drawn for token in output.token_ids[1:]).most_common(1)[0][0]
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(frequent)  # rows then end early, unevenly
+    try:
+        eager = model.generate(QUESTIONS, fast_decoding="off", **options)
+        fast = model.generate(QUESTIONS, fast_decoding="static", **options)
+        greedy = model.generate(QUESTIONS, fast_decoding="off", mode=mode, max_new_tokens=30, batch_size=2)
+    finally:
+        tokenizer.eos_token = old
+    assert [o.token_ids for o in fast] == [o.token_ids for o in eager]
+    assert [o.token_ids for o in eager] != [o.token_ids for o in greedy]  # it did sample
+    lengths = [o.num_generated_tokens for o in eager]
+    assert len(set(lengths)) > 2 and min(lengths) < 30, lengths  # rows end at different steps

@@ -144,3 +144,58 @@ def test_lm_eval_offline_fails_fast_in_one_line(tmp_path, tiny_gpt2):
     # before: 10 "Retrying in Ns" lines and ~40 s on an idle machine; now ~18 s, lm-eval indexing its tasks
     # (the bound only catches a hang: this machine may be shared)
     assert "retrying" not in done.stderr.lower() and elapsed < 90, (elapsed, done.stderr[-2000:])
+
+
+# What each place answers to "is this a hub repository id?": (the hub is asked: hub.is_local is False,
+# the model card names it in its metadata, `codi convert` downloads it as the authors' checkpoint).
+# Well-formed ids and paths keep the answers they had when each place had a rule of its own; run in a
+# folder holding `runs/ckpt` and `local-model`.
+HUB_ID_ANSWERS = {
+    "gpt2": (True, True, False),  # the authors' checkpoints are always owner/name
+    "openai-community/gpt2": (True, True, True),
+    "zen-E/CODI-gpt2": (True, True, True),
+    "meta-llama/Llama-3.2-1B-Instruct": (True, True, True),
+    "user_1/model.v2": (True, True, True),
+    "gsm8k": (True, True, False),
+    "runs/missing": (True, True, True),  # no such folder: may be a hub id
+    "a--b": (True, True, False),  # the hub refuses it itself
+    "./runs/x": (False, False, False),
+    "/abs/path": (False, False, False),
+    "~/models/x": (False, False, False),
+    "../x": (False, False, False),
+    ".hidden": (False, False, False),
+    "runs/ckpt": (False, False, False),  # existing folders are paths
+    "local-model": (False, False, False),
+    "/": (False, False, False),
+}
+
+
+def _answers(name: str, monkeypatch) -> tuple[bool, bool, bool]:
+    from codi.io import hub, model_card, reference_weights
+
+    monkeypatch.setattr(reference_weights, "_download", lambda repo_id, revision: ["downloaded"])
+    try:
+        downloaded = reference_weights.resolve_checkpoint_files(name) == ["downloaded"]
+    except FileNotFoundError:
+        downloaded = False
+    return not hub.is_local(name), model_card.is_hub_id(name), downloaded
+
+
+def test_every_place_asks_one_rule_whether_a_name_is_a_hub_id(tmp_path, monkeypatch):
+    (tmp_path / "runs" / "ckpt").mkdir(parents=True)
+    (tmp_path / "local-model").mkdir()
+    monkeypatch.chdir(tmp_path)
+    found = {name: _answers(name, monkeypatch) for name in HUB_ID_ANSWERS}
+    assert found == HUB_ID_ANSWERS
+    # names no repository can have: once sent to the hub (hub.is_local said no) and some to `codi
+    # convert`'s download, while the card left them out; now a local path (a missing folder) everywhere
+    for name in ("", "a b", "a/b/c", "org/", "-a", "a/-b", "a/.b", "C:\\models\\x"):
+        assert _answers(name, monkeypatch) == (False, False, False), name
+    from codi.io.hub import is_hub_id
+
+    assert [name for name in HUB_ID_ANSWERS if is_hub_id(name)] == [
+        name for name, (asked, _, _) in HUB_ID_ANSWERS.items() if asked
+    ]
+    assert [name for name in HUB_ID_ANSWERS if is_hub_id(name, owner=True)] == [
+        name for name, (_, _, downloaded) in HUB_ID_ANSWERS.items() if downloaded
+    ]

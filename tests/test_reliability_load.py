@@ -3,6 +3,7 @@ gold answers are read as plain finite decimals (docs/reliability.md, "Loading an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
@@ -111,6 +112,63 @@ def test_garbage_or_inconsistent_adapter_config_is_refused(make_model, tmp_path)
     CODIModel.from_pretrained(str(tmp_path))
 
 
+def test_adapter_check_takes_unrecorded_lora_settings_from_the_model_arguments(tmp_path, monkeypatch):
+    """A `codi_config.json` without lora_r / lora_alpha was trained with `CODIModelArguments`' defaults:
+    the adapter is checked against those, wherever they are set."""
+    from codi.io.checkpoint_checks import check_files
+
+    defaults = {field.name: field.default for field in dataclasses.fields(CODIModelArguments)}
+    for name in ("tokenizer_config.json", "adapter_model.safetensors", "codi_extra.safetensors"):
+        (tmp_path / name).write_text("{}")  # only their presence is checked here
+    adapter = {"r": defaults["lora_r"], "lora_alpha": defaults["lora_alpha"], "peft_type": "LORA"}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(adapter))
+    check_files(str(tmp_path), {"model_args": {}})
+    for name, key in (("lora_r", "r"), ("lora_alpha", "lora_alpha")):
+        with monkeypatch.context() as patch:
+            patch.setattr(CODIModelArguments.__dataclass_fields__[name], "default", defaults[name] + 1)
+            with pytest.raises(CheckpointError, match=rf"{key} {defaults[name]} != {defaults[name] + 1}"):
+                check_files(str(tmp_path), {"model_args": {}})
+    with monkeypatch.context() as patch:  # a full fine-tune by default: no adapter is looked for
+        patch.setattr(CODIModelArguments.__dataclass_fields__["use_lora"], "default", False)
+        (tmp_path / "adapter_config.json").unlink()
+        (tmp_path / "adapter_model.safetensors").rename(tmp_path / "model.safetensors")
+        check_files(str(tmp_path), {"model_args": {}})
+
+
+@pytest.mark.parametrize(
+    "use_lora, lost, named",
+    [
+        (True, ["adapter_model.safetensors"], "adapter_model.safetensors not found"),
+        (False, ["model.safetensors"], "model.safetensors not found"),
+        (True, ["codi_extra.safetensors"], "codi_extra.safetensors: file not found"),
+        (True, ["adapter_config.json"], "adapter_config.json: file not found"),
+        (True, ["tokenizer.json", "tokenizer_config.json"], "no tokenizer files"),
+    ],
+)
+def test_a_missing_file_is_named_by_the_one_files_check_before_the_model_is_built(
+    make_model, tmp_path, monkeypatch, use_lora, lost, named
+):
+    """`check_files` alone accounts for every file a checkpoint folder needs (weights, extras, adapter
+    config, tokenizer): the folder is refused in one line before a model is built from it."""
+    from codi.io.checkpoint_checks import check_files
+
+    make_model("gpt2", use_lora=use_lora).save_pretrained(str(tmp_path))
+    config = json.loads((tmp_path / "codi_config.json").read_text())
+    check_files(str(tmp_path), config)
+    for name in lost:
+        (tmp_path / name).unlink()
+    with pytest.raises(CheckpointError, match=named):
+        check_files(str(tmp_path), config)
+
+    def never(*args, **kwargs):
+        raise AssertionError("a model was built from an incomplete folder")
+
+    monkeypatch.setattr("codi.io.checkpoint.build_lm", never)
+    with pytest.raises(CheckpointError) as error:
+        CODIModel.from_pretrained(str(tmp_path))
+    assert named in _one_line(error) and str(tmp_path) in str(error.value)
+
+
 def test_tokenizer_errors_name_the_file(make_model, tmp_path):
     make_model("gpt2").save_pretrained(str(tmp_path))
     (tmp_path / "tokenizer.json").write_text("garbage")
@@ -122,6 +180,35 @@ def test_tokenizer_errors_name_the_file(make_model, tmp_path):
     with pytest.raises(CheckpointError, match=r"no tokenizer files .*incomplete checkpoint") as error:
         CODIModel.from_pretrained(str(tmp_path))
     assert str(tmp_path) in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "content, named",
+    [
+        ("{ this is not json", "truncated or corrupt JSON"),
+        ("[1, 2]", "expected a JSON object"),
+        ('{"format": "coconut"}', "missing key 'settings'"),
+        ('{"settings": {"c_thought": "2"}}', "settings.c_thought: '2' is not a valid int"),
+        ('{"settings": {"thoughts": 2}}', "settings.thoughts: unknown key"),
+        ('{"settings": {"uniform_prob": 1.5}}', "uniform_prob must be in [0, 1]"),
+    ],
+)
+def test_a_bad_coconut_config_is_one_line_before_the_model_is_built(
+    tiny_gpt2, tmp_path, monkeypatch, content, named
+):
+    from codi.io.loader import load
+
+    folder = _coconut_checkpoint(tiny_gpt2, tmp_path / "coconut")
+    (tmp_path / "coconut" / "coconut_config.json").write_text(content)
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was built before coconut_config.json was read")
+
+    monkeypatch.setattr("codi.io.checkpoint.build_lm", never)
+    with pytest.raises(CheckpointError) as error:
+        load(folder)
+    message = _one_line(error)
+    assert message.startswith(f"{tmp_path / 'coconut' / 'coconut_config.json'}: ") and named in message
 
 
 def test_lora_checkpoint_without_a_base_fingerprint_warns_naming_the_base(make_model, tmp_path, caplog):

@@ -10,6 +10,7 @@ separately. `--compare_cot` also decodes in teacher (explicit CoT) mode and repo
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from dataclasses import asdict, replace
 from .. import distributed
 from ..data.eval_data import EvalItem, EvalSetSpec, eval_set_spec, load_eval_set
 from ..report import eval_table, write_results
+from . import static_decode
 from .decoding import DecodingConfig, make_config
 from .generate import generate, generate_samples, unfit_questions
 
@@ -145,6 +147,22 @@ def _write_jsonl(output_dir: str | None, filename: str, records: list[dict]) -> 
     return [path]
 
 
+def _releases_decoding_memory(function):
+    """`function(model, ...)`, then free what fast decoding kept for the model (static caches, CUDA
+    graphs, merged LoRA weights: `static_decode.release`), also when it fails: an evaluation during
+    training must not keep that memory from training."""
+
+    @functools.wraps(function)
+    def wrapper(model, *args, **kwargs):
+        try:
+            return function(model, *args, **kwargs)
+        finally:
+            static_decode.release(model)
+
+    return wrapper
+
+
+@_releases_decoding_memory
 def evaluate(
     model,
     items: Sequence[EvalItem],

@@ -148,8 +148,10 @@ def _decode_batch(
     sampling: dict,
     return_latents: bool,
     plan: _LatentPlan,
+    kind: str | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-    """Generated ids (B, steps) padded after EOS, and the latents [(B, d)] when asked for.
+    """Generated ids (B, steps) padded after EOS, and the latents [(B, d)] when asked for. `kind`: the
+    call's `static_decode.engine` (worked out here when not given).
 
     min_new_tokens: EOS is suppressed before that many tokens (as in `transformers.generate`); with
         min_new_tokens == max_new_tokens the loop has no host sync at all (benchmarks: fixed lengths).
@@ -164,16 +166,14 @@ def _decode_batch(
     min_new_tokens = min(config.min_new_tokens, max_new_tokens)
     input_ids = pad_sequences(prompts, model.pad_id, "left").to(device)
     attention_mask = (pad_sequences([[1] * len(p) for p in prompts], 0, "left")).to(device)
-    kind = static_decode.engine(model, config)
-    if (
-        kind != "eager"
-    ):  # the same loop on a static cache (codi.inference.static_decode); None: cannot be static
+    kind = kind or static_decode.engine(model, config)
+    if kind != "eager":  # the same loop on a static cache (codi.inference.static_decode)
         forced = answer_prompt_ids(model)[: max_new_tokens - 1] if config.feed_answer_prompt else []
         run = dict(num_latent=num_latent, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens)
         run |= dict(forced=forced, suppress=suppressed_token_ids(model), sampling=sampling, plan=plan)
         run["sample"] = sample_next  # this module's, looked up now (tests replace it)
         result = static_decode.decode(model, input_ids, attention_mask, config, run, kind)
-        if result is not None:
+        if result is not None:  # None: the model's cache cannot be static
             return result[0], (result[1] if return_latents else None)
     batch = input_ids.shape[0]
     eos = model.tokenizer.eos_token_id
@@ -385,7 +385,8 @@ def _generate_rows(
     was_training = model.training
     model.eval()  # dropout (LoRA, projection) off: greedy decoding must be deterministic
     try:
-        with torch.inference_mode(), static_decode.prepared(model, config):
+        kind = static_decode.engine(model, config)  # once per call (it may log why not fast)
+        with torch.inference_mode(), static_decode.prepared(model, config, kind):
             for batch_number, indices in enumerate(batches):
                 batch_rows = [(keys[rows[r][0]], rows[r][1]) for r in indices]
                 plan = _plan(
@@ -399,6 +400,7 @@ def _generate_rows(
                     sampling,
                     return_latents,
                     plan,
+                    kind,
                 )
                 rows_ids = ids.cpu().tolist()
                 stacked = torch.stack(latents, dim=1).float().cpu() if latents else None

@@ -295,13 +295,14 @@ def _answer(model, state: _Session, logits: torch.Tensor, run: dict) -> torch.Te
 
 
 @contextlib.contextmanager
-def prepared(model, config: DecodingConfig):
-    """Around a whole `generate` call: with a fast engine, each LoRA projection runs as ONE linear
-    layer with the weight W + scale * B @ A (dropout is off while decoding), instead of three matmuls,
-    a dropout, a scale and an add per projection (most of a LoRA model's ops). The originals are put
-    back afterwards, untouched. Merged weights are kept while none of W, A, B changes (their version
-    counters), so evaluation during training re-merges after each optimiser step only."""
-    layers = _plain_lora_layers(model) if engine(model, config) != "eager" else None
+def prepared(model, config: DecodingConfig, kind: str | None = None):
+    """Around a whole `generate` call (`kind`: its `engine`, worked out once): with a fast engine, each
+    LoRA projection runs as ONE linear layer with the weight W + scale * B @ A (dropout is off while
+    decoding), instead of three matmuls, a dropout, a scale and an add per projection (most of a LoRA
+    model's ops). The originals are put back afterwards, untouched. Merged weights are kept while none
+    of W, A, B changes (their version counters), and with the static caches until `release`."""
+    kind = kind or engine(model, config)
+    layers = _plain_lora_layers(model) if kind != "eager" else None
     if not layers:
         yield
         return
@@ -316,6 +317,16 @@ def prepared(model, config: DecodingConfig):
         _merging.discard(id(model.hf_model))
         for base, weight in originals:
             base.weight = weight
+
+
+def release(model) -> None:
+    """Free what fast decoding keeps for `model` between `generate` calls: its static KV caches (with
+    the CUDA graphs captured on them) and its merged LoRA weights (a copy of every adapted projection).
+    The next call builds them again. `codi.inference.evaluate.evaluate` calls it when it returns, so
+    that an evaluation during training gives that memory back to training."""
+    _sessions.pop(model.hf_model, None)
+    for module in model.lm.modules():
+        _merged.pop(module, None)
 
 
 def _plain_lora_layers(model) -> list | None:

@@ -35,14 +35,13 @@ from safetensors.torch import load_file, save_file
 from ..config import CODIModelArguments
 from ..losses import LossSettings, TrainingObjective
 from . import checkpoint_checks, hub
-from .checkpoint_checks import CheckpointError
+from .checkpoint_checks import EXTRA_WEIGHTS_NAME, CheckpointError
 from .hf import ModelLoadError, build_lm
 from .model_card import build_model_card, keep_foreign_readme, model_card_info, write_model_card
 
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "codi_config.json"
-EXTRA_WEIGHTS_NAME = "codi_extra.safetensors"
 FORMAT_VERSION = 1
 # Loading options of the machine that loads, never read from a checkpoint (code execution, hardware).
 CALLER_OPTIONS = {"trust_remote_code": False, "dtype": "float32", "attn_implementation": "sdpa"}
@@ -118,21 +117,6 @@ def read_config(path: str) -> dict:
         if key not in config:
             raise CheckpointError(f"{config_path}: missing key {key!r}")
     return config
-
-
-def validate_folder(path: str, config: dict) -> None:
-    """Before anything is built from a checkpoint folder: the files its config says it has are there
-    (the one place where a folder is checked before loading; a bad folder fails here in one line)."""
-    if config["model_args"].get("use_lora", True):
-        weights = ("adapter_model.safetensors",)
-    else:  # one file, or shards listed by an index
-        weights = ("model.safetensors", "model.safetensors.index.json")
-    if not any(os.path.isfile(os.path.join(path, name)) for name in weights):
-        raise CheckpointError(f"{path}: {weights[0]} not found (incomplete checkpoint?)")
-    if not os.path.isfile(os.path.join(path, EXTRA_WEIGHTS_NAME)):
-        raise CheckpointError(
-            f"{os.path.join(path, EXTRA_WEIGHTS_NAME)}: file not found (incomplete checkpoint?)"
-        )
 
 
 HUB_OPTIONS = ("revision", "cache_dir", "force_download", "local_files_only", "token")
@@ -313,8 +297,7 @@ class CheckpointMixin(ModelHubMixin):
     ):
         """`from_pretrained` from the local checkpoint folder `path` (its options)."""
         config = read_config(path)
-        validate_folder(path, config)  # the folder is checked here, before anything is built from it
-        checkpoint_checks.check_files(path, config)
+        checkpoint_checks.check_files(path, config)  # the folder's files, before anything is built from it
         values = dict(config["model_args"])
         if values.pop("trust_remote_code", False) and not trust_remote_code:
             logger.warning(

@@ -7,7 +7,8 @@ describe the weights (`codi_config.json`, `adapter_config.json`, the tokenizer) 
 against each other first. Each failure is one line naming the file and the key or tensors.
 
     check_config(config, config_path)            types of `codi_config.json` against its dataclasses
-    check_files(path, config)                     tokenizer and adapter files, before anything is built
+    check_files(path, config)                     weight, tokenizer, adapter files, before anything is built
+    read_settings(path, cls)                      a method's settings file, e.g. `coconut_config.json`
     check_weights(model, path, config, allow)     tensor names of the weight files against the model
     require_latents(model, command)               a command that reads latents refuses other methods
 """
@@ -29,6 +30,8 @@ logger = logging.getLogger(__name__)
 # Commands that read latent thoughts, and the methods whose checkpoints have them.
 LATENT_METHODS = {"probe": ("codi",), "ablate": ("codi", "coconut")}
 _CALLER_KEYS = ("trust_remote_code", "dtype", "attn_implementation")  # dropped on load, any type
+EXTRA_WEIGHTS_NAME = "codi_extra.safetensors"  # the projection and added token rows (codi.io.checkpoint)
+_ADAPTER_KEYS = {"r": "lora_r", "lora_alpha": "lora_alpha"}  # adapter_config.json key -> model_args key
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
@@ -131,9 +134,41 @@ def _read_json(path: str) -> dict:
     return value
 
 
+def read_settings(path: str, cls, key: str = "settings"):
+    """`cls(**value[key])` for the JSON file `path` (a settings file beside `codi_config.json`), each
+    field checked against `cls`'s types first: one line naming the file for anything else."""
+    saved = _read_json(path)
+    if key not in saved:
+        raise CheckpointError(f"{path}: missing key {key!r}")
+    _check_fields(saved[key], cls, f"{path}: {key}")
+    try:
+        return cls(**saved[key])
+    except (TypeError, ValueError) as error:  # the dataclass's own checks (ranges, combinations)
+        raise CheckpointError(f"{path}: {key}: {error}") from error
+
+
+def _model_default(name: str):
+    """A `CODIModelArguments` field's default: what a `codi_config.json` without that key was trained with."""
+    return CODIModelArguments.__dataclass_fields__[name].default
+
+
 def check_files(path: str, config: dict) -> None:
-    """The tokenizer files exist and parse; a LoRA checkpoint's `adapter_config.json` parses and agrees
-    with the rank, alpha and targets in `codi_config.json` (the adapter is rebuilt from the latter)."""
+    """Before anything is built from a checkpoint folder (the one place that checks its files): the
+    weight files its config says it has are there, the tokenizer files exist and parse, and a LoRA
+    checkpoint's `adapter_config.json` parses and agrees with the rank, alpha and targets in
+    `codi_config.json` (the adapter is rebuilt from the latter)."""
+    args = config.get("model_args", {})
+    use_lora = args.get("use_lora", _model_default("use_lora"))
+    # one file, or shards listed by an index
+    weights = (
+        ("adapter_model.safetensors",) if use_lora else ("model.safetensors", "model.safetensors.index.json")
+    )
+    if not any(os.path.isfile(os.path.join(path, name)) for name in weights):
+        raise CheckpointError(f"{path}: {weights[0]} not found (incomplete checkpoint?)")
+    if not os.path.isfile(os.path.join(path, EXTRA_WEIGHTS_NAME)):
+        raise CheckpointError(
+            f"{os.path.join(path, EXTRA_WEIGHTS_NAME)}: file not found (incomplete checkpoint?)"
+        )
     if not any(os.path.isfile(os.path.join(path, name)) for name in _TOKENIZER_FILES):
         raise CheckpointError(
             f"{path}: no tokenizer files ({' / '.join(_TOKENIZER_FILES[:2])}): incomplete checkpoint"
@@ -141,14 +176,13 @@ def check_files(path: str, config: dict) -> None:
     for name in ("tokenizer.json", "tokenizer_config.json"):
         if os.path.isfile(os.path.join(path, name)):
             _read_json(os.path.join(path, name))
-    args = config.get("model_args", {})
-    if not args.get("use_lora", True):
+    if not use_lora:
         return
     adapter_path = os.path.join(path, "adapter_config.json")
     if not os.path.isfile(adapter_path):
         raise CheckpointError(f"{adapter_path}: file not found (incomplete LoRA checkpoint?)")
     adapter = _read_json(adapter_path)
-    expected = {"r": args.get("lora_r", 128), "lora_alpha": args.get("lora_alpha", 32)}
+    expected = {key: args.get(name, _model_default(name)) for key, name in _ADAPTER_KEYS.items()}
     if args.get("lora_target_modules"):
         expected["target_modules"] = sorted(args["lora_target_modules"])
     found = dict(adapter)
@@ -240,7 +274,7 @@ def check_weights(model, path: str, config: dict, allow_incomplete: bool = False
             problems.append(f"{where} names shard file(s) not in the folder: {', '.join(absent)}")
         tied = set(getattr(model.hf_model, "_tied_weights_keys", None) or ())
         problems += _compare(where, present, set(model.hf_model.state_dict()), optional=tied)
-    extra = os.path.join(path, "codi_extra.safetensors")
+    extra = os.path.join(path, EXTRA_WEIGHTS_NAME)
     problems += _compare(extra, _names_in(extra), set(model._extra_state()))
     if not problems:
         return

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import sys
 import threading
@@ -41,9 +42,23 @@ _went_offline: list[str] = []  # the endpoint this process found unreachable (at
 _noted: set[str] = set()  # hub ids already logged as loaded from the cache
 
 
+# A hub repository id: "name" or "owner/name", each starting with a letter or digit, then letters,
+# digits, "-", "_", "." (what the hub accepts, less a few spellings it refuses itself, e.g. "a--b").
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def is_hub_id(name: str | None, *, owner: bool = False) -> bool:
+    """Whether `name` is read as a hub repository id: spelled like one (`owner=True`: with its owner,
+    "owner/name"), and not an existing path on this machine. The one rule of the package: everything
+    else (an existing path, "./x", "~/x", a name no repository can have) is a local path."""
+    if not name or not _HUB_ID.match(name) or (owner and "/" not in name):
+        return False
+    return not os.path.exists(name)
+
+
 def is_local(source: str) -> bool:
     """A path on this machine (existing, or spelled like a path), as opposed to a hub id."""
-    return os.path.exists(source) or source.startswith((".", "/", "~"))
+    return not is_hub_id(source)
 
 
 def endpoint() -> str:

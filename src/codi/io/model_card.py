@@ -21,10 +21,11 @@ import contextlib
 import json
 import logging
 import os
-import re
 from collections.abc import Iterator, Sequence
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from .hub import is_hub_id
 
 logger = logging.getLogger(__name__)
 
@@ -38,13 +39,6 @@ METHOD_NAMES = {
     "cot_sft": "CoT-SFT baseline (fine-tuned on question + chain of thought + answer)",
     "no_cot_sft": "No-CoT-SFT baseline (fine-tuned on question + answer)",
 }
-# A Hub repository id: "name" or "owner/name" (letters, digits, "-", "_", ".").
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
-
-
-def is_hub_id(name: str | None) -> bool:
-    """Whether `name` looks like a Hub repository id and is not an existing local path."""
-    return bool(name) and bool(_HUB_ID.match(name)) and not os.path.exists(name)
 
 
 def model_card_info(

@@ -22,7 +22,11 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 LM_PREFIX = "codi."
 PRJ_PREFIX = "prj."
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# A repository's weight files by format, single or sharded: one format is downloaded, safetensors first
+_HUB_WEIGHT_PATTERNS = (
+    ["model.safetensors", "model-*.safetensors", "model.safetensors.index.json"],
+    ["pytorch_model.bin", "pytorch_model-*.bin", "pytorch_model.bin.index.json"],
+)
 LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])\.(?P<adapter>[^.]+)\.weight$")
 
 
@@ -41,7 +45,7 @@ def resolve_checkpoint_files(path_or_hub_id: str, revision: str | None = None) -
         raise FileNotFoundError(
             f"{path_or_hub_id}: no reference checkpoint found (looked for {', '.join(WEIGHT_FILES + INDEX_FILES)})"
         )
-    if os.path.exists(path_or_hub_id) or not _HUB_ID.match(path_or_hub_id):
+    if not hub.is_hub_id(path_or_hub_id, owner=True):
         raise FileNotFoundError(f"{path_or_hub_id}: no such file or folder, and not a hub id (owner/name)")
     return _download(path_or_hub_id, revision)
 
@@ -52,37 +56,19 @@ def _index_shards(index_path: str) -> list[str]:
 
 
 def _download(repo_id: str, revision: str | None) -> list[str]:
-    """Fetch a reference checkpoint from the hub (falls back to the local HF cache when offline)."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError
-
-    hub.prepare_hub_access(repo_id)  # unreachable: the cache only, at once (no minute of retries)
-    errors = []
-    local_only = False  # once the hub is unreachable, only look in the cache (no retries per file)
-    for name in WEIGHT_FILES + INDEX_FILES:
+    """The weight files of the hub repository `repo_id` (`hub.download_repo`: from the HF cache alone
+    when offline or unreachable): its safetensors when it has them, else its `.bin` files (never both)."""
+    for patterns in _HUB_WEIGHT_PATTERNS:
+        folder = hub.download_repo(
+            repo_id, "reference checkpoint", revision=revision, allow_patterns=patterns
+        )
         try:
-            path = hf_hub_download(repo_id, name, revision=revision, local_files_only=local_only)
-        except RemoteEntryNotFoundError:  # the repo exists but holds another layout: try the next
-            errors.append(f"{name}: not in the repo")
+            return resolve_checkpoint_files(folder)
+        except FileNotFoundError:  # this format is not in the repository: try the next
             continue
-        except LocalEntryNotFoundError:  # offline / unreachable, and not in the local cache
-            errors.append(f"{name}: hub unreachable and not cached")
-            local_only = True
-            continue
-        except Exception as error:  # unknown repo, gated, bad revision: nothing further to try
-            raise FileNotFoundError(
-                f"could not fetch {name} from the hub repo {repo_id!r} ({type(error).__name__}: {error})"
-            ) from error
-        if name in INDEX_FILES:
-            shards = _index_shards(path)
-            return [
-                hf_hub_download(repo_id, shard, revision=revision, local_files_only=local_only)
-                for shard in shards
-            ]
-        return [path]
     raise FileNotFoundError(
-        f"could not fetch a checkpoint file from the hub repo {repo_id!r} ({'; '.join(errors)}); "
-        "when offline, download it elsewhere and pass the local file or folder"
+        f"{repo_id}: the hub repository holds no reference checkpoint "
+        f"(looked for {', '.join(WEIGHT_FILES + INDEX_FILES)})"
     )
 
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from ...io.checkpoint import CONFIG_NAME
+from ...io.checkpoint_checks import read_settings
 from ...losses import next_token_ce
 from ...model import CODIModel
 from .schedule import CoconutArguments
@@ -85,14 +86,11 @@ class CoconutModel(CODIModel):
     def _load_folder(cls, path: str, *args, **overrides) -> CoconutModel:
         """A Coconut checkpoint folder, or any CODI-format checkpoint (e.g. CoT-SFT) to start Coconut from
         (then call `configure`); `from_pretrained` (folder or hub id) comes here with the local folder."""
+        settings = None
+        if is_coconut_checkpoint(path):  # read before the model is built: a bad file fails at once
+            settings = read_settings(os.path.join(path, COCONUT_CONFIG_NAME), CoconutArguments)
         model = super()._load_folder(path, *args, **overrides)
-        if is_coconut_checkpoint(path):
-            with open(os.path.join(path, COCONUT_CONFIG_NAME)) as handle:
-                saved = json.load(handle)
-            try:
-                settings = CoconutArguments(**saved["settings"])
-            except (KeyError, TypeError) as error:
-                raise ValueError(f"{path}/{COCONUT_CONFIG_NAME}: unreadable settings ({error})") from error
+        if settings is not None:
             model.configure(settings)
             latents = {
                 key: overrides[key] for key in ("num_latent", "inf_latent_iterations") if key in overrides
