@@ -1,12 +1,17 @@
-"""The state of the latent loop (`CODIModel.encode_latents`), shared by training, decoding and probing."""
+"""The latent loop's state (`CODIModel.encode_latents`), shared by training, decoding and probing, and
+the projection that turns a last-layer state into the next latent thought."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn as nn
 from transformers import DynamicCache
+
+from .config import CODIModelArguments
 
 # (step, latent (B, d)) -> the latent (B, d) to feed instead; see CODIModel.encode_latents
 LatentTransform = Callable[[int, torch.Tensor], torch.Tensor]
@@ -35,3 +40,23 @@ class LatentPrefix:
     hidden: list[torch.Tensor] = field(default_factory=list)
     latents: list[torch.Tensor] = field(default_factory=list)
     all_hidden: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
+
+
+def build_projection(hidden_size: int, args: CODIModelArguments) -> nn.Module:
+    """Dropout -> Linear(d, prj_dim) -> GELU -> Linear(prj_dim, d) [-> LayerNorm(d)].
+
+    Sub-module names (`prj.1`, `prj.3`, `prj.ln`) match the reference checkpoints' keys.
+    """
+    if not args.use_prj:
+        return nn.Identity()
+    layers = OrderedDict(
+        [
+            ("0", nn.Dropout(args.prj_dropout)),
+            ("1", nn.Linear(hidden_size, args.prj_dim)),
+            ("2", nn.GELU()),
+            ("3", nn.Linear(args.prj_dim, hidden_size)),
+        ]
+    )
+    if not args.prj_no_ln:
+        layers["ln"] = nn.LayerNorm(hidden_size)
+    return nn.Sequential(layers)

@@ -114,9 +114,8 @@ class LayerStack:
     @property
     def active(self) -> bool:
         """False while transformers' own features that the stack does not reproduce are on."""
-        return not getattr(self.hf_model, "gradient_checkpointing", False) and not getattr(
-            self.body, "gradient_checkpointing", False
-        )
+        first = self.body.layers[0] if self.arch == "llama" else self.body.h[0]
+        return not any(getattr(module, "gradient_checkpointing", False) for module in (self.body, first))
 
     # ----------------------------------------------------------------------------------------------
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections import OrderedDict
 from functools import partial
 
 import torch
@@ -29,7 +28,7 @@ import torch.nn as nn
 from .config import CODIModelArguments
 from .io.checkpoint import CheckpointMixin
 from .io.hf import add_special_tokens, build_lm
-from .latent import LatentPrefix, LatentTransform
+from .latent import LatentPrefix, LatentTransform, build_projection
 from .layer_stack import LayerStack, StackCache
 from .losses import (
     TrainingObjective,
@@ -40,26 +39,6 @@ from .losses import (
     next_token_ce,
 )
 from .reference import ReferencePolicy, question_step_mask
-
-
-def build_projection(hidden_size: int, args: CODIModelArguments) -> nn.Module:
-    """Dropout -> Linear(d, prj_dim) -> GELU -> Linear(prj_dim, d) [-> LayerNorm(d)].
-
-    Sub-module names (`prj.1`, `prj.3`, `prj.ln`) match the reference checkpoints' keys.
-    """
-    if not args.use_prj:
-        return nn.Identity()
-    layers = OrderedDict(
-        [
-            ("0", nn.Dropout(args.prj_dropout)),
-            ("1", nn.Linear(hidden_size, args.prj_dim)),
-            ("2", nn.GELU()),
-            ("3", nn.Linear(args.prj_dim, hidden_size)),
-        ]
-    )
-    if not args.prj_no_ln:
-        layers["ln"] = nn.LayerNorm(hidden_size)
-    return nn.Sequential(layers)
 
 
 class CODIModel(CheckpointMixin, nn.Module):
