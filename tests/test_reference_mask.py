@@ -49,7 +49,8 @@ def test_a_left_pad_row_attends_to_every_position():
 
 
 def _capture_first_call(model):
-    """Forward hook on the LM: the first call's attention mask and hidden states."""
+    """Forward hook on the LM (transformers' model or codi's layer stack, whichever runs the call):
+    the first call's attention mask and hidden states."""
     seen = {}
 
     def hook(module, args, kwargs, output):
@@ -58,14 +59,25 @@ def _capture_first_call(model):
             seen["hidden"] = output.hidden_states
         return output
 
+    if model.stack is not None:
+        model.stack = _HookedStack(model.stack, hook)
     return seen, model.hf_model.register_forward_hook(hook, with_kwargs=True)
+
+
+class _HookedStack:
+    def __init__(self, stack, hook):
+        self.stack, self.hook, self.active = stack, hook, stack.active
+
+    def __call__(self, **kwargs):
+        return self.hook(None, (), kwargs, self.stack(**kwargs))
 
 
 def _question_step(model, records=RECORDS):
     batch = batch_for(model, records)
-    seen, handle = _capture_first_call(model)
+    view = model.with_settings()  # the hooked stack stays on this view
+    seen, handle = _capture_first_call(view)
     with torch.no_grad():
-        model.encode_latents(batch["student_input_ids"], batch["student_attention_mask"], 2)
+        view.encode_latents(batch["student_input_ids"], batch["student_attention_mask"], 2)
     handle.remove()
     return batch, seen
 

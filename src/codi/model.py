@@ -130,9 +130,15 @@ class CODIModel(CheckpointMixin, nn.Module):
 
     def _lm(self, cache, mask) -> nn.Module | LayerStack:
         """What runs the LM: codi's layer stack where it applies (docs/speed.md), else transformers'
-        model. A call continues on the kind of cache it was given (`cache` None: a new one)."""
+        model, always under the reference policy (it reproduces transformers' own behaviour). A call
+        continues on the kind of cache it was given (`cache` None: a new one)."""
         stack = self.stack
-        if stack is None or not stack.active or (mask is not None and mask.dim() != 2):
+        if (
+            stack is None
+            or self.policy.is_reference
+            or not stack.active
+            or (mask is not None and mask.dim() != 2)
+        ):
             return self.hf_model
         return stack if cache is None or isinstance(cache, StackCache) else self.hf_model
 
