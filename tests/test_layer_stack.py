@@ -137,6 +137,11 @@ def test_what_the_stack_does_not_reproduce_goes_to_transformers(make_model):
     assert model._lm(None, torch.ones(2, 1, 3, 3)) is model.hf_model
     assert model._lm(None, torch.ones(2, 3)) is model.stack
     assert model.with_settings(args=replace(model.args, layer_stack=False)).stack is None
+    adapter = model.stack.layers[0].qkv.projections[0].lora.lora_A["default"]
+    adapter.to(torch.float64)  # peft casts between dtypes; the stack does not
+    assert not model.stack.active and model._lm(None, None) is model.hf_model
+    adapter.to(torch.float32)
+    assert model.stack.active
     model.hf_model.activation_checkpointing_enable()
     assert not model.stack.active and model._lm(None, None) is model.hf_model
 

@@ -47,7 +47,7 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
-def _autocast_state(device_type: str) -> torch.dtype | None:
+def autocast_state(device_type: str) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
@@ -56,7 +56,7 @@ class FusedLoraFunction(torch.autograd.Function):
 
     `conv1d`: the base weight is stored (in, out) as in GPT-2's `Conv1D`, else (out, in) as `nn.Linear`.
     `p`: dropout probability, 0 when the layer has none or is in eval mode. `autocast`: the autocast
-    dtype in force (None: off), as `_autocast_state` gives it. Under autocast the forward's
+    dtype in force (None: off), as `autocast_state` gives it. Under autocast the forward's
     matmuls autocast as peft's do, and the backward runs under the same autocast state, so each
     gradient matmul sees the operand dtypes autograd would have saved.
     """
@@ -163,7 +163,7 @@ class FusedLoraLinear(LoraLinear):
             return None
         if dtype != a.dtype and not getattr(self, "cast_input_dtype_enabled", True):
             return None
-        autocast = _autocast_state(x.device.type)
+        autocast = autocast_state(x.device.type)
         if autocast is None and (  # without autocast peft's matmuls need one dtype
             weight.dtype != dtype or a.dtype != dtype or (bias is not None and bias.dtype != dtype)
         ):

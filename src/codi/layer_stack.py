@@ -113,9 +113,18 @@ class LayerStack:
 
     @property
     def active(self) -> bool:
-        """False while transformers' own features that the stack does not reproduce are on."""
+        """False while transformers' own features that the stack does not reproduce are on: activation
+        checkpointing, or adapters in another dtype than the base weights outside autocast (peft casts
+        between them; the stack computes in one dtype)."""
         first = self.body.layers[0] if self.arch == "llama" else self.body.h[0]
-        return not any(getattr(module, "gradient_checkpointing", False) for module in (self.body, first))
+        if any(getattr(module, "gradient_checkpointing", False) for module in (self.body, first)):
+            return False
+        projection = self.layers[0].qkv.projections[0]
+        adapter = projection.adapter()
+        if adapter is None or adapter[0].dtype == projection.weight().dtype:
+            return True
+        device = adapter[0].device.type
+        return torch.is_autocast_enabled(device)
 
     # ----------------------------------------------------------------------------------------------
 

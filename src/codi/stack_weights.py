@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .fused_lora import FusedLoraFunction, autocast_state
+
 
 @dataclass
 class Projection:
@@ -51,6 +53,20 @@ class Projection:
         dropout = lora.lora_dropout._modules[name]
         p = dropout.p if type(dropout) is nn.Dropout and dropout.training else 0.0
         return a, b, lora.scaling[name], p
+
+    def fused(self, x: torch.Tensor, adapter: tuple) -> torch.Tensor:
+        """The adapted projection as `FusedLoraFunction` runs it (codi.fused_lora): peft's ops and
+        dropout draws, with a hand-written backward."""
+        a, b, scaling, p = adapter
+        base = self.base
+        if not x.is_contiguous() or base._parameters["weight"].requires_grad:
+            return (
+                F.linear(x, self.weight(), self.bias())
+                + F.linear(F.linear(F.dropout(x, p, True), a), b) * scaling
+            )
+        autocast = autocast_state(x.device.type)
+        weight, bias, conv1d = base._parameters["weight"], self.bias(), type(base) is Conv1D
+        return FusedLoraFunction.apply(x, weight, bias, a, b, scaling, p, conv1d, autocast)
 
 
 def projection(module: nn.Module) -> Projection | None:
@@ -107,10 +123,11 @@ class ProjectionGroup:
         if len(probabilities) != 1:  # mixed: some adapted, or different dropouts; one at a time
             return torch.cat([ProjectionGroup((p,))(x) for p in self.projections], dim=-1)
         p = probabilities.pop()
-        if not _merge_pays(weight, adapters, p):
-            out = F.linear(x, weight, bias)
-            updates = [F.linear(F.linear(F.dropout(x, p, True), a), b) * c for a, b, c, _ in adapters]
-            return out + (updates[0] if len(updates) == 1 else torch.cat(updates, dim=-1))
+        if not _merge_pays(weight, adapters, p):  # peft's computation in one autograd node each
+            outputs = [
+                projection.fused(x, adapter) for projection, adapter in zip(self.projections, adapters)
+            ]
+            return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
         merged = [torch.mm(b * c, a) for a, b, c, _ in adapters]
         if p == 0.0:  # x @ (W + M)^T
             delta = merged[0] if len(merged) == 1 else torch.cat(merged)
