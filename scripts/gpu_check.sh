@@ -4,7 +4,7 @@
 # result line is printed as soon as it exists (and appended to $OUT/results.tsv), one table at the end,
 # so a killed run still tells what it did.
 #
-#   bench_train      bench/train_step.py: the training step, eager vs fast vs reference_compat (bf16)
+#   bench_train      bench/train_step.py: the training step, layer stack vs transformers vs reference_compat (bf16)
 #   bench_decode     bench/decode.py: eager vs fast (static cache + CUDA graphs) vs reference_compat
 #   data             codi data synth (the demo's 3-step chains, uniform wording)
 #   base             the real SmolLM2-135M-Instruct weights (GGUF parts reassembled, de-quantised)
@@ -78,7 +78,8 @@ skip() {  # skip NAME REASON
 
 # --- speed (caps: 40 + 45 s) ---
 stage bench_train 40 "$PY" bench/train_step.py --model $BENCH_MODEL --device $DEVICE --dtype $DTYPE \
-  --batch_size 32 --steps 3 --repeats 2 $QUICK --output "$OUT/bench_train.json"
+  --batch_size 32 --steps 3 --repeats 2 --variants default default_transformers reference_compat $QUICK \
+  --output "$OUT/bench_train.json"
 stage bench_decode 45 "$PY" bench/decode.py --model $BENCH_MODEL --device $DEVICE --dtype $DTYPE \
   --latency_questions 4 --batch_size 64 --repeats 2 $QUICK --output "$OUT/bench_decode.json" \
   --modes latent,latent_fast,latent_prompt_fast,latent_reference,cot,cot_fast
