@@ -7,9 +7,9 @@ the step's time is set by the ~100k operations this dispatches, not by the arith
 
 - the projections that read one input run as one matmul (q/k/v; Llama's gate/up), on weights
   concatenated once while frozen;
-- a LoRA adapter is applied through its merged update `scaling * B @ A`: without dropout the layer
-  uses `W + scaling * B @ A`, with dropout `x @ W^T + (dropout(x) @ (scaling * B @ A)^T)`; both are
-  the adapter's function exactly (rounding aside) and give A and B the same gradients;
+- a LoRA adapter runs as codi's fused LoRA node, or through its merged update `scaling * B @ A` when
+  the rank is large for the width (`codi.stack_weights`): the adapter's function, rounding aside, with
+  peft's dropout masks on the CPU;
 - the rotary embedding is applied to queries and keys together, `rotate_half` as a signed permutation;
 - attention is one `scaled_dot_product_attention` call per layer with a boolean mask built once per
   call; the cache is a list of per-layer key/value tensors (`StackCache`), so nothing in the layer

@@ -1,16 +1,20 @@
 """The projections of `codi.layer_stack`: frozen or trained linear layers, with or without a peft LoRA
 adapter, run as few matmuls as possible.
 
-A LoRA projection computes `x @ W^T + b + scaling * dropout(x) @ A^T @ B^T`. With `M = scaling * B @ A`
-(out x in, built from the adapter at each call, so A and B get their gradients through it) this is
+Projections that read the same input (q/k/v, gate/up) run as one group: their frozen weights are
+concatenated once (while they do not change) and multiplied in one matmul. An adapter
+`x @ W^T + b + scaling * dropout(x) @ A^T @ B^T` runs one of two ways, whichever costs fewer
+multiply-adds per token (`_merge_pays`):
 
-    without dropout:  x @ (W + M)^T + b
-    with dropout:     [x, dropout(x)] @ [W, M]^T + b
+- low rank for the width (the usual case): `codi.fused_lora`'s node, peft's own ops and dropout draws
+  with a hand-written backward, one per projection;
+- a rank large for the width (the paper's r128 on a narrow model): through the merged update
+  `M = scaling * B @ A` (built at each call, so A and B get their gradients through it):
+  `x @ (W + M)^T + b` without dropout, `[x, dropout(x)] @ [W, M]^T + b` with it; a group's updates go
+  in one block-diagonal matrix, each with its own mask, drawn (adapter, row, feature) so that on the
+  CPU they are the masks peft's calls draw.
 
-and projections that read the same input (q/k/v, gate/up) stack along the output: their frozen weights
-are concatenated once (while they do not change) and their updates go in one block-diagonal matrix,
-each with its own dropout mask, so a group is one matmul forward and two backward. The arithmetic is
-the adapter's exactly; only the rounding and the dropout masks' random draws differ from peft's.
+Either way the arithmetic is the adapter's; only the rounding differs from peft's.
 """
 
 from __future__ import annotations
