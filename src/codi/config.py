@@ -77,8 +77,8 @@ class CODIModelArguments:
         default=True,
         metadata={
             "help": "Run GPT-2 and Llama models through codi's own decoder stack (grouped projections, "
-            "merged LoRA updates, the key/value cache passed explicitly): the same function in far fewer "
-            "operations per step (docs/speed.md). False: transformers' forward."
+            "fused or merged LoRA updates, the key/value cache passed explicitly): the same function in "
+            "fewer operations (docs/speed.md). False: transformers' forward."
         },
     )
     lora_init: bool = field(

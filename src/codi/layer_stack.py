@@ -3,7 +3,8 @@
 A CODI step calls the LM eight times (teacher, `<bot>`, the latents, the answer) and each call runs
 every decoder layer through transformers' modules, peft's LoRA wrappers and a `DynamicCache`: on a GPU
 the step's time is set by the ~100k operations this dispatches, not by the arithmetic (docs/speed.md).
-`LayerStack` runs the same computation for GPT-2 and Llama-family models in far fewer operations:
+`LayerStack` runs the same computation for GPT-2 and Llama-family models in fewer operations (3-20 %
+fewer per step as measured, docs/speed.md) and with less arithmetic where the merged update pays:
 
 - the projections that read one input run as one matmul (q/k/v; Llama's gate/up), on weights
   concatenated once while frozen;
