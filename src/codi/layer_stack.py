@@ -26,7 +26,9 @@ transformers' forward; a 4-D mask or a transformers cache also goes to transform
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -71,7 +73,7 @@ class _Layer:
     out: ProjectionGroup
     up: ProjectionGroup  # GPT-2: c_fc; Llama: gate, up
     down: ProjectionGroup
-    act: nn.Module
+    act: Callable[[torch.Tensor], torch.Tensor]
     attention: nn.Module
     dropouts: tuple[nn.Module, ...]  # GPT-2's residual dropouts; Llama has none
 
@@ -245,7 +247,7 @@ def _gpt2_layer(block) -> _Layer:
         out=_group(attention.c_proj),
         up=_group(mlp.c_fc),
         down=_group(mlp.c_proj),
-        act=mlp.act,
+        act=_fused_activation(mlp.act),
         attention=attention,
         dropouts=(attention.resid_dropout, mlp.dropout),
     )
@@ -260,10 +262,20 @@ def _llama_layer(layer) -> _Layer:
         out=_group(attention.o_proj),
         up=_group(mlp.gate_proj, mlp.up_proj),
         down=_group(mlp.down_proj),
-        act=mlp.act_fn,
+        act=_fused_activation(mlp.act_fn),
         attention=attention,
         dropouts=(),
     )
+
+
+def _fused_activation(act: nn.Module):
+    """GPT-2's `gelu_new` as torch's one-kernel tanh GELU: the same formula (transformers' own
+    `gelu_pytorch_tanh`), one op forward and one backward instead of eight and a dozen, rounding aside."""
+    from transformers.activations import NewGELUActivation
+
+    if type(act) is NewGELUActivation:
+        return partial(F.gelu, approximate="tanh")
+    return act
 
 
 def _group(*modules: nn.Module) -> ProjectionGroup:
