@@ -27,6 +27,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .fused_lora import FusedLoraFunction, autocast_state
+from .grouped_lora import GroupedLoraFunction
 
 
 @dataclass
@@ -127,8 +128,15 @@ class ProjectionGroup:
         if len(probabilities) != 1:  # mixed: some adapted, or different dropouts; one at a time
             return torch.cat([ProjectionGroup((p,))(x) for p in self.projections], dim=-1)
         p = probabilities.pop()
-        if not _merge_pays(weight, adapters, p):  # peft's computation in one autograd node each
-            outputs = [
+        if not _merge_pays(weight, adapters, p):
+            if self._groupable(x, weight, adapters):  # one autograd node for the whole group
+                a_matrices, b_matrices = [a[0] for a in adapters], [a[1] for a in adapters]
+                autocast = autocast_state(x.device.type)
+                scaling = adapters[0][2]
+                return GroupedLoraFunction.apply(
+                    x, weight, bias, scaling, p, autocast, *a_matrices, *b_matrices
+                )
+            outputs = [  # peft's computation in one autograd node each
                 projection.fused(x, adapter) for projection, adapter in zip(self.projections, adapters)
             ]
             return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
@@ -145,6 +153,16 @@ class ProjectionGroup:
         block = merged[0] if groups == 1 else torch.block_diag(*merged)
         out = F.linear(inputs, torch.cat([weight, block.to(weight.dtype)], dim=1), bias)
         return out.view(*x.shape[:-1], out.shape[-1])
+
+    def _groupable(self, x: torch.Tensor, weight: torch.Tensor, adapters: list) -> bool:
+        """Several adapters of one rank and scaling on a frozen base: `GroupedLoraFunction`'s case."""
+        first = adapters[0]
+        return (
+            len(adapters) > 1
+            and x.is_contiguous()
+            and not weight.requires_grad
+            and all(a[0].shape[0] == first[0].shape[0] and a[2] == first[2] for a in adapters)
+        )
 
 
 def _merge_pays(weight: torch.Tensor, adapters: list, p: float) -> bool:
