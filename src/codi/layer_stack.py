@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .stack_norm import stack_norm
 from .stack_weights import ProjectionGroup, projection
 
 
@@ -67,8 +68,8 @@ class StackOutput:
 class _Layer:
     """One decoder layer's modules: norms, the projections and what the attention needs."""
 
-    norm_1: nn.Module
-    norm_2: nn.Module
+    norm_1: Callable[[torch.Tensor], torch.Tensor]
+    norm_2: Callable[[torch.Tensor], torch.Tensor]
     qkv: ProjectionGroup  # GPT-2: c_attn; Llama: q, k, v
     out: ProjectionGroup
     up: ProjectionGroup  # GPT-2: c_fc; Llama: gate, up
@@ -89,6 +90,7 @@ class LayerStack:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.body = hf_model.get_decoder() if arch == "llama" else hf_model.transformer
         self._rotation: dict[tuple, torch.Tensor] = {}
+        self.final_norm = stack_norm(self.body.norm) if arch == "llama" else self.body.ln_f
 
     @classmethod
     def build(cls, hf_model: nn.Module) -> LayerStack | None:
@@ -157,7 +159,7 @@ class LayerStack:
             values.append(value)
             if states is not None:
                 states.append(hidden)
-        hidden = self.body.norm(hidden) if self.arch == "llama" else self.body.ln_f(hidden)
+        hidden = self.final_norm(hidden)
         if states is not None:
             states[-1] = hidden
         logits = self.hf_model.lm_head(_keep(hidden, logits_to_keep))
@@ -193,14 +195,13 @@ class LayerStack:
         batch, length, _ = hidden.shape
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
         qkv = layer.qkv(layer.norm_1(hidden))
-        qk_heads = heads + kv_heads
         qkv = qkv.view(batch, length, heads + 2 * kv_heads, head_dim)
-        qk, value = qkv[:, :, :qk_heads], qkv[:, :, qk_heads:]
+        # split, not slices: one gradient copy backward instead of a zero-filled one per slice
+        qk, value = qkv.split([heads + kv_heads, kv_heads], dim=2)
         if rope is not None:
             cos, sin, rotation = rope
             qk = torch.addcmul(qk * cos, qk @ rotation, sin)
-        query = qk[:, :, :heads].transpose(1, 2)
-        key = qk[:, :, heads:].transpose(1, 2)
+        query, key = (part.transpose(1, 2) for part in qk.split([heads, kv_heads], dim=2))
         value = value.transpose(1, 2)
         if past_kv is not None:
             key = torch.cat([past_kv[0], key], dim=2)
@@ -256,8 +257,8 @@ def _gpt2_layer(block) -> _Layer:
 def _llama_layer(layer) -> _Layer:
     attention, mlp = layer.self_attn, layer.mlp
     return _Layer(
-        norm_1=layer.input_layernorm,
-        norm_2=layer.post_attention_layernorm,
+        norm_1=stack_norm(layer.input_layernorm),
+        norm_2=stack_norm(layer.post_attention_layernorm),
         qkv=_group(attention.q_proj, attention.k_proj, attention.v_proj),
         out=_group(attention.o_proj),
         up=_group(mlp.gate_proj, mlp.up_proj),
