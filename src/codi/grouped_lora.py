@@ -7,11 +7,13 @@ dropout masks, one batched matmul through the stacked A matrices and one through
 matrix, and in the backward one matmul for every B's gradient and one batched matmul for every A's.
 A group of k adapters costs ~40 ops instead of 27 k.
 
-Same function: out_i = x @ W_i^T + b_i + scaling * dropout_i(x) @ A_i^T @ B_i^T, concatenated over i.
-The masks are drawn (adapter, row, feature) in one `bernoulli_`, which on the CPU is the stream of the k
-draws peft makes one after the other; the 1 / (1 - p) of the dropout is folded into the scale. The
-block-diagonal B does (k - 1) / k of its multiply-adds on zeros: cheap next to the frozen matmul while
-the rank is small for the width, which is when the layer stack chooses this path.
+Same function: out_i = x @ W_i^T + b_i + scaling * dropout_i(x) @ A_i^T @ B_i^T, concatenated over i,
+with peft's order of roundings (each adapter's A product as its own batch, the update scaled and then
+added): on the CPU the outputs are peft's to the last bit in the cases tested. The masks are drawn
+(adapter, row, feature) in one `bernoulli_`, which on the CPU is the stream of the k draws peft makes
+one after the other. The block-diagonal B does (k - 1) / k of its multiply-adds on zeros: cheap next to
+the frozen matmul while the rank is small for the width, which is when the layer stack chooses this
+path.
 """
 
 from __future__ import annotations
@@ -34,17 +36,17 @@ class GroupedLoraFunction(torch.autograd.Function):
         a_stack = torch.cat(a_matrices)  # (k r, in)
         b_block = torch.block_diag(*b_matrices)  # (out_total, k r)
         rank = a_matrices[0].shape[0]
-        if p > 0.0:
+        if p > 0.0:  # as `F.dropout` on the CPU: a 0/1 draw divided by 1 - p, times x
             noise = torch.empty((count, *flat.shape), dtype=flat.dtype, device=flat.device).bernoulli_(1 - p)
-            kept = flat * noise  # (k, n, in): the mask's 1 / (1 - p) goes into `scale`
-            hidden = torch.bmm(kept, a_stack.view(count, rank, -1).transpose(1, 2))  # (k, n, r)
-            hidden = hidden.transpose(0, 1).reshape(flat.shape[0], count * rank)
-            scale = scaling / (1 - p)
+            kept = flat * noise.div_(1 - p)  # (k, n, in)
         else:
-            noise, kept = None, flat
-            hidden = flat.mm(a_stack.t())  # (n, k r)
-            scale = scaling
-        out = out.addmm(hidden.to(out.dtype), b_block.t().to(out.dtype), alpha=scale)
+            noise, kept = None, flat.expand(count, *flat.shape)
+        # batched, not one (n, k r) matmul: each adapter's product rounds as its own matmul would
+        hidden = torch.bmm(kept, a_stack.view(count, rank, -1).transpose(1, 2))  # (k, n, r)
+        hidden = hidden.transpose(0, 1).reshape(flat.shape[0], count * rank)
+        # peft's order of roundings: the update scaled, then added (not addmm's fused alpha)
+        out = out + hidden.mm(b_block.t()).to(out.dtype) * scaling
+        scale = scaling
         ctx.save_for_backward(weight, a_stack, b_block, kept, hidden, noise)
         ctx.scale, ctx.count, ctx.rank, ctx.autocast = scale, count, rank, autocast
         ctx.out_sizes = [b.shape[0] for b in b_matrices]
@@ -70,13 +72,12 @@ class GroupedLoraFunction(torch.autograd.Function):
             grad_b.append(grad_b_block[row : row + size, index * rank : (index + 1) * rank])
             row += size
         grad_x = grad.mm(weight.to(grad.dtype))
+        per_adapter = grad_hidden.view(-1, count, rank).transpose(0, 1)  # (k, n, r)
+        grad_a = torch.bmm(per_adapter.transpose(1, 2), kept.to(per_adapter.dtype))  # (k, r, in)
+        grad_a = grad_a.reshape(count * rank, -1)
         if noise is None:
-            grad_a = grad_hidden.t().mm(kept.to(grad_hidden.dtype))
             grad_x.addmm_(grad_hidden, a_stack.to(grad_x.dtype))
         else:
-            per_adapter = grad_hidden.view(-1, count, rank).transpose(0, 1)  # (k, n, r)
-            grad_a = torch.bmm(per_adapter.transpose(1, 2), kept.to(per_adapter.dtype))  # (k, r, in)
-            grad_a = grad_a.reshape(count * rank, -1)
             through_a = torch.bmm(per_adapter, a_stack.view(count, rank, -1).to(per_adapter.dtype))
             grad_x.add_((through_a * noise).sum(0).to(grad_x.dtype))
         grad_x = grad_x.to(ctx.x_dtype).view(*grad_out.shape[:-1], grad_x.shape[-1])
