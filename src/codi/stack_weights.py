@@ -106,7 +106,8 @@ class ProjectionGroup:
         return len(self.projections)
 
     def base(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The stacked weight (out_total, in) and bias; concatenated once while nothing trains them."""
+        """The stacked weight (out_total, in) and bias; concatenated once while nothing trains them (a
+        copy of the group's frozen weights kept beside them: one matmul per call instead of k)."""
         if len(self.projections) == 1:
             return self.projections[0].weight(), self.projections[0].bias()
         weights = [p.weight() for p in self.projections]
