@@ -112,6 +112,19 @@ def test_stack_equals_transformers_values_caches_and_gradients(arch, rank, dropo
     _assert_close(_three_calls(stack, lm), _three_calls(lm, lm))
 
 
+def test_repeated_key_value_heads_equal_grouped_attention(monkeypatch):
+    """Where the fused kernel cannot group heads (CUDA with a mask), the stack repeats them: the same
+    values and gradients as the grouped call (forced here on the CPU)."""
+    import codi.layer_stack as layer_stack
+
+    lm = _lm("llama", 4)
+    stack = LayerStack.build(lm)
+    assert stack.kv_heads != stack.heads
+    grouped = _three_calls(stack, lm)
+    monkeypatch.setattr(layer_stack, "gqa_kernel", lambda device_type, mask: False)
+    _assert_close(_three_calls(stack, lm), grouped)
+
+
 def test_stack_cache_crops_like_a_dynamic_cache():
     lm = _lm("llama", 4).eval()
     stack = LayerStack.build(lm)

@@ -208,15 +208,21 @@ class LayerStack:
             value = torch.cat([past_kv[1], value], dim=2)
         attention = layer.attention
         dropout = attention.attn_dropout.p if self.arch == "gpt2" else attention.attention_dropout
+        attend_key, attend_value = key, value
+        grouped = kv_heads != heads
+        if grouped and not gqa_kernel(query.device.type, mask):
+            attend_key = key.repeat_interleave(heads // kv_heads, dim=1)
+            attend_value = value.repeat_interleave(heads // kv_heads, dim=1)
+            grouped = False
         attended = F.scaled_dot_product_attention(
             query,
-            key,
-            value,
+            attend_key,
+            attend_value,
             attn_mask=mask,
             dropout_p=dropout if attention.training else 0.0,
             is_causal=mask is None and past_kv is None and length > 1,
             scale=attention.scaling,
-            enable_gqa=kv_heads != heads,
+            enable_gqa=grouped,
         )
         attended = attended.transpose(1, 2).reshape(batch, length, heads * head_dim)
         update = layer.out(attended)
@@ -284,6 +290,13 @@ def _group(*modules: nn.Module) -> ProjectionGroup:
     if any(p is None for p in found):
         raise _Unsupported(", ".join(type(module).__name__ for module in modules))
     return ProjectionGroup(tuple(found))
+
+
+def gqa_kernel(device_type: str, mask: torch.Tensor | None) -> bool:
+    """Whether `scaled_dot_product_attention(enable_gqa=True)` keeps a fused kernel: on the CPU always;
+    on CUDA only without a mask (the masked kernel there does not group heads, and the fallback is the
+    unfused math path), so masked calls repeat the key/value heads first, as transformers does."""
+    return device_type == "cpu" or mask is None
 
 
 def _attention_mask(attention_mask, batch: int, past: int, length: int, device) -> torch.Tensor | None:
