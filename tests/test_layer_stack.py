@@ -138,8 +138,9 @@ def test_stack_cache_crops_like_a_dynamic_cache():
 
 
 def test_what_the_stack_does_not_reproduce_goes_to_transformers(make_model):
-    """Other architectures or adapter kinds: no stack; gradient checkpointing or a 4-D mask: the call
-    goes to transformers' model."""
+    """Other architectures or adapter kinds: no stack. A 4-D mask, adapters in another dtype, a forward
+    hook, a re-classed or replaced layer (how FSDP and DeepSpeed ZeRO-3 gather sharded weights) or
+    activation checkpointing: the call goes to transformers' model."""
     dora = _peft(
         make_lm("llama", 100, hidden=32, layers=1, heads=4),
         LoraConfig(r=4, target_modules=TARGETS["llama"], use_dora=True),
@@ -154,6 +155,17 @@ def test_what_the_stack_does_not_reproduce_goes_to_transformers(make_model):
     adapter.to(torch.float64)  # peft casts between dtypes; the stack does not
     assert not model.stack.active and model._lm(None, None) is model.hf_model
     adapter.to(torch.float32)
+    assert model.stack.active
+    layer = model.hf_model.model.layers[0]
+    handle = layer.register_forward_pre_hook(lambda module, args: None)  # as DeepSpeed ZeRO-3, FSDP2
+    assert not model.stack.active and model._lm(None, None) is model.hf_model
+    handle.remove()
+    layer.__class__ = type("FSDPLlamaDecoderLayer", (type(layer),), {})  # as fully_shard re-classes it
+    assert not model.stack.active
+    layer.__class__ = type(layer).__mro__[1]
+    model.hf_model.model.layers[0] = torch.nn.Sequential(layer)  # as an FSDP1 wrapper replaces it
+    assert not model.stack.active
+    model.hf_model.model.layers[0] = layer
     assert model.stack.active
     model.hf_model.activation_checkpointing_enable()
     assert not model.stack.active and model._lm(None, None) is model.hf_model

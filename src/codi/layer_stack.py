@@ -91,6 +91,8 @@ class LayerStack:
         self.body = hf_model.get_decoder() if arch == "llama" else hf_model.transformer
         self._rotation: dict[tuple, torch.Tensor] = {}
         self.final_norm = stack_norm(self.body.norm) if arch == "llama" else self.body.ln_f
+        self._first_layer = self._decoder_layers()[0]
+        self._first_layer_type = type(self._first_layer)
 
     @classmethod
     def build(cls, hf_model: nn.Module) -> LayerStack | None:
@@ -118,18 +120,35 @@ class LayerStack:
 
     @property
     def active(self) -> bool:
-        """False while transformers' own features that the stack does not reproduce are on: activation
-        checkpointing, or adapters in another dtype than the base weights outside autocast (peft casts
-        between them; the stack computes in one dtype)."""
-        first = self.body.layers[0] if self.arch == "llama" else self.body.h[0]
-        if any(getattr(module, "gradient_checkpointing", False) for module in (self.body, first)):
-            return False
+        """False while something the stack would bypass is on: activation checkpointing; a wrapper
+        that works through the layers' own forward (FSDP or DeepSpeed ZeRO-3 gather sharded weights
+        in hooks or a wrapper class, accelerate's offloading replaces `forward`, any forward hook); or
+        adapters in another dtype than the base weights outside autocast (peft casts between them; the
+        stack computes in one dtype)."""
+        first = self._decoder_layers()[0]
+        if first is not self._first_layer or type(first) is not self._first_layer_type:
+            return False  # replaced or re-classed since the stack was built (FSDP)
         projection = self.layers[0].qkv.projections[0]
+        for module in (self.body, first, projection.base, projection.lora):
+            if module is None:
+                continue
+            if (
+                getattr(module, "gradient_checkpointing", False)
+                or getattr(module, "_hf_hook", None) is not None
+            ):
+                return False
+            if module._forward_pre_hooks or module._forward_hooks:
+                return False
+        weight = projection.base._parameters["weight"]
+        if type(weight) is not nn.Parameter or hasattr(weight, "ds_id"):  # a DTensor shard, ZeRO-3
+            return False
         adapter = projection.adapter()
-        if adapter is None or adapter[0].dtype == projection.weight().dtype:
+        if adapter is None or adapter[0].dtype == weight.dtype:
             return True
-        device = adapter[0].device.type
-        return torch.is_autocast_enabled(device)
+        return torch.is_autocast_enabled(adapter[0].device.type)
+
+    def _decoder_layers(self) -> nn.ModuleList:
+        return self.body.layers if self.arch == "llama" else self.body.h
 
     # ----------------------------------------------------------------------------------------------
 
