@@ -112,6 +112,18 @@ def test_stack_equals_transformers_values_caches_and_gradients(arch, rank, dropo
     _assert_close(_three_calls(stack, lm), _three_calls(lm, lm))
 
 
+def test_gpt2_with_all_its_dropouts_draws_as_transformers():
+    """Pretrained GPT-2 trains with embedding, attention and residual dropout 0.1 besides LoRA's: the
+    stack applies each where transformers does, in the same order, so the same seed gives the same
+    outputs and gradients."""
+    lm = _lm("gpt2", 4, 0.1)
+    for module in lm.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.1
+    stack = LayerStack.build(lm)
+    _assert_close(_three_calls(stack, lm), _three_calls(lm, lm))
+
+
 def test_repeated_key_value_heads_equal_grouped_attention(monkeypatch):
     """Where the fused kernel cannot group heads (CUDA with a mask), the stack repeats them: the same
     values and gradients as the grouped call (forced here on the CPU)."""
