@@ -367,3 +367,72 @@ def test_step_targets_on_a_cot_without_equations_is_a_clear_error(tokenizers, ca
     with caplog.at_level("WARNING"):
         dataset, _ = _build(tokenizers, "gpt2", mixed, step_targets=True)
     assert len(dataset) == 2 and "1 of 2 records have no equation step (first: nl:1)" in caplog.text
+
+
+# --------------------------------------------------------------------------------------------------
+# Batched tokenisation (codi.data.token_batches): the same examples as one call per text
+
+
+def _records_for_batching():
+    from codi.data.synth import SynthConfig, make_splits
+
+    synthetic = make_splits(SynthConfig(n_train=40, n_validation=0, n_test=0, seed=3))["train"]
+    extra = [
+        RawRecord(row["question"], row["cot"], row["answer"], f"synth:{index}")
+        for index, row in enumerate(synthetic)
+    ]
+    odd = [
+        RawRecord("No steps here.", "", "#### 4", "odd:0"),
+        RawRecord("Negative?", "<<2-5=-3>>", "#### -3", "odd:1"),
+        RawRecord("Empty answer", "<<1+1=2>>", "####", "odd:2"),
+        RawRecord("Long " * 400, "<<1+1=2>>", "#### 2", "odd:3"),
+    ]
+    return RECORDS + odd + extra + RECORDS
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(method="codi", step_targets=True),
+        dict(method="cot_sft"),
+        dict(method="no_cot_sft", skip_negative_answers=True),
+        dict(method="codi", include_last_cot=True, max_samples=7),
+        dict(method="codi", cot_style="commonsense"),
+    ],
+)
+def test_batched_tokenisation_builds_the_same_examples(make_model, monkeypatch, arch, options):
+    """Chunks of 5 records (several chunks, one cut mid-way by max_samples), against the tokenizer
+    called once per text as before: identical examples, counts and drop reasons."""
+    import codi.data.token_batches as token_batches
+    from codi.data.dataset import build_dataset
+
+    model = make_model(arch)
+    records = _records_for_batching()
+    tokenizer = _CountingTokenizer(model.tokenizer)
+    common = dict(bot_id=model.bot_id, eot_id=model.eot_id, max_token_num=300, **options)
+    monkeypatch.setattr(token_batches.chunks, "__defaults__", (5,))
+    batched, batched_stats = build_dataset(records, tokenizer, **common)
+    batched_calls, tokenizer.calls = tokenizer.calls, 0
+    monkeypatch.setattr(token_batches.PrefetchedTokenizer, "prefetch", lambda self, *args, **kwargs: None)
+    single, single_stats = build_dataset(records, tokenizer, **common)
+    assert batched_calls * 2 < tokenizer.calls  # the batched calls answered most of them
+    assert batched.examples == single.examples
+    assert (batched_stats.read, batched_stats.kept, batched_stats.dropped) == (
+        single_stats.read,
+        single_stats.kept,
+        single_stats.dropped,
+    )
+    assert batched_stats.dropped  # the odd records exercise the drop reasons
+
+
+class _CountingTokenizer:
+    def __init__(self, tokenizer):
+        self.tokenizer, self.calls = tokenizer, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.tokenizer(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)

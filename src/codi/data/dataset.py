@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
 from ..inference.scoring import ANSWER_PROMPT, as_number
 from ..losses import IGNORE_INDEX
+from .collate import CODICollator, attention_mask_for, pad_sequences  # noqa: F401 (re-exported)
 from .records import DataError, DataStats, RawRecord, load_records, read_records  # noqa: F401 (re-exported)
+from .token_batches import PrefetchedTokenizer, chunks
 
 logger = logging.getLogger(__name__)
 
@@ -252,13 +254,15 @@ def build_dataset(
     examples = []
     first_without_steps = ""  # where the first record without equation steps is (step targets only)
     without_cot: list[str] = []  # kept records with no CoT at all (where each is)
-    for record in records:
+    tokens = PrefetchedTokenizer(tokenizer)  # each record tokenised as before, in batched calls
+    fields = (cot_style, include_last_cot, answer_prompt)
+    for record in _prefetched(records, tokens, fields, skip_negative_answers, method, step_targets):
         if max_samples is not None and stats.kept >= max_samples:
             break
         stats.read += 1
         value, question, cot, reason = screen_record(
             record,
-            tokenizer,
+            tokens,
             cot_style,
             include_last_cot,
             max_token_num,
@@ -268,7 +272,7 @@ def build_dataset(
         if reason is None:
             step_source = record.cot if step_targets else None
             example = build_example(
-                tokenizer,
+                tokens,
                 question,
                 cot,
                 value,
@@ -343,6 +347,26 @@ def _fields(record: RawRecord, value: str, cot_style: str, include_last_cot: boo
     return record.question, cot, record.question + record.cot + record.answer
 
 
+def _prefetched(
+    records, tokens: PrefetchedTokenizer, fields: tuple, skip_negative: bool, method: str, steps: bool
+):
+    """`records`, chunk by chunk, each chunk's texts tokenised beforehand in a few batched calls."""
+    for chunk in chunks(records):
+        tokens.clear()
+        texts: dict[tuple[bool, bool], list[str]] = {(True, False): [], (False, False): [], (False, True): []}
+        for record in chunk:
+            value = answer_value(record.answer)
+            if _drop_reason(value, skip_negative) is not None:
+                continue
+            question, cot, raw = _fields(record, value, *fields)
+            texts[True, False] += [raw, question]
+            texts[False, False] += [question] + ([cot] if cot and method != "no_cot_sft" else [])
+            texts[False, True] += [answer_text(value, fields[2])] + ([record.cot] if steps else [])
+        for (special, offsets), batch in texts.items():
+            tokens.prefetch(batch, add_special_tokens=special, offsets=offsets)
+        yield from chunk
+
+
 def _positions_needed(example: Example, num_latent: int) -> int:
     """The longest sequence of positions the model sees for this example (teacher or student)."""
     student = len(example.student_input_ids) + num_latent + len(example.decoder_input_ids)
@@ -385,59 +409,3 @@ def _check_step_targets(name: str, examples: list[Example], first_without_steps:
             len(examples),
             first_without_steps,
         )
-
-
-# --------------------------------------------------------------------------------------------------
-# Collation
-
-
-def pad_sequences(sequences: Sequence[Sequence[int]], value: int, side: str) -> torch.Tensor:
-    longest = max(len(sequence) for sequence in sequences)
-    rows = []
-    for sequence in sequences:
-        padding = [value] * (longest - len(sequence))
-        rows.append(padding + list(sequence) if side == "left" else list(sequence) + padding)
-    return torch.tensor(rows, dtype=torch.long)
-
-
-def attention_mask_for(sequences: Sequence[Sequence[int]], side: str) -> torch.Tensor:
-    return pad_sequences([[1] * len(sequence) for sequence in sequences], 0, side)
-
-
-@dataclass
-class CODICollator:
-    """Pads a list of features into a batch.
-
-    Padding layout (why: the student appends latents and the decoder right after the question, so
-    its question must end at the same column for every row):
-      teacher_*  right-padded  (pad id / label -100 / mask 0 after the sequence)
-      student_*  LEFT-padded   (Q ++ [bot] ends in the last column)
-      decoder_*  right-padded  ([eot] ++ A ++ [eos] starts in the first column)
-    Distillation positions are indices into the unpadded sequences, which right padding preserves.
-      latent_step_labels  (only with step targets) right-padded with -100: (B, max steps, at least 1)
-    """
-
-    pad_token_id: int
-
-    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        batch: dict[str, torch.Tensor] = {}
-        teacher = [feature["teacher_input_ids"] for feature in features]
-        batch["teacher_input_ids"] = pad_sequences(teacher, self.pad_token_id, "right")
-        batch["teacher_attention_mask"] = attention_mask_for(teacher, "right")
-        batch["teacher_labels"] = pad_sequences(
-            [f["teacher_labels"] for f in features], IGNORE_INDEX, "right"
-        )
-        batch["teacher_distill_pos"] = torch.tensor([f["teacher_distill_pos"] for f in features])
-        if "student_input_ids" in features[0]:
-            student = [feature["student_input_ids"] for feature in features]
-            decoder = [feature["decoder_input_ids"] for feature in features]
-            batch["student_input_ids"] = pad_sequences(student, self.pad_token_id, "left")
-            batch["student_attention_mask"] = attention_mask_for(student, "left")
-            batch["decoder_input_ids"] = pad_sequences(decoder, self.pad_token_id, "right")
-            batch["decoder_attention_mask"] = attention_mask_for(decoder, "right")
-            batch["decoder_labels"] = pad_sequences(decoder, IGNORE_INDEX, "right")
-            batch["decoder_distill_pos"] = torch.tensor([f["decoder_distill_pos"] for f in features])
-        if "step_value_ids" in features[0]:
-            steps = [feature["step_value_ids"] for feature in features]
-            batch["latent_step_labels"] = pad_sequences(steps + [[IGNORE_INDEX]], IGNORE_INDEX, "right")[:-1]
-        return batch
