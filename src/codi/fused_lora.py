@@ -47,6 +47,15 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
+def backward_under_autocast(ctx, backward, grad_out):
+    """`backward(ctx, grad_out)` under the autocast state its forward ran in (`ctx.autocast`, the dtype
+    or None, and `ctx.device_type`), so each gradient matmul sees the dtypes autograd would have saved."""
+    if ctx.autocast is None:
+        return backward(ctx, grad_out)
+    with torch.autocast(ctx.device_type, dtype=ctx.autocast):
+        return backward(ctx, grad_out)
+
+
 def autocast_state(device_type: str) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
@@ -85,10 +94,7 @@ class FusedLoraFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        if ctx.autocast is None:
-            return FusedLoraFunction._backward(ctx, grad_out)
-        with torch.autocast(ctx.device_type, dtype=ctx.autocast):
-            return FusedLoraFunction._backward(ctx, grad_out)
+        return backward_under_autocast(ctx, FusedLoraFunction._backward, grad_out)
 
     @staticmethod
     def _backward(ctx, grad_out):

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from .fused_lora import backward_under_autocast
+
 
 class GroupedLoraFunction(torch.autograd.Function):
     """`apply(x, weight, bias, scaling, p, autocast, *a_matrices, *b_matrices)`: x (..., in); weight
@@ -55,10 +57,7 @@ class GroupedLoraFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        if ctx.autocast is None:
-            return GroupedLoraFunction._backward(ctx, grad_out)
-        with torch.autocast(ctx.device_type, dtype=ctx.autocast):
-            return GroupedLoraFunction._backward(ctx, grad_out)
+        return backward_under_autocast(ctx, GroupedLoraFunction._backward, grad_out)
 
     @staticmethod
     def _backward(ctx, grad_out):
