@@ -99,14 +99,11 @@ class PositionCounter:
     def __init__(self, model):
         self.positions = 0
         self.calls = 0
-        self.model, self.stack = model, model.stack
+        # a hooked model runs on transformers' forward (codi's layer stack steps aside): the same calls
         self.handle = model.hf_model.register_forward_pre_hook(self._hook, with_kwargs=True)
-        if self.stack is not None:  # codi's layer stack runs the LM without calling transformers' model
-            model.stack = _CountedStack(self.stack, self._hook)
 
     def remove(self) -> None:
         self.handle.remove()
-        self.model.stack = self.stack
 
     def _hook(self, module, args, kwargs) -> None:
         embeds = kwargs.get("inputs_embeds")
@@ -117,17 +114,6 @@ class PositionCounter:
 
     def reset(self) -> None:
         self.positions = self.calls = 0
-
-
-class _CountedStack:
-    """A layer stack that reports each call to `hook` as a forward pre-hook would."""
-
-    def __init__(self, stack, hook):
-        self.stack, self.hook, self.active = stack, hook, stack.active
-
-    def __call__(self, **kwargs):
-        self.hook(None, (), kwargs)
-        return self.stack(**kwargs)
 
 
 def train_steps(model, optimizer, batches: list[dict], device: str, dtype: torch.dtype) -> None:

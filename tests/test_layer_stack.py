@@ -151,7 +151,7 @@ def test_stack_cache_crops_like_a_dynamic_cache():
 
 def test_what_the_stack_does_not_reproduce_goes_to_transformers(make_model):
     """Other architectures or adapter kinds: no stack. A 4-D mask, adapters in another dtype, a forward
-    hook, a re-classed or replaced layer (how FSDP and DeepSpeed ZeRO-3 gather sharded weights) or
+    hook on the model or a layer (it must still fire), a re-classed or replaced layer (how FSDP and DeepSpeed ZeRO-3 gather sharded weights) or
     activation checkpointing: the call goes to transformers' model."""
     dora = _peft(
         make_lm("llama", 100, hidden=32, layers=1, heads=4),
@@ -171,6 +171,9 @@ def test_what_the_stack_does_not_reproduce_goes_to_transformers(make_model):
     layer = model.hf_model.model.layers[0]
     handle = layer.register_forward_pre_hook(lambda module, args: None)  # as DeepSpeed ZeRO-3, FSDP2
     assert not model.stack.active and model._lm(None, None) is model.hf_model
+    handle.remove()
+    handle = model.hf_model.register_forward_hook(lambda module, args, output: None)  # a user's probe
+    assert not model.stack.active
     handle.remove()
     layer.__class__ = type("FSDPLlamaDecoderLayer", (type(layer),), {})  # as fully_shard re-classes it
     assert not model.stack.active

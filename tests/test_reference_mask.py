@@ -49,7 +49,7 @@ def test_a_left_pad_row_attends_to_every_position():
 
 
 def _capture_first_call(model):
-    """Forward hook on the LM (transformers' model or codi's layer stack, whichever runs the call):
+    """Forward hook on the LM (a hooked model runs on transformers' forward, not codi's layer stack):
     the first call's attention mask and hidden states."""
     seen = {}
 
@@ -59,25 +59,14 @@ def _capture_first_call(model):
             seen["hidden"] = output.hidden_states
         return output
 
-    if model.stack is not None:
-        model.stack = _HookedStack(model.stack, hook)
     return seen, model.hf_model.register_forward_hook(hook, with_kwargs=True)
-
-
-class _HookedStack:
-    def __init__(self, stack, hook):
-        self.stack, self.hook, self.active = stack, hook, stack.active
-
-    def __call__(self, **kwargs):
-        return self.hook(None, (), kwargs, self.stack(**kwargs))
 
 
 def _question_step(model, records=RECORDS):
     batch = batch_for(model, records)
-    view = model.with_settings()  # the hooked stack stays on this view
-    seen, handle = _capture_first_call(view)
+    seen, handle = _capture_first_call(model)
     with torch.no_grad():
-        view.encode_latents(batch["student_input_ids"], batch["student_attention_mask"], 2)
+        model.encode_latents(batch["student_input_ids"], batch["student_attention_mask"], 2)
     handle.remove()
     return batch, seen
 

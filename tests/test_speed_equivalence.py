@@ -99,8 +99,6 @@ def _count_positions(model, batch, share: bool) -> list[tuple[int, int]]:
         calls.append((embeds.shape[0], embeds.shape[1]))
 
     view = model.with_settings(replace(model.objective, share_question=share))
-    if view.stack is not None:  # codi's layer stack runs the LM instead of transformers' forward
-        view.stack = _CountingStack(view.stack, hook)
     handle = model.hf_model.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         with torch.no_grad():
@@ -108,15 +106,6 @@ def _count_positions(model, batch, share: bool) -> list[tuple[int, int]]:
     finally:
         handle.remove()
     return calls
-
-
-class _CountingStack:
-    def __init__(self, stack, hook):
-        self.stack, self.hook, self.active = stack, hook, stack.active
-
-    def __call__(self, **kwargs):
-        self.hook(None, (), kwargs)
-        return self.stack(**kwargs)
 
 
 def test_shared_question_saves_the_student_question_positions(make_model):

@@ -48,9 +48,8 @@ class GroupedLoraFunction(torch.autograd.Function):
         hidden = hidden.transpose(0, 1).reshape(flat.shape[0], count * rank)
         # peft's order of roundings: the update scaled, then added (not addmm's fused alpha)
         out = out + hidden.mm(b_block.t()).to(out.dtype) * scaling
-        scale = scaling
         ctx.save_for_backward(weight, a_stack, b_block, kept, hidden, noise)
-        ctx.scale, ctx.count, ctx.rank, ctx.autocast = scale, count, rank, autocast
+        ctx.scaling, ctx.count, ctx.rank, ctx.autocast = scaling, count, rank, autocast
         ctx.out_sizes = [b.shape[0] for b in b_matrices]
         ctx.device_type, ctx.x_dtype = x.device.type, x.dtype
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -62,7 +61,7 @@ class GroupedLoraFunction(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad_out):
         weight, a_stack, b_block, kept, hidden, noise = ctx.saved_tensors
-        count, rank, scale = ctx.count, ctx.rank, ctx.scale
+        count, rank, scale = ctx.count, ctx.rank, ctx.scaling
         grad = grad_out.reshape(-1, grad_out.shape[-1])
         grad_hidden = grad.mm(b_block.to(grad.dtype)).mul_(scale)  # (n, k r)
         grad_b_block = grad.t().mm(hidden.to(grad.dtype)).mul_(scale)  # (out_total, k r): its diagonal

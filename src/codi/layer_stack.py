@@ -97,19 +97,19 @@ class LayerStack:
     @classmethod
     def build(cls, hf_model: nn.Module) -> LayerStack | None:
         """The stack of a transformers GPT-2 or Llama causal LM (peft LoRA layers included), else None."""
-        from transformers.models.gpt2.modeling_gpt2 import GPT2Block
-        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+        from transformers.models.gpt2.modeling_gpt2 import GPT2Block, GPT2LMHeadModel
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaForCausalLM
 
-        config = getattr(hf_model, "config", None)
         try:
-            if type(hf_model).__name__ == "GPT2LMHeadModel":
+            if type(hf_model) is GPT2LMHeadModel:
                 blocks = hf_model.transformer.h
+                config = hf_model.config
                 if config.add_cross_attention or config.reorder_and_upcast_attn:
                     return None
                 if not all(type(block) is GPT2Block for block in blocks):
                     return None
                 return cls(hf_model, "gpt2", [_gpt2_layer(block) for block in blocks])
-            if type(hf_model).__name__ == "LlamaForCausalLM":
+            if type(hf_model) is LlamaForCausalLM:
                 layers = hf_model.get_decoder().layers
                 if not all(type(layer) is LlamaDecoderLayer for layer in layers):
                     return None
@@ -120,16 +120,17 @@ class LayerStack:
 
     @property
     def active(self) -> bool:
-        """False while something the stack would bypass is on: activation checkpointing; a wrapper
-        that works through the layers' own forward (FSDP or DeepSpeed ZeRO-3 gather sharded weights
-        in hooks or a wrapper class, accelerate's offloading replaces `forward`, any forward hook); or
+        """False while something the stack would bypass is on: activation checkpointing; a forward hook
+        on the model or its layers (a user's probe, FSDP2 and DeepSpeed ZeRO-3 gathering sharded
+        weights), a wrapper working through the layers' own forward (FSDP's wrapper class, accelerate's
+        offloading replacing `forward`); or
         adapters in another dtype than the base weights outside autocast (peft casts between them; the
         stack computes in one dtype)."""
         first = self._decoder_layers()[0]
         if first is not self._first_layer or type(first) is not self._first_layer_type:
             return False  # replaced or re-classed since the stack was built (FSDP)
         projection = self.layers[0].qkv.projections[0]
-        for module in (self.body, first, projection.base, projection.lora):
+        for module in (self.hf_model, self.body, first, projection.base, projection.lora):
             if module is None:
                 continue
             if (
