@@ -123,7 +123,8 @@ def _losses_and_grads(model, batch, seed: int):
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 def test_codi_losses_and_gradients_match_plain_peft(make_model, arch, dropout):
-    model = make_model(arch, lora_dropout=dropout)
+    # transformers' forward: the path that calls the LoRA layers (codi's layer stack reads their weights)
+    model = make_model(arch, lora_dropout=dropout, layer_stack=False)
     with torch.no_grad():  # LoRA B starts at zero (then A gets no gradient): random adapters
         generator = torch.Generator().manual_seed(1)
         for name, param in model.named_parameters():
@@ -155,7 +156,7 @@ def test_setting_off_builds_plain_peft_with_the_same_state_dict(make_model):
 def test_bf16_autocast_matches_plain_peft(make_model, arch):
     """As the Trainer's `--bf16` runs it: fp32 weights under bf16 autocast, dropout on. The forward runs
     the same bf16 ops (same losses); the backward may round a few bf16 reductions differently."""
-    model = make_model(arch, lora_dropout=0.2)
+    model = make_model(arch, lora_dropout=0.2, layer_stack=False)
     with torch.no_grad():
         generator = torch.Generator().manual_seed(1)
         for name, param in model.named_parameters():
