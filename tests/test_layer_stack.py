@@ -168,6 +168,9 @@ def test_what_the_stack_does_not_reproduce_goes_to_transformers(make_model):
     assert not model.stack.active and model._lm(None, None) is model.hf_model
     adapter.to(torch.float32)
     assert model.stack.active
+    with torch.no_grad():  # transformers keeps its own output-recording hooks on the layers after this
+        model.hf_model(input_ids=torch.tensor([[1, 2, 3]]), output_hidden_states=True)
+    assert model.stack.active  # ... which the stack does not bypass
     layer = model.hf_model.model.layers[0]
     handle = layer.register_forward_pre_hook(lambda module, args: None)  # as DeepSpeed ZeRO-3, FSDP2
     assert not model.stack.active and model._lm(None, None) is model.hf_model

@@ -138,7 +138,7 @@ class LayerStack:
                 or getattr(module, "_hf_hook", None) is not None
             ):
                 return False
-            if module._forward_pre_hooks or module._forward_hooks:
+            if _foreign_hooks(module):
                 return False
         weight = projection.base._parameters["weight"]
         if type(weight) is not nn.Parameter or hasattr(weight, "ds_id"):  # a DTensor shard, ZeRO-3
@@ -310,6 +310,16 @@ def _group(*modules: nn.Module) -> ProjectionGroup:
     if any(p is None for p in found):
         raise _Unsupported(", ".join(type(module).__name__ for module in modules))
     return ProjectionGroup(tuple(found))
+
+
+# transformers keeps a hook on every decoder layer once it has recorded hidden states (it collects
+# them for its own forward only): not a hook the stack bypasses
+_TRANSFORMERS_CAPTURE = "transformers.utils.output_capturing"
+
+
+def _foreign_hooks(module: nn.Module) -> bool:
+    hooks = [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]
+    return any(getattr(hook, "__module__", None) != _TRANSFORMERS_CAPTURE for hook in hooks)
 
 
 def gqa_kernel(device_type: str, mask: torch.Tensor | None) -> bool:
