@@ -81,6 +81,15 @@ class CODIModelArguments:
             "fewer operations (docs/speed.md). False: transformers' forward."
         },
     )
+    compile_layers: str = field(
+        default="",
+        metadata={
+            "help": "Compile each decoder layer of codi's layer stack with this torch.compile backend "
+            "(e.g. inductor): the layer as a few fused kernels, one graph shared by every layer; it pays "
+            "where the step is bound by per-op host cost (GPUs), after a compile of a minute or more "
+            "(docs/speed.md). Empty: eager."
+        },
+    )
     lora_init: bool = field(
         default=True,
         metadata={"help": "Reference flag: standard LoRA init (B=0). Accepted for compatibility."},

@@ -82,8 +82,9 @@ class _Layer:
 class LayerStack:
     """`LayerStack.build(hf_model)(inputs_embeds=..., attention_mask=..., ...)`: the module docstring."""
 
-    def __init__(self, hf_model: nn.Module, arch: str, layers: list[_Layer]):
+    def __init__(self, hf_model: nn.Module, arch: str, layers: list[_Layer], compile_backend: str | None = None):
         self.hf_model, self.arch, self.layers = hf_model, arch, layers
+        self.compile_backend = compile_backend  # layers through `codi.compiled_layer` where it covers them
         config = hf_model.config
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
@@ -95,8 +96,10 @@ class LayerStack:
         self._first_layer_type = type(self._first_layer)
 
     @classmethod
-    def build(cls, hf_model: nn.Module) -> LayerStack | None:
-        """The stack of a transformers GPT-2 or Llama causal LM (peft LoRA layers included), else None."""
+    def build(cls, hf_model: nn.Module, compile_backend: str | None = None) -> LayerStack | None:
+        """The stack of a transformers GPT-2 or Llama causal LM (peft LoRA layers included), else None.
+        `compile_backend` (e.g. "inductor"): run each layer as one `torch.compile`d function with this
+        backend (`codi.compiled_layer`); None: eager."""
         from transformers.models.gpt2.modeling_gpt2 import GPT2Block, GPT2LMHeadModel
         from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaForCausalLM
 
@@ -108,12 +111,12 @@ class LayerStack:
                     return None
                 if not all(type(block) is GPT2Block for block in blocks):
                     return None
-                return cls(hf_model, "gpt2", [_gpt2_layer(block) for block in blocks])
+                return cls(hf_model, "gpt2", [_gpt2_layer(block) for block in blocks], compile_backend)
             if type(hf_model) is LlamaForCausalLM:
                 layers = hf_model.get_decoder().layers
                 if not all(type(layer) is LlamaDecoderLayer for layer in layers):
                     return None
-                return cls(hf_model, "llama", [_llama_layer(layer) for layer in layers])
+                return cls(hf_model, "llama", [_llama_layer(layer) for layer in layers], compile_backend)
         except _Unsupported:
             return None
         return None
@@ -172,9 +175,10 @@ class LayerStack:
         rope = self._rope(hidden, position_ids)
         states = [hidden] if output_hidden_states else None
         keys, values = [], []
+        run_layer = self._compiled_runner(mask, cache is not None, length) or self._layer
         for index, layer in enumerate(self.layers):
             past_kv = (cache.keys[index], cache.values[index]) if cache is not None else None
-            hidden, key, value = self._layer(layer, hidden, past_kv, mask, rope)
+            hidden, key, value = run_layer(layer, hidden, past_kv, mask, rope)
             keys.append(key)
             values.append(value)
             if states is not None:
@@ -188,6 +192,31 @@ class LayerStack:
             hidden_states=tuple(states) if states is not None else None,
             cache=StackCache(keys, values) if use_cache else None,
         )
+
+    def _compiled_runner(self, mask, continued: bool, length: int):
+        """A `_layer` stand-in running `codi.compiled_layer`'s compiled function, or None (not compiled,
+        or a layer it does not cover)."""
+        if self.compile_backend is None:
+            return None
+        from .compiled_layer import compiled_layer_math, layer_spec, layer_weights
+
+        specs = [layer_spec(self, layer) for layer in self.layers]
+        if any(spec is None or spec != specs[0] for spec in specs):
+            return None
+        grad = torch.is_grad_enabled()
+        function = compiled_layer_math(self.compile_backend, specs[0], grad)
+        is_causal = mask is None and not continued and length > 1
+        gqa = gqa_kernel(self.hf_model.device.type, mask)
+
+        def run(layer, hidden, past_kv, mask, rope):
+            if grad and not hidden.requires_grad:
+                # the first layer's input (frozen embeddings) as every other layer's: one graph, not two
+                hidden = hidden.detach().requires_grad_()
+            rope = rope[:2] if rope is not None else None
+            _dynamic_sizes(hidden, past_kv, mask, rope)
+            return function(hidden, past_kv, mask, rope, layer_weights(layer), is_causal, gqa)
+
+        return run
 
     def _embed(self, embeds: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         if self.arch == "llama":
@@ -259,6 +288,17 @@ class LayerStack:
         if layer.dropouts:
             update = layer.dropouts[1](update)
         return hidden + update, key, value
+
+
+def _dynamic_sizes(hidden, past_kv, mask, rope) -> None:
+    """Compile for any batch, length and cache length (sizes 0 and 1 aside, which dynamo specialises)."""
+    from torch._dynamo import maybe_mark_dynamic
+
+    for tensor, dims in ((hidden, (0, 1)), (mask, (0, 2, 3)), *(((t, (0, 1)) for t in rope or ())),
+                         *(((t, (0, 2)) for t in past_kv or ()))):  # fmt: skip
+        if tensor is not None:
+            for dim in dims:
+                maybe_mark_dynamic(tensor, dim)
 
 
 class _Unsupported(Exception):

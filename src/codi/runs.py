@@ -40,6 +40,7 @@ _MODEL_FIELDS_IGNORED = {
     "attn_implementation",
     "fused_lora",
     "layer_stack",
+    "compile_layers",
 }
 _DATA_FIELDS = (
     "data_name", "train_file", "cot_style", "include_last_cot", "max_token_num", "skip_negative_answers",

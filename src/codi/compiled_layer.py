@@ -1,0 +1,207 @@
+"""The layer stack's decoder layer as one `torch.compile`d function of tensors (opt-in: `compile_layers`).
+
+On a GPU the eager layer stack still dispatches ~200 ATen ops per decoder layer per LM call, each a few
+microseconds of host time for microseconds of GPU work (docs/speed.md). Compiled, a layer is a handful of
+fused kernels and one cached graph call. What makes it compile once, not once per layer or per step:
+
+- the layer is a pure function of tensors (`layer_math`): the hidden states, the past keys/values,
+  the mask and rotary tables, and the layer's weights passed as arguments, so the 30 layers of one
+  model share one graph (modules passed in would be guarded on identity: one graph per layer);
+- everything that is not a tensor (architecture, head counts, epsilons, LoRA scaling and dropout, the
+  training flag) is one tuple of constants (`LayerSpec`) built once per model and mode;
+- shapes are dynamic (`dynamic=True`): the batch, the call's length and the cache's length vary
+  without recompiling. What does compile apart: a first call with no cache (the teacher, a prompt)
+  against a continued one, length 1 against longer (dynamo specialises sizes 0 and 1), training
+  against evaluation, gradients on against off. A CODI step needs three graphs, decoding two or three.
+
+The arithmetic is transformers' (RMSNorm in float32, rotary `rotate_half`, one fused attention call,
+each LoRA adapter `scaling * B(A(dropout(x)))` on its own); the compiler derives the backward.
+Dropout draws come from the compiler's random stream, so with dropout on a compiled step is the
+same distribution, not the same masks, as the eager one; with dropout off
+`tests/test_compiled_layer.py` proves it equal to the eager stack, values and gradients.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import types
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """A layer's constants, the same for every layer of a model in one mode."""
+
+    arch: str  # "llama" | "gpt2"
+    heads: int
+    kv_heads: int
+    head_dim: int
+    norm_eps: float
+    attention_scale: float
+    attention_dropout: float
+    residual_dropout: float  # GPT-2's resid/MLP dropout; 0 for Llama
+    activation: str  # "silu" | "gelu_tanh"
+    lora: tuple[tuple[float, float] | None, ...]  # per group (qkv, out, up, down): (scaling, dropout p)
+    training: bool
+
+
+_ACTIVATIONS = {"SiLU": "silu", "SiLUActivation": "silu", "NewGELUActivation": "gelu_tanh",
+                "GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh"}  # fmt: skip
+
+
+def activation_name(act) -> str | None:
+    """The functional form of a layer's activation (a module, or the stack's one-kernel tanh GELU), or
+    None (not compiled)."""
+    if isinstance(act, functools.partial) and act.func is F.gelu:
+        return "gelu_tanh" if act.keywords.get("approximate") == "tanh" else None
+    return _ACTIVATIONS.get(type(act).__name__) if isinstance(act, nn.Module) else None
+
+
+def _activate(name: str, x: torch.Tensor) -> torch.Tensor:
+    return F.silu(x) if name == "silu" else F.gelu(x, approximate="tanh")
+
+
+def _project(x, part, lora, training):
+    """x @ W^T + b plus each adapter's `scaling * B(A(dropout(x)))`, outputs concatenated."""
+    weight, bias, adapters = part
+    out = F.linear(x, weight, bias)
+    if not adapters:
+        return out
+    scaling, p = lora
+    updates = [F.linear(F.linear(F.dropout(x, p, training), a), b) * scaling for a, b in adapters]
+    return out + (updates[0] if len(updates) == 1 else torch.cat(updates, dim=-1))
+
+
+def _norm(spec: LayerSpec, x, weight, bias):
+    if spec.arch == "gpt2":
+        return F.layer_norm(x, (x.shape[-1],), weight, bias, spec.norm_eps)
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + spec.norm_eps)
+    return weight * x32.to(x.dtype)
+
+
+def _rotate(x, cos, sin):
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def layer_math(spec: LayerSpec, hidden, past, mask, rope, weights, is_causal: bool, gqa: bool):
+    """One decoder layer: (hidden out, keys, values), keys/values (B, kv_heads, P + T, head_dim)
+    including `past`. `weights`: (norm_1, norm_2, qkv, out, up, down), each norm (weight, bias) and
+    each projection group (weight, bias, ((A, B), ...)); `rope`: (cos, sin) broadcast over heads or None."""
+    batch, length, _ = hidden.shape
+    heads, kv_heads, head_dim = spec.heads, spec.kv_heads, spec.head_dim
+    norm_1, norm_2, qkv_part, out_part, up_part, down_part = weights
+    train = spec.training
+    qkv = _project(_norm(spec, hidden, *norm_1), qkv_part, spec.lora[0], train)
+    qkv = qkv.view(batch, length, heads + 2 * kv_heads, head_dim)
+    query, key, value = qkv.split([heads, kv_heads, kv_heads], dim=2)
+    if rope is not None:
+        query, key = _rotate(query, *rope), _rotate(key, *rope)
+    query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    if past is not None:
+        key = torch.cat([past[0], key], dim=2)
+        value = torch.cat([past[1], value], dim=2)
+    else:  # as a continued call's: the next call's graph sees the cache with the same strides
+        key, value = key.contiguous(), value.contiguous()
+    attend_key, attend_value = key, value
+    if kv_heads != heads and not gqa:
+        attend_key = key.repeat_interleave(heads // kv_heads, dim=1)
+        attend_value = value.repeat_interleave(heads // kv_heads, dim=1)
+    attended = F.scaled_dot_product_attention(
+        query,
+        attend_key,
+        attend_value,
+        attn_mask=mask,
+        dropout_p=spec.attention_dropout if train else 0.0,
+        is_causal=is_causal,
+        scale=spec.attention_scale,
+        enable_gqa=kv_heads != heads and gqa,
+    )
+    attended = attended.transpose(1, 2).reshape(batch, length, heads * head_dim)
+    update = F.dropout(_project(attended, out_part, spec.lora[1], train), spec.residual_dropout, train)
+    hidden = hidden + update
+    up = _project(_norm(spec, hidden, *norm_2), up_part, spec.lora[2], train)
+    if spec.arch == "llama":
+        gate, up = up.chunk(2, dim=-1)
+        up = _activate(spec.activation, gate) * up
+    else:
+        up = _activate(spec.activation, up)
+    update = F.dropout(_project(up, down_part, spec.lora[3], train), spec.residual_dropout, train)
+    return hidden + update, key, value
+
+
+_IDS = itertools.count()
+
+
+@functools.cache
+def compiled_layer_math(backend: str, spec: LayerSpec, grad: bool):
+    """`layer_math` for one spec compiled with `backend`, gradients on or off; once per process (every
+    model of the process with this spec shares the graphs).
+
+    Each compiled function has a code object of its own,
+    because dynamo counts graphs per code object against `recompile_limit` (8) and then runs the
+    function eagerly; one (spec, mode) needs at most four.
+    """
+
+    def layer(hidden, past, mask, rope, weights, is_causal, gqa):
+        return layer_math(spec, hidden, past, mask, rope, weights, is_causal, gqa)
+
+    # a name of its own too: dynamo's record of which sizes changed between compiles is kept by name
+    name = f"layer_{spec.arch}_{'train' if spec.training else 'eval'}_{'grad' if grad else 'nograd'}_{next(_IDS)}"
+    code = layer.__code__.replace(co_name=name, co_qualname=name)
+    function = types.FunctionType(code, layer.__globals__, name, None, layer.__closure__)
+    return torch.compile(function, backend=backend, fullgraph=True)
+
+
+def layer_spec(stack, layer) -> LayerSpec | None:
+    """The constants of one of `stack`'s layers (a `codi.layer_stack._Layer`) in the model's current
+    mode, or None when the compiled form does not cover it (another activation, adapters of one group
+    with different scalings or dropouts, a group only partly adapted)."""
+    activation = activation_name(layer.act)
+    if activation is None:
+        return None
+    lora = []
+    for group in (layer.qkv, layer.out, layer.up, layer.down):
+        adapters = [projection.adapter() for projection in group.projections]
+        if all(adapter is None for adapter in adapters):
+            lora.append(None)
+            continue
+        constants = {(adapter[2], adapter[3]) if adapter is not None else None for adapter in adapters}
+        if len(constants) != 1 or None in constants:
+            return None
+        lora.append(constants.pop())
+    attention = layer.attention
+    if stack.arch == "gpt2":
+        norm_eps = layer.norm_1.eps
+        attention_dropout, residual_dropout = attention.attn_dropout.p, layer.dropouts[0].p
+        if layer.dropouts[1].p != residual_dropout or layer.norm_2.eps != norm_eps:
+            return None
+    else:
+        norm_eps = layer.norm_1.norm.variance_epsilon
+        attention_dropout, residual_dropout = attention.attention_dropout, 0.0
+    return LayerSpec(
+        stack.arch, stack.heads, stack.kv_heads, stack.head_dim, float(norm_eps), float(attention.scaling),
+        float(attention_dropout), float(residual_dropout), activation, tuple(lora), attention.training,
+    )  # fmt: skip
+
+
+def layer_weights(layer) -> tuple:
+    """A layer's weights as `layer_math` takes them (live tensors: training updates them in place)."""
+
+    def norm(module):
+        module = getattr(module, "norm", module)  # codi.stack_norm's wrapper holds transformers' norm
+        return module._parameters["weight"], module._parameters.get("bias")
+
+    def part(group):
+        weight, bias = group.base()
+        adapters = [projection.adapter() for projection in group.projections]
+        return weight, bias, tuple((a[0], a[1]) for a in adapters if a is not None)
+
+    return (norm(layer.norm_1), norm(layer.norm_2), *(part(g) for g in (layer.qkv, layer.out, layer.up, layer.down)))

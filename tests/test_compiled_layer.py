@@ -1,0 +1,91 @@
+"""The compiled decoder layer (`compile_layers`, `codi.compiled_layer`) against the eager paths, which
+stay the reference: the same logits, hidden states, caches and gradients (fp32, 1e-5 of the scale)
+through three calls continuing one cache, the same CODI losses and gradients, the same greedy tokens.
+
+The tests compile with the `aot_eager` backend: dynamo captures `layer_math` and AOTAutograd derives its
+backward exactly as under inductor, but without generating kernels (inductor's code generation takes
+minutes on a 2-core CPU; its numerics are torch's own, and `bench/train_step.py --variants compiled`
+runs it). Each test counts the graphs it compiled, so a silent fall back to eager (a graph break, the
+recompile limit) fails it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from conftest import batch_for
+from test_layer_stack import _assert_close, _assert_paths_equal, _lm, _three_calls
+
+from codi.compiled_layer import compiled_layer_math
+from codi.layer_stack import LayerStack
+
+BACKEND = "aot_eager"
+
+
+@pytest.fixture(autouse=True)
+def fresh_compiler():
+    """Every test starts from no compiled graph, so its counts are its own."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled_layer_math.cache_clear()
+    yield
+    torch._dynamo.reset()
+    compiled_layer_math.cache_clear()
+
+
+def _graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def test_a_compiled_llama_with_lora_equals_transformers_through_a_continued_cache():
+    """Rotary positions, grouped key/value heads, LoRA on every projection, padding on both sides,
+    per-row positions, a cache continued twice (three graphs: no cache, a cache and several tokens, a
+    cache and one token), then the same calls again without compiling anything more."""
+    lm = _lm("llama", 4)
+    stack = LayerStack.build(lm, compile_backend=BACKEND)
+    assert stack is not None and stack.kv_heads < stack.heads
+    compiled = _three_calls(stack, lm)
+    assert _graphs() == 3
+    _assert_close(compiled, _three_calls(lm, lm))
+    _assert_close(_three_calls(stack, lm), compiled)
+    assert _graphs() == 3
+
+
+@pytest.mark.parametrize("arch, overrides", [("gpt2", {"use_lora": False}), ("llama", {})])
+def test_a_codi_training_step_is_the_same_with_compiled_layers(make_model, arch, overrides):
+    """Every loss component and every trainable parameter's gradient, with step supervision, LoRA
+    (dropout off: a compiled step draws its own masks) or full fine-tuning with GPT-2."""
+    model = make_model(arch, lora_dropout=0.0, loss={"latent_step_loss_factor": 1.0}, **overrides).train()
+    compiled = model.with_settings(args=replace(model.args, compile_layers=BACKEND))
+    assert compiled.stack.compile_backend == BACKEND and model.stack.compile_backend is None
+    batch = batch_for(model, step_targets=True)
+    _assert_paths_equal(compiled, batch)  # against transformers' forward
+    assert 1 <= _graphs() <= 4  # teacher; continued by one token with and without padding; by several
+
+
+def test_greedy_tokens_are_the_same_with_compiled_layers(make_model):
+    model = make_model("llama")
+    compiled = model.with_settings(args=replace(model.args, compile_layers=BACKEND))
+    questions = ["Tom has 3 apples and buys 4 more. How many?", "2 + 2 = ?", "What is 6 times 7?"]
+    for mode in ("latent", "cot"):
+        settings = dict(mode=mode, max_new_tokens=8, fast_decoding="off")
+        ours, eager = compiled.generate(questions, **settings), model.generate(questions, **settings)
+        assert [out.token_ids for out in ours] == [out.token_ids for out in eager], mode
+    assert 1 <= _graphs() <= 4
+
+
+def test_layers_the_compiled_function_does_not_cover_run_eagerly():
+    """An activation it has no functional form for: the stack runs its eager layers, compiles nothing."""
+    lm = _lm("llama", None)
+    for layer in lm.model.layers:
+        layer.mlp.act_fn = torch.nn.Tanh()
+    stack = LayerStack.build(lm, compile_backend=BACKEND)
+    _assert_close(_three_calls(stack, lm), _three_calls(lm, lm))
+    assert _graphs() == 0
