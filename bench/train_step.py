@@ -16,6 +16,9 @@ variants:
                      modules.
   default_transformers  the default through transformers' modules (`layer_stack=False`) instead of
                      codi's layer stack: the default path before the layer stack.
+  compiled           the default with each decoder layer compiled (`compile_layers="inductor"`); its
+                     compile time is reported apart (`compile_s`), and its host cost as launches
+                     (compiled kernels + ATen ops outside them), since an op counter sees it run eagerly.
 
 It also counts the positions fed to the LM per step (a forward hook), which is what (a) saves, and the
 host cost of one step of each variant (`host_cost.py`): ATen ops dispatched, launches, host-device
@@ -50,6 +53,7 @@ VARIANTS = {
     "default_unshared": {"reference_compat": False, "share_question": False},
     "default": {"reference_compat": False, "share_question": True},
     "default_transformers": {"reference_compat": False, "share_question": True, "layer_stack": False},
+    "compiled": {"reference_compat": False, "share_question": True, "compile_layers": "inductor"},
     "default_plain_lora": {
         "reference_compat": False,
         "share_question": True,
@@ -67,7 +71,10 @@ def variant(model, name: str):
     return model.with_settings(
         replace(model.objective, share_question=flags["share_question"]),
         replace(
-            model.args, reference_compat=flags["reference_compat"], layer_stack=flags.get("layer_stack", True)
+            model.args,
+            reference_compat=flags["reference_compat"],
+            layer_stack=flags.get("layer_stack", True),
+            compile_layers=flags.get("compile_layers", ""),
         ),
     )
 
@@ -126,7 +133,7 @@ def train_steps(model, optimizer, batches: list[dict], device: str, dtype: torch
         optimizer.zero_grad(set_to_none=True)
 
 
-def step_host_cost(view, optimizer, batch: dict, args: argparse.Namespace) -> dict[str, Any]:
+def step_host_cost(name: str, view, optimizer, batch: dict, args: argparse.Namespace) -> dict[str, Any]:
     """Host cost of ONE training step of each variant (`host_cost`): ATen ops dispatched (eager),
     launches (profiler: top-level ATen ops + compiled kernels on CPU; kernel and graph launches on
     CUDA), host-device syncs (CUDA), and CPU time / wall time of an uninstrumented step."""
@@ -135,7 +142,8 @@ def step_host_cost(view, optimizer, batch: dict, args: argparse.Namespace) -> di
     def step() -> None:
         train_steps(view, optimizer, [batch], args.device, dtype)
 
-    cost = host_cost.host_cost(step, args.device)
+    compiled = bool(VARIANTS[name].get("compile_layers"))
+    cost = host_cost.host_cost(step, args.device, eager_ops=not compiled)
     names = {
         "aten_ops": "aten_ops_per_step",
         "top_ops": "most_frequent_aten_ops",
@@ -150,6 +158,8 @@ def step_host_cost(view, optimizer, batch: dict, args: argparse.Namespace) -> di
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(args.seed)
+    if any(VARIANTS[name].get("compile_layers") for name in args.variants):
+        host_cost.enable_compiled_kernel_profile()  # before the first compile
     dtype = common.DTYPES[args.dtype]
     start = time.perf_counter()
     model, weights = common.load_codi(args.model, args.device)  # fp32 master weights (Trainer-style)
@@ -175,8 +185,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         train_steps(view, optimizer, batches[:1], args.device, dtype)
         positions[name], calls[name] = counter.positions, counter.calls
     counter.remove()
+    compile_s = {}
+    for name in args.variants:  # a hooked model runs transformers' forward: compile now, timed
+        if VARIANTS[name].get("compile_layers"):
+            with common.timed(args.device) as timer:
+                train_steps(variant(model, name), optimizer, batches[:1], args.device, dtype)
+            compile_s[name] = round(timer["s"], 1)
     costs = {
-        name: step_host_cost(variant(model, name), optimizer, batches[0], args) for name in args.variants
+        name: step_host_cost(name, variant(model, name), optimizer, batches[0], args)
+        for name in args.variants
     }
 
     seconds: dict[str, list[float]] = {name: [] for name in args.variants}
@@ -211,6 +228,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "lm_calls_per_step": calls[name],
             **costs[name],
         }
+        if name in compile_s:
+            variants[name]["compile_s"] = compile_s[name]
     base = variants.get("reference_compat")
     result: dict[str, Any] = {
         "bench": "train_step",
@@ -254,6 +273,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for label, faster, slower in (
         ("fused_lora_vs_plain", "default_transformers", "default_plain_lora"),
         ("layer_stack_vs_transformers", "default", "default_transformers"),
+        ("compiled_vs_eager_stack", "compiled", "default"),
     ):
         if faster in variants and slower in variants:
             result[label] = _gain(variants[faster], variants[slower])
@@ -284,7 +304,12 @@ def main(argv: list[str] | None = None) -> int:
     common.add_common_args(parser)
     parser.add_argument("--batch_size", type=int, default=None, help="default 8 (CPU) / 64 (GPU)")
     parser.add_argument("--steps", type=int, default=2, help="training steps per variant and round")
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=list(VARIANTS),
+        default=[name for name in VARIANTS if name != "compiled"],  # compiling takes minutes on a CPU
+    )
     parser.add_argument(
         "--adamw_loop",
         action="store_true",

@@ -204,4 +204,45 @@ def layer_weights(layer) -> tuple:
         adapters = [projection.adapter() for projection in group.projections]
         return weight, bias, tuple((a[0], a[1]) for a in adapters if a is not None)
 
-    return (norm(layer.norm_1), norm(layer.norm_2), *(part(g) for g in (layer.qkv, layer.out, layer.up, layer.down)))
+    return (
+        norm(layer.norm_1),
+        norm(layer.norm_2),
+        *(part(g) for g in (layer.qkv, layer.out, layer.up, layer.down)),
+    )
+
+
+def compiled_runner(stack, mask, continued: bool, length: int):
+    """A stand-in for `stack._layer` for one LM call, running the compiled function; None when it does
+    not cover the stack's layers (they differ, or `layer_spec` refuses one)."""
+    from .layer_stack import gqa_kernel
+
+    specs = [layer_spec(stack, layer) for layer in stack.layers]
+    if any(spec is None or spec != specs[0] for spec in specs):
+        return None
+    grad = torch.is_grad_enabled()
+    function = compiled_layer_math(stack.compile_backend, specs[0], grad)
+    is_causal = mask is None and not continued and length > 1
+    gqa = gqa_kernel(stack.hf_model.device.type, mask)
+
+    def run(layer, hidden, past_kv, mask, rope):
+        if grad and not hidden.requires_grad:
+            # the first layer's input (frozen embeddings) as every other layer's: one graph, not two
+            hidden = hidden.detach().requires_grad_()
+        rope = rope[:2] if rope is not None else None
+        _dynamic_sizes(hidden, past_kv, mask, rope)
+        return function(hidden, past_kv, mask, rope, layer_weights(layer), is_causal, gqa)
+
+    return run
+
+
+def _dynamic_sizes(hidden, past_kv, mask, rope) -> None:
+    """Compile for any batch, call length and cache length (dynamo still specialises sizes 0 and 1)."""
+    from torch._dynamo import maybe_mark_dynamic
+
+    marks = [(hidden, (0, 1)), (mask, (0, 2, 3))]
+    marks += [(table, (0, 1)) for table in rope or ()]
+    marks += [(cached, (0, 2)) for cached in past_kv or ()]
+    for tensor, dims in marks:
+        if tensor is not None:
+            for dim in dims:
+                maybe_mark_dynamic(tensor, dim)

@@ -82,7 +82,9 @@ class _Layer:
 class LayerStack:
     """`LayerStack.build(hf_model)(inputs_embeds=..., attention_mask=..., ...)`: the module docstring."""
 
-    def __init__(self, hf_model: nn.Module, arch: str, layers: list[_Layer], compile_backend: str | None = None):
+    def __init__(
+        self, hf_model: nn.Module, arch: str, layers: list[_Layer], compile_backend: str | None = None
+    ):
         self.hf_model, self.arch, self.layers = hf_model, arch, layers
         self.compile_backend = compile_backend  # layers through `codi.compiled_layer` where it covers them
         config = hf_model.config
@@ -175,7 +177,11 @@ class LayerStack:
         rope = self._rope(hidden, position_ids)
         states = [hidden] if output_hidden_states else None
         keys, values = [], []
-        run_layer = self._compiled_runner(mask, cache is not None, length) or self._layer
+        run_layer = self._layer
+        if self.compile_backend is not None:
+            from .compiled_layer import compiled_runner
+
+            run_layer = compiled_runner(self, mask, cache is not None, length) or self._layer
         for index, layer in enumerate(self.layers):
             past_kv = (cache.keys[index], cache.values[index]) if cache is not None else None
             hidden, key, value = run_layer(layer, hidden, past_kv, mask, rope)
@@ -192,31 +198,6 @@ class LayerStack:
             hidden_states=tuple(states) if states is not None else None,
             cache=StackCache(keys, values) if use_cache else None,
         )
-
-    def _compiled_runner(self, mask, continued: bool, length: int):
-        """A `_layer` stand-in running `codi.compiled_layer`'s compiled function, or None (not compiled,
-        or a layer it does not cover)."""
-        if self.compile_backend is None:
-            return None
-        from .compiled_layer import compiled_layer_math, layer_spec, layer_weights
-
-        specs = [layer_spec(self, layer) for layer in self.layers]
-        if any(spec is None or spec != specs[0] for spec in specs):
-            return None
-        grad = torch.is_grad_enabled()
-        function = compiled_layer_math(self.compile_backend, specs[0], grad)
-        is_causal = mask is None and not continued and length > 1
-        gqa = gqa_kernel(self.hf_model.device.type, mask)
-
-        def run(layer, hidden, past_kv, mask, rope):
-            if grad and not hidden.requires_grad:
-                # the first layer's input (frozen embeddings) as every other layer's: one graph, not two
-                hidden = hidden.detach().requires_grad_()
-            rope = rope[:2] if rope is not None else None
-            _dynamic_sizes(hidden, past_kv, mask, rope)
-            return function(hidden, past_kv, mask, rope, layer_weights(layer), is_causal, gqa)
-
-        return run
 
     def _embed(self, embeds: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         if self.arch == "llama":
@@ -288,17 +269,6 @@ class LayerStack:
         if layer.dropouts:
             update = layer.dropouts[1](update)
         return hidden + update, key, value
-
-
-def _dynamic_sizes(hidden, past_kv, mask, rope) -> None:
-    """Compile for any batch, length and cache length (sizes 0 and 1 aside, which dynamo specialises)."""
-    from torch._dynamo import maybe_mark_dynamic
-
-    for tensor, dims in ((hidden, (0, 1)), (mask, (0, 2, 3)), *(((t, (0, 1)) for t in rope or ())),
-                         *(((t, (0, 2)) for t in past_kv or ()))):  # fmt: skip
-        if tensor is not None:
-            for dim in dims:
-                maybe_mark_dynamic(tensor, dim)
 
 
 class _Unsupported(Exception):
