@@ -24,6 +24,20 @@ def _speedups(result: dict) -> str:
     return " ".join(parts + ([f"checks={json.dumps(checks, separators=(',', ':'))}"] if checks else []))
 
 
+def _train(result: dict) -> str:
+    """Seconds per step, launches per step and compile time per variant, then the ratios."""
+    rows = []
+    for name, values in result.get("variants", {}).items():
+        compiled = f", compile {values['compile_s']} s" if "compile_s" in values else ""
+        rows.append(
+            f"{name}: {values.get('s_per_step')} s/step, {values.get('launches_per_step')} launches{compiled}"
+        )
+    gains = [
+        f"{key}={json.dumps(value, separators=(',', ':'))}" for key, value in result.items() if "_vs_" in key
+    ]
+    return "; ".join(rows) + " | " + " ".join(gains + [_speedups(result)])
+
+
 def _decode(result: dict) -> str:
     """Questions/s per mode at the batch size, ms per question at batch 1, and the speed-ups."""
     batch = result.get("throughput_batch_size")
@@ -43,7 +57,8 @@ def summarise(stage: str, out: Path) -> str:
     data = out / f"{stage}.json"
     if data.is_file():
         result = json.loads(data.read_text())
-        return _decode(result) if stage == "bench_decode" else _speedups(result)[:1500]
+        summary = {"bench_decode": _decode, "bench_train": _train, "bench_compiled": _train}
+        return summary.get(stage, _speedups)(result)[:1500]
     if stage.startswith("train_"):
         end = _last(lines, r"^\{'train_runtime'")
         if end:

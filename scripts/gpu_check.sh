@@ -5,9 +5,11 @@
 # so a killed run still tells what it did.
 #
 #   bench_train      bench/train_step.py: the training step, layer stack vs transformers vs reference_compat (bf16)
+#   bench_compiled   the same, the eager layer stack vs its layers compiled (`--compile_layers inductor`)
 #   bench_decode     bench/decode.py: eager vs fast (static cache + CUDA graphs) vs reference_compat
 #   data             codi data synth (the demo's 3-step chains, uniform wording)
 #   base             the real SmolLM2-135M-Instruct weights (GGUF parts reassembled, de-quantised)
+#                    (COMPILE_LAYERS=inductor: the training stages below compile their layers too)
 #   train_codi       codi train --config configs/smollm2_synthetic.yaml (the paper's objective, beta 20)
 #   train_cot_sft    the same budget, CoT-SFT;   train_no_cot_sft: No-CoT-SFT
 #   eval_*           codi eval on the held-out split (CODI: latent and its teacher's CoT mode)
@@ -80,6 +82,12 @@ skip() {  # skip NAME REASON
 stage bench_train 40 "$PY" bench/train_step.py --model $BENCH_MODEL --device $DEVICE --dtype $DTYPE \
   --batch_size 32 --steps 3 --repeats 2 --variants default default_transformers reference_compat $QUICK \
   --output "$OUT/bench_train.json"
+if [[ $SMOKE == 1 ]]; then  # inductor's CPU code generation takes minutes; tests/test_compiled_layer.py checks the graphs
+  skip bench_compiled "CPU smoke run"
+else  # its own stage: a compile failure costs this line only
+  stage bench_compiled 150 "$PY" bench/train_step.py --model $BENCH_MODEL --device $DEVICE --dtype $DTYPE \
+    --batch_size 32 --steps 3 --repeats 2 --variants default compiled --output "$OUT/bench_compiled.json"
+fi
 stage bench_decode 45 "$PY" bench/decode.py --model $BENCH_MODEL --device $DEVICE --dtype $DTYPE \
   --latency_questions 4 --batch_size 64 --repeats 2 $QUICK --output "$OUT/bench_decode.json" \
   --modes latent,latent_fast,latent_prompt_fast,latent_reference,cot,cot_fast
@@ -100,7 +108,7 @@ train() {  # train NAME CAP METHOD
   stage "$1" "$2" "${CODI[@]}" train --config configs/smollm2_synthetic.yaml --method "$3" \
     --model_name_or_path "$BASE" --train_file "$W/data/train.txt" --validation_file "$W/data/validation.txt" \
     --eval_strategy no --save_strategy no --max_steps "$STEPS" --logging_steps 50 \
-    --output_dir "$W/$3" "${TRAIN[@]}"
+    --output_dir "$W/$3" "${TRAIN[@]}" ${COMPILE_LAYERS:+--compile_layers "$COMPILE_LAYERS"}
 }
 train train_codi 90 codi
 train train_cot_sft 45 cot_sft
