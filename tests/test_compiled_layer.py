@@ -89,3 +89,13 @@ def test_layers_the_compiled_function_does_not_cover_run_eagerly():
     stack = LayerStack.build(lm, compile_backend=BACKEND)
     _assert_close(_three_calls(stack, lm), _three_calls(lm, lm))
     assert _graphs() == 0
+
+
+def test_compiling_is_the_loading_machines_choice_not_the_checkpoints(make_model, tmp_path):
+    """Like `dtype`: a checkpoint saved from a compiled model loads eager unless the caller asks."""
+    import codi
+
+    model = make_model("llama")
+    model.with_settings(args=replace(model.args, compile_layers=BACKEND)).save_pretrained(str(tmp_path))
+    assert codi.load(str(tmp_path)).stack.compile_backend is None
+    assert codi.load(str(tmp_path), compile_layers=BACKEND).stack.compile_backend == BACKEND

@@ -43,8 +43,14 @@ logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "codi_config.json"
 FORMAT_VERSION = 1
-# Loading options of the machine that loads, never read from a checkpoint (code execution, hardware).
-CALLER_OPTIONS = {"trust_remote_code": False, "dtype": "float32", "attn_implementation": "sdpa"}
+# Loading options of the machine that loads, never read from a checkpoint (code execution, hardware;
+# compiling pays on a GPU, costs minutes on a CPU).
+CALLER_OPTIONS = {
+    "trust_remote_code": False,
+    "dtype": "float32",
+    "attn_implementation": "sdpa",
+    "compile_layers": "",
+}
 _FINGERPRINT_SAMPLE = 4096  # values per tensor: enough to tell two trainings apart, cheap for 1B models
 
 
@@ -259,8 +265,8 @@ class CheckpointMixin(ModelHubMixin):
         recorded in `codi_config.json`, or `base_model_name_or_path`; its weights must be the ones the
         checkpoint was trained on (fingerprint) unless `allow_base_mismatch=True`.
 
-        `trust_remote_code`, `dtype` and `attn_implementation` are the caller's: a value stored in the
-        file is ignored (a downloaded checkpoint must not be able to run its own code here). Other
+        `trust_remote_code`, `dtype`, `attn_implementation` and `compile_layers` are the caller's: a value
+        stored in the file is ignored (a downloaded checkpoint must not be able to run its own code here). Other
         `model_kwargs`: `CODIModelArguments` fields (e.g. `num_latent`, `reference_compat`). A file lacking
         a tensor the model needs (or holding one it lacks) is an error unless `allow_incomplete_weights=True`
         (`codi.io.checkpoint_checks`).

@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 # Commands that read latent thoughts, and the methods whose checkpoints have them.
 LATENT_METHODS = {"probe": ("codi",), "ablate": ("codi", "coconut")}
-_CALLER_KEYS = ("trust_remote_code", "dtype", "attn_implementation")  # dropped on load, any type
+_CALLER_KEYS = ("trust_remote_code", "dtype", "attn_implementation", "compile_layers")  # dropped on load
 EXTRA_WEIGHTS_NAME = "codi_extra.safetensors"  # the projection and added token rows (codi.io.checkpoint)
 _ADAPTER_KEYS = {"r": "lora_r", "lora_alpha": "lora_alpha"}  # adapter_config.json key -> model_args key
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
