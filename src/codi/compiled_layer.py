@@ -141,9 +141,10 @@ _IDS = itertools.count()
 
 
 @functools.cache
-def compiled_layer_math(backend: str, spec: LayerSpec, grad: bool):
-    """`layer_math` for one spec compiled with `backend`, gradients on or off; once per process (every
-    model of the process with this spec shares the graphs).
+def compiled_layer_math(backend: str, spec: LayerSpec, grad: bool, single_row: bool):
+    """`layer_math` for one spec compiled with `backend`, gradients on or off, for batches of one row or
+    of several (dynamo specialises a size of 1: decoding one question and a batch compile apart); once
+    per process (every model of the process with this spec shares the graphs).
 
     Each compiled function has a code object of its own,
     because dynamo counts graphs per code object against `recompile_limit` (8) and then runs the
@@ -154,7 +155,8 @@ def compiled_layer_math(backend: str, spec: LayerSpec, grad: bool):
         return layer_math(spec, hidden, past, mask, rope, weights, is_causal, gqa)
 
     # a name of its own too: dynamo's record of which sizes changed between compiles is kept by name
-    name = f"layer_{spec.arch}_{'train' if spec.training else 'eval'}_{'grad' if grad else 'nograd'}_{next(_IDS)}"
+    mode = f"{'train' if spec.training else 'eval'}_{'grad' if grad else 'nograd'}_{'row' if single_row else 'rows'}"
+    name = f"layer_{spec.arch}_{mode}_{next(_IDS)}"
     code = layer.__code__.replace(co_name=name, co_qualname=name)
     function = types.FunctionType(code, layer.__globals__, name, None, layer.__closure__)
     return torch.compile(function, backend=backend, fullgraph=True)
@@ -220,14 +222,23 @@ def compiled_runner(stack, mask, continued: bool, length: int):
     if any(spec is None or spec != specs[0] for spec in specs):
         return None
     grad = torch.is_grad_enabled()
-    function = compiled_layer_math(stack.compile_backend, specs[0], grad)
     is_causal = mask is None and not continued and length > 1
     gqa = gqa_kernel(stack.hf_model.device.type, mask)
+    functions = {}
 
     def run(layer, hidden, past_kv, mask, rope):
+        single_row = hidden.shape[0] == 1
+        function = functions.get(single_row)
+        if function is None:
+            function = functions[single_row] = compiled_layer_math(
+                stack.compile_backend, specs[0], grad, single_row
+            )
         if grad and not hidden.requires_grad:
             # the first layer's input (frozen embeddings) as every other layer's: one graph, not two
             hidden = hidden.detach().requires_grad_()
+        if past_kv is not None and not past_kv[0].is_contiguous():
+            # a cropped cache (a view of a longer one) in the layout every call returns: one graph
+            past_kv = (past_kv[0].contiguous(), past_kv[1].contiguous())
         rope = rope[:2] if rope is not None else None
         _dynamic_sizes(hidden, past_kv, mask, rope)
         return function(hidden, past_kv, mask, rope, layer_weights(layer), is_causal, gqa)
