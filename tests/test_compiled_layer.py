@@ -16,9 +16,12 @@ from dataclasses import replace
 import pytest
 import torch
 from conftest import batch_for
+from test_coconut import coconut_model, records_for
 from test_layer_stack import _assert_close, _assert_paths_equal, _lm, _three_calls
 
 from codi.compiled_layer import compiled_layer_math
+from codi.methods.coconut import CoconutArguments
+from codi.methods.coconut.data import CoconutCollator, CoconutDataset, MarkerIds
 from codi.layer_stack import LayerStack
 
 BACKEND = "aot_eager"
@@ -68,6 +71,29 @@ def test_a_codi_training_step_is_the_same_with_compiled_layers(make_model, arch,
     batch = batch_for(model, step_targets=True)
     _assert_paths_equal(compiled, batch)  # against transformers' forward
     assert _graphs() == 3  # the teacher; the <bot> and latent steps (one position); the decoder tokens
+
+
+def test_teacher_only_training_is_the_same_with_compiled_layers(make_model):
+    """CoT-SFT's forward, which iCoT trains on shortened chains (one graph: the teacher call)."""
+    model = make_model("llama", method="cot_sft", lora_dropout=0.0).train()
+    compiled = model.with_settings(args=replace(model.args, compile_layers=BACKEND))
+    _assert_paths_equal(compiled, batch_for(model, method="cot_sft"))
+    assert _graphs() == 1
+
+
+def test_coconut_training_is_the_same_with_compiled_layers(tiny_dirs):
+    """Coconut's passes over its continuous thoughts (float64, as on the eager stack: this test model's
+    large weights amplify fp32 rounding through the thoughts)."""
+    settings = CoconutArguments(c_thought=2, max_latent_stage=3, pad_latent_to_max=False)
+    model = coconut_model(tiny_dirs["llama"], settings).train().double()
+    dataset = CoconutDataset(
+        records_for(model), settings, MarkerIds(model.bot_id, model.eot_id, model.pause_id)
+    )
+    stages = [0, 2, 1, 4]
+    dataset.stage_of = lambda index: stages[index]
+    batch = CoconutCollator(model.pad_id)([dataset[i] for i in range(len(stages))])
+    _assert_paths_equal(model.with_settings(args=replace(model.args, compile_layers=BACKEND)), batch)
+    assert 1 <= _graphs() <= 4
 
 
 def test_greedy_tokens_are_the_same_with_compiled_layers(make_model):
