@@ -20,9 +20,9 @@ from test_coconut import coconut_model, records_for
 from test_layer_stack import _assert_close, _assert_paths_equal, _lm, _three_calls
 
 from codi.compiled_layer import compiled_layer_math
+from codi.layer_stack import LayerStack
 from codi.methods.coconut import CoconutArguments
 from codi.methods.coconut.data import CoconutCollator, CoconutDataset, MarkerIds
-from codi.layer_stack import LayerStack
 
 BACKEND = "aot_eager"
 
