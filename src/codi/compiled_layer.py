@@ -67,14 +67,30 @@ def _activate(name: str, x: torch.Tensor) -> torch.Tensor:
 
 
 def _project(x, part, lora, training):
-    """x @ W^T + b plus each adapter's `scaling * B(A(dropout(x)))`, outputs concatenated."""
+    """x @ W^T + b plus each adapter's `scaling * B(A(dropout(x)))`, outputs concatenated.
+
+    Several adapters of one rank (q/k/v, gate/up) run as two batched matmuls forward, each with its own
+    dropout mask, instead of two matmuls each: a compiled layer's launches are mostly these matmuls
+    (inductor calls the library's matmul for each). B matrices of different heights (q against k/v) are
+    zero-padded to one, which adds multiply-adds on zeros, cheap next to the frozen matmul.
+    """
     weight, bias, adapters = part
     out = F.linear(x, weight, bias)
     if not adapters:
         return out
     scaling, p = lora
-    updates = [F.linear(F.linear(F.dropout(x, p, training), a), b) * scaling for a, b in adapters]
-    return out + (updates[0] if len(updates) == 1 else torch.cat(updates, dim=-1))
+    if len(adapters) == 1 or len({a.shape for a, _ in adapters}) != 1:
+        updates = [F.linear(F.linear(F.dropout(x, p, training), a), b) for a, b in adapters]
+        return out + torch.cat(updates, dim=-1) * scaling
+    flat = x.reshape(-1, x.shape[-1])
+    dropped = F.dropout(flat.expand(len(adapters), *flat.shape), p, training)  # (k, n, in)
+    hidden = torch.bmm(dropped, torch.stack([a for a, _ in adapters]).transpose(1, 2))  # (k, n, r)
+    heights = [b.shape[0] for _, b in adapters]
+    tallest = max(heights)
+    b_stack = torch.stack([F.pad(b, (0, 0, 0, tallest - b.shape[0])) for _, b in adapters])  # (k, h, r)
+    update = torch.bmm(hidden, b_stack.transpose(1, 2))  # (k, n, h)
+    update = torch.cat([update[i, :, :height] for i, height in enumerate(heights)], dim=-1)
+    return out + update.view(*x.shape[:-1], -1) * scaling
 
 
 def _norm(spec: LayerSpec, x, weight, bias):
@@ -162,65 +178,50 @@ def compiled_layer_math(backend: str, spec: LayerSpec, grad: bool, single_row: b
     return torch.compile(function, backend=backend, fullgraph=True)
 
 
-def layer_spec(stack, layer) -> LayerSpec | None:
-    """The constants of one of `stack`'s layers (a `codi.layer_stack._Layer`) in the model's current
-    mode, or None when the compiled form does not cover it (another activation, adapters of one group
+def layer_inputs(stack, layer) -> tuple[LayerSpec | None, tuple]:
+    """The constants of one of `stack`'s layers (a `codi.layer_stack._Layer`) in the model's current mode
+    and its weights as `layer_math` takes them (live tensors: training updates them in place); the spec
+    is None when the compiled form does not cover the layer (another activation, adapters of one group
     with different scalings or dropouts, a group only partly adapted)."""
     activation = activation_name(layer.act)
-    if activation is None:
-        return None
-    lora = []
+    lora, parts = [], []
     for group in (layer.qkv, layer.out, layer.up, layer.down):
         adapters = [projection.adapter() for projection in group.projections]
-        if all(adapter is None for adapter in adapters):
-            lora.append(None)
-            continue
+        parts.append((*group.base(), tuple((a[0], a[1]) for a in adapters if a is not None)))
         constants = {(adapter[2], adapter[3]) if adapter is not None else None for adapter in adapters}
-        if len(constants) != 1 or None in constants:
-            return None
+        if len(constants) != 1:
+            return None, ()
         lora.append(constants.pop())
+    norms = [getattr(norm, "norm", norm) for norm in (layer.norm_1, layer.norm_2)]  # unwrap codi.stack_norm
+    weights = (*((norm._parameters["weight"], norm._parameters.get("bias")) for norm in norms), *parts)
     attention = layer.attention
     if stack.arch == "gpt2":
-        norm_eps = layer.norm_1.eps
+        norm_eps = norms[0].eps
         attention_dropout, residual_dropout = attention.attn_dropout.p, layer.dropouts[0].p
-        if layer.dropouts[1].p != residual_dropout or layer.norm_2.eps != norm_eps:
-            return None
+        if layer.dropouts[1].p != residual_dropout or norms[1].eps != norm_eps:
+            return None, ()
     else:
-        norm_eps = layer.norm_1.norm.variance_epsilon
+        norm_eps = norms[0].variance_epsilon
         attention_dropout, residual_dropout = attention.attention_dropout, 0.0
-    return LayerSpec(
+    if activation is None:
+        return None, ()
+    spec = LayerSpec(
         stack.arch, stack.heads, stack.kv_heads, stack.head_dim, float(norm_eps), float(attention.scaling),
         float(attention_dropout), float(residual_dropout), activation, tuple(lora), attention.training,
     )  # fmt: skip
-
-
-def layer_weights(layer) -> tuple:
-    """A layer's weights as `layer_math` takes them (live tensors: training updates them in place)."""
-
-    def norm(module):
-        module = getattr(module, "norm", module)  # codi.stack_norm's wrapper holds transformers' norm
-        return module._parameters["weight"], module._parameters.get("bias")
-
-    def part(group):
-        weight, bias = group.base()
-        adapters = [projection.adapter() for projection in group.projections]
-        return weight, bias, tuple((a[0], a[1]) for a in adapters if a is not None)
-
-    return (
-        norm(layer.norm_1),
-        norm(layer.norm_2),
-        *(part(g) for g in (layer.qkv, layer.out, layer.up, layer.down)),
-    )
+    return spec, weights
 
 
 def compiled_runner(stack, mask, continued: bool, length: int):
     """A stand-in for `stack._layer` for one LM call, running the compiled function; None when it does
-    not cover the stack's layers (they differ, or `layer_spec` refuses one)."""
+    not cover the stack's layers (they differ, or `layer_inputs` refuses one)."""
     from .layer_stack import gqa_kernel
 
-    specs = [layer_spec(stack, layer) for layer in stack.layers]
+    inputs = [layer_inputs(stack, layer) for layer in stack.layers]
+    specs = [spec for spec, _ in inputs]
     if any(spec is None or spec != specs[0] for spec in specs):
         return None
+    weights = {id(layer): layer_weights for layer, (_, layer_weights) in zip(stack.layers, inputs)}
     grad = torch.is_grad_enabled()
     is_causal = mask is None and not continued and length > 1
     gqa = gqa_kernel(stack.hf_model.device.type, mask)
@@ -241,7 +242,7 @@ def compiled_runner(stack, mask, continued: bool, length: int):
             past_kv = (past_kv[0].contiguous(), past_kv[1].contiguous())
         rope = rope[:2] if rope is not None else None
         _dynamic_sizes(hidden, past_kv, mask, rope)
-        return function(hidden, past_kv, mask, rope, layer_weights(layer), is_causal, gqa)
+        return function(hidden, past_kv, mask, rope, weights[id(layer)], is_causal, gqa)
 
     return run
 
