@@ -12,9 +12,10 @@ fewer per step as measured, docs/speed.md) and with less arithmetic where the me
   the rank is large for the width (`codi.stack_weights`): the adapter's function, rounding aside, with
   peft's dropout masks on the CPU;
 - the rotary embedding is applied to queries and keys together, `rotate_half` as a signed permutation;
-- attention is one `scaled_dot_product_attention` call per layer with a boolean mask built once per
-  call; the cache is a list of per-layer key/value tensors (`StackCache`), so nothing in the layer
-  depends on cache objects or layer indices (a compiler sees one layer function, called L times).
+- attention is one `scaled_dot_product_attention` call per layer with a mask built once per call
+  (additive where the kernel would convert a boolean one at every layer); the cache is a list of
+  per-layer key/value tensors (`StackCache`), so nothing in the layer depends on cache objects or
+  layer indices (a compiler sees one layer function, called L times).
 
 It reads the weights from the live modules at every call (training updates them in place) and returns
 what transformers returns: logits, hidden states (embeddings, every layer, the last after the final
@@ -167,7 +168,9 @@ class LayerStack:
         past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + length, device=inputs_embeds.device).unsqueeze(0)
-        mask = _attention_mask(attention_mask, batch, past, length, inputs_embeds.device)
+        mask = _attention_mask(
+            attention_mask, batch, past, length, inputs_embeds.device, _additive_mask_dtype(inputs_embeds)
+        )
         hidden = self._embed(inputs_embeds, position_ids)
         rope = self._rope(hidden, position_ids)
         states = [hidden] if output_hidden_states else None
@@ -238,7 +241,7 @@ class LayerStack:
             query,
             attend_key,
             attend_value,
-            attn_mask=mask,
+            attn_mask=_mask_for(mask, query),
             dropout_p=dropout if attention.training else 0.0,
             is_causal=mask is None and past_kv is None and length > 1,
             scale=attention.scaling,
@@ -329,11 +332,16 @@ def gqa_kernel(device_type: str, mask: torch.Tensor | None) -> bool:
     return device_type == "cpu" or mask is None
 
 
-def _attention_mask(attention_mask, batch: int, past: int, length: int, device) -> torch.Tensor | None:
-    """Boolean (B, 1, length, past + length): causal and the keys' padding; None: causal, no padding.
+def _attention_mask(
+    attention_mask, batch: int, past: int, length: int, device, dtype: torch.dtype | None = None
+) -> torch.Tensor | None:
+    """(B, 1, length, past + length): causal and the keys' padding, boolean, or additive (0 / -inf) in
+    `dtype` when given; None: causal, no padding.
 
     A query whose every key is masked (a padded position) attends to itself, so its row stays finite;
-    such positions feed nothing that is kept.
+    such positions feed nothing that is kept. The additive form is the one `scaled_dot_product_attention`
+    converts a boolean mask to at every call (`_additive_mask_dtype`): built once per call here, not once
+    per layer.
     """
     if attention_mask is None:
         if past == 0:
@@ -346,7 +354,36 @@ def _attention_mask(attention_mask, batch: int, past: int, length: int, device) 
     rows = torch.arange(past, past + length, device=device).unsqueeze(1)
     allowed = keys & (columns <= rows)
     alone = (columns == rows) & ~allowed.any(dim=-1, keepdim=True)
-    return allowed | alone
+    allowed = allowed | alone
+    if dtype is None:
+        return allowed
+    return torch.where(allowed, torch.zeros((), dtype=dtype, device=device), float("-inf"))
+
+
+def _additive_mask_dtype(queries: torch.Tensor) -> torch.dtype | None:
+    """The dtype `scaled_dot_product_attention` converts a boolean mask to (0 where allowed, -inf where
+    not) for these queries (autocast casts them first), or None where the mask should stay boolean: on
+    CUDA in half precision the cuDNN kernel may run, and it converts with a finite fill value of its own
+    (not -inf); other devices have their own kernels. The kernel choice does not depend on the mask's
+    dtype, so passing the converted mask changes no result."""
+    device, dtype = queries.device.type, queries.dtype
+    if torch.is_autocast_enabled(device) and dtype in (torch.float32, torch.float16, torch.bfloat16):
+        dtype = torch.get_autocast_dtype(device)
+    if device == "cpu" or (device == "cuda" and dtype not in (torch.float16, torch.bfloat16)):
+        return dtype
+    return None
+
+
+def _mask_for(mask: torch.Tensor | None, query: torch.Tensor) -> torch.Tensor | None:
+    """`mask` as this layer's attention takes it: an additive mask must be in the queries' dtype (the
+    stack builds it from the embeddings' dtype, which they almost always share)."""
+    if mask is None or mask.dtype == torch.bool:
+        return mask
+    dtype = _additive_mask_dtype(query)
+    if dtype == mask.dtype:
+        return mask
+    allowed = mask == 0
+    return allowed if dtype is None else mask.to(dtype)
 
 
 def _keep(hidden: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
