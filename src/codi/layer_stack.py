@@ -11,7 +11,7 @@ fewer per step as measured, docs/speed.md) and with less arithmetic where the me
 - a LoRA adapter runs as codi's fused LoRA node, or through its merged update `scaling * B @ A` when
   the rank is large for the width (`codi.stack_weights`): the adapter's function, rounding aside, with
   peft's dropout masks on the CPU;
-- the rotary embedding is applied to queries and keys together, `rotate_half` as a signed permutation;
+- the rotary embedding is applied to queries and keys together, `rotate_half` as a roll and a sign;
 - attention is one `scaled_dot_product_attention` call per layer with a mask built once per call
   (additive where the kernel would convert a boolean one at every layer); the cache is a list of
   per-layer key/value tensors (`StackCache`), so nothing in the layer depends on cache objects or
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .stack_norm import stack_norm
-from .stack_weights import ProjectionGroup, projection
+from .stack_weights import ProjectionGroup, cache_mode, projection
 
 
 @dataclass
@@ -90,7 +90,7 @@ class LayerStack:
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.body = hf_model.get_decoder() if arch == "llama" else hf_model.transformer
-        self._rotation: dict[tuple, torch.Tensor] = {}
+        self._signs: dict[tuple, torch.Tensor] = {}
         self.final_norm = stack_norm(self.body.norm) if arch == "llama" else self.body.ln_f
         self._first_layer = self._decoder_layers()[0]
         self._first_layer_type = type(self._first_layer)
@@ -199,33 +199,35 @@ class LayerStack:
         return self.body.drop(hidden)
 
     def _rope(self, hidden: torch.Tensor, position_ids: torch.Tensor):
-        """(cos, sin, rotation) broadcast over heads, or None (GPT-2: learned absolute positions)."""
+        """(cos, signed sin), (B, 1, T, head_dim) each to broadcast over heads, or None (GPT-2: learned
+        absolute positions). `rotate_half(x) * sin == roll(x, head_dim / 2) * signed_sin` exactly: the
+        roll moves each half to the other's place, and the sign (-1 on the first half) is exact in any
+        float dtype; one op per layer where the permutation as a matmul dispatched six."""
         if self.arch != "llama":
             return None
         cos, sin = self.body.rotary_emb(hidden, position_ids=position_ids)
-        key = (self.head_dim, cos.dtype, cos.device)
-        rotation = self._rotation.get(key)
-        if rotation is None:  # rotate_half(x) == x @ rotation: (-x2, x1), exact in any float dtype
-            half = self.head_dim // 2
-            rotation = torch.zeros(self.head_dim, self.head_dim, dtype=cos.dtype, device=cos.device)
-            rotation[half:, :half] = -torch.eye(half, dtype=cos.dtype, device=cos.device)
-            rotation[:half, half:] = torch.eye(half, dtype=cos.dtype, device=cos.device)
-            self._rotation[key] = rotation
-        return cos.unsqueeze(2), sin.unsqueeze(2), rotation
+        key = (self.head_dim, sin.dtype, sin.device)
+        signs = self._signs.get(key)
+        if signs is None:
+            with cache_mode():
+                signs = torch.ones(self.head_dim, dtype=sin.dtype, device=sin.device)
+                signs[: self.head_dim // 2] = -1
+            self._signs[key] = signs
+        return cos.unsqueeze(1), (sin * signs).unsqueeze(1)
 
     def _layer(self, layer: _Layer, hidden, past_kv, mask, rope):
         """One decoder layer: (hidden out, keys, values), keys/values including the past."""
         batch, length, _ = hidden.shape
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
         qkv = layer.qkv(layer.norm_1(hidden))
-        qkv = qkv.view(batch, length, heads + 2 * kv_heads, head_dim)
+        # heads first before splitting: one transpose instead of one per part
+        qkv = qkv.view(batch, length, heads + 2 * kv_heads, head_dim).transpose(1, 2)
         # split, not slices: one gradient copy backward instead of a zero-filled one per slice
-        qk, value = qkv.split([heads + kv_heads, kv_heads], dim=2)
+        qk, value = qkv.split([heads + kv_heads, kv_heads], dim=1)
         if rope is not None:
-            cos, sin, rotation = rope
-            qk = torch.addcmul(qk * cos, qk @ rotation, sin)
-        query, key = (part.transpose(1, 2) for part in qk.split([heads, kv_heads], dim=2))
-        value = value.transpose(1, 2)
+            cos, signed_sin = rope
+            qk = torch.addcmul(qk * cos, qk.roll(head_dim // 2, -1), signed_sin)
+        query, key = qk.split([heads, kv_heads], dim=1)
         if past_kv is not None:
             key = torch.cat([past_kv[0], key], dim=2)
             value = torch.cat([past_kv[1], value], dim=2)

@@ -19,6 +19,7 @@ Either way the arithmetic is the adapter's; only the rounding differs from peft'
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +28,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .fused_lora import FusedLoraFunction, autocast_state
-from .grouped_lora import GroupedLoraFunction
+from .grouped_lora import GroupedLoraFunction, GroupOperands
 
 
 @dataclass
@@ -101,6 +102,7 @@ class ProjectionGroup:
     def __init__(self, projections: tuple[Projection, ...]):
         self.projections = projections
         self._frozen: tuple[tuple, torch.Tensor, torch.Tensor | None] | None = None
+        self._grouped: tuple[tuple, GroupOperands, tuple] | None = None
 
     def __len__(self) -> int:
         return len(self.projections)
@@ -116,8 +118,9 @@ class ProjectionGroup:
             return torch.cat(weights), (None if biases[0] is None else torch.cat(biases))
         key = tuple((t.data_ptr(), t._version, t.dtype) for t in weights + biases if t is not None)
         if self._frozen is None or self._frozen[0] != key:
-            bias = None if biases[0] is None else torch.cat(biases)
-            self._frozen = (key, torch.cat(weights), bias)
+            with cache_mode():
+                bias = None if biases[0] is None else torch.cat(biases)
+                self._frozen = (key, torch.cat(weights), bias)
         return self._frozen[1], self._frozen[2]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -132,10 +135,11 @@ class ProjectionGroup:
         if not _merge_pays(weight, adapters, p):
             if self._groupable(x, weight, adapters):  # one autograd node for the whole group
                 a_matrices, b_matrices = [a[0] for a in adapters], [a[1] for a in adapters]
+                operands = self._operands(weight, a_matrices, b_matrices)
                 autocast = autocast_state(x.device.type)
                 scaling = adapters[0][2]
                 return GroupedLoraFunction.apply(
-                    x, weight, bias, scaling, p, autocast, *a_matrices, *b_matrices
+                    x, weight, bias, scaling, p, autocast, operands, *a_matrices, *b_matrices
                 )
             outputs = [  # peft's computation in one autograd node each
                 projection.fused(x, adapter) for projection, adapter in zip(self.projections, adapters)
@@ -155,6 +159,20 @@ class ProjectionGroup:
         out = F.linear(inputs, torch.cat([weight, block.to(weight.dtype)], dim=1), bias)
         return out.view(*x.shape[:-1], out.shape[-1])
 
+    def _operands(self, weight: torch.Tensor, a_matrices: list, b_matrices: list) -> GroupOperands:
+        """The group's `GroupOperands`, rebuilt when a weight changed: an optimizer step updates the
+        parameters in place, which bumps their version counters. Writes that bypass the counter (through
+        `.data`) are not seen. The key's tensors are kept alive with the operands, so that a replaced
+        parameter's new memory cannot take the old address."""
+        tensors = (weight, *a_matrices, *b_matrices)
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+        cached = self._grouped
+        if cached is None or cached[0] != key:
+            with cache_mode():
+                operands = GroupOperands.build(weight, a_matrices, b_matrices)
+            cached = self._grouped = (key, operands, tensors)
+        return cached[1]
+
     def _groupable(self, x: torch.Tensor, weight: torch.Tensor, adapters: list) -> bool:
         """Several adapters of one rank and scaling on a frozen base: `GroupedLoraFunction`'s case."""
         first = adapters[0]
@@ -164,6 +182,15 @@ class ProjectionGroup:
             and not weight.requires_grad
             and all(a[0].shape[0] == first[0].shape[0] and a[2] == first[2] for a in adapters)
         )
+
+
+@contextmanager
+def cache_mode():
+    """Where a tensor kept across calls is built: without autograd, and never as an inference tensor
+    (a first call under `torch.inference_mode`, as in generation, must not leave tensors that a later
+    training step cannot save for its backward)."""
+    with torch.inference_mode(False), torch.no_grad():
+        yield
 
 
 def _merge_pays(weight: torch.Tensor, adapters: list, p: float) -> bool:
