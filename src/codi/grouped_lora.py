@@ -30,13 +30,14 @@ import torch
 from .fused_lora import backward_under_autocast
 
 
-@dataclass(frozen=True)
+@dataclass
 class GroupOperands:
     """A group's weights laid out for batched matmuls; no autograd (the parameters' gradients come
     from the node's backward). `weight_t` (in, out_total): the frozen weight transposed; `a_t`
     (k, in, r) and `a` (k, r, in): the A matrices; `b_t` (k, r, out_total) and `b` (k, out_total, r):
     the B matrices zero-padded to the group's output columns; `b_pieces`: sizes splitting the
-    (k out_total, r) gradient of the padded B into alternating padding and B_i rows."""
+    (k out_total, r) gradient of the padded B into alternating padding and B_i rows. `stale`: set by
+    the backward, after which an optimizer may have changed the weights (`codi.stack_weights`)."""
 
     weight_t: torch.Tensor
     a_t: torch.Tensor
@@ -44,17 +45,18 @@ class GroupOperands:
     b_t: torch.Tensor
     b: torch.Tensor
     b_pieces: tuple[int, ...]
+    stale: bool = False
 
     @classmethod
     def build(cls, weight: torch.Tensor, a_matrices, b_matrices) -> GroupOperands:
         """Copies of the weights as they are now (build without autograd)."""
         count, rank = len(a_matrices), a_matrices[0].shape[0]
-        out_total = sum(b.shape[0] for b in b_matrices)
         a = torch.stack(a_matrices)  # (k, r, in)
-        b_t = a.new_zeros(count, rank, out_total, dtype=b_matrices[0].dtype)
+        # block i of the block-diagonal of the B_i^T: rows i r .. (i + 1) r, adapter i's columns
+        b_t = torch.block_diag(*(b.t() for b in b_matrices)).view(count, rank, -1)
         pieces, row, end = [], 0, 0
+        out_total = b_t.shape[-1]
         for index, b in enumerate(b_matrices):
-            b_t[index, :, row : row + b.shape[0]] = b.t()
             start = index * out_total + row
             pieces += [start - end, b.shape[0]]
             end, row = start + b.shape[0], row + b.shape[0]
@@ -88,7 +90,7 @@ class GroupedLoraFunction(torch.autograd.Function):
         out = out + update.to(out.dtype) * scaling
         ctx.save_for_backward(weight, operands.a, operands.b, kept, hidden, noise)
         ctx.scaling, ctx.count, ctx.autocast = scaling, count, autocast
-        ctx.b_pieces = operands.b_pieces
+        ctx.operands = operands
         ctx.device_type, ctx.x_dtype = x.device.type, x.dtype
         return out if x.dim() == 2 else out.view(*x.shape[:-1], out.shape[-1])
 
@@ -99,13 +101,14 @@ class GroupedLoraFunction(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad_out):
         weight, a, b, kept, hidden, noise = ctx.saved_tensors
+        ctx.operands.stale = True  # the optimizer step that may follow changes the weights
         count, rank = ctx.count, a.shape[1]
         grad = grad_out if grad_out.dim() == 2 else grad_out.reshape(-1, grad_out.shape[-1])
         scaled = grad * ctx.scaling  # autograd's order: the gradient of `update * scaling` first
         grad_hidden = torch.bmm(scaled.expand(count, *scaled.shape), b.to(scaled.dtype))  # (k, n, r)
         # (k, out_total, r): adapter i's B gradient in its rows of batch i; one split picks them out
         grad_b = torch.bmm(scaled.t().expand(count, -1, -1), hidden.to(scaled.dtype))
-        grad_b = grad_b.view(-1, rank).split(ctx.b_pieces)[1::2]
+        grad_b = grad_b.view(-1, rank).split(ctx.operands.b_pieces)[1::2]
         grad_a = torch.bmm(grad_hidden.transpose(1, 2), kept.to(grad_hidden.dtype)).unbind(0)  # (r, in) each
         grad_x = grad.mm(weight.to(grad.dtype))
         if noise is None:  # one matmul through every A, added as it is computed

@@ -217,8 +217,11 @@ class LayerStack:
 
     def _layer(self, layer: _Layer, hidden, past_kv, mask, rope):
         """One decoder layer: (hidden out, keys, values), keys/values including the past."""
-        batch, length, _ = hidden.shape
+        shape = hidden.shape
+        batch, length, _ = shape
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
+        # (B T, D) inside: every projection takes and gives 2-D tensors, with no view in or out
+        hidden = hidden.reshape(batch * length, shape[-1])
         qkv = layer.qkv(layer.norm_1(hidden))
         # heads first before splitting: one transpose instead of one per part
         qkv = qkv.view(batch, length, heads + 2 * kv_heads, head_dim).transpose(1, 2)
@@ -249,7 +252,7 @@ class LayerStack:
             scale=attention.scaling,
             enable_gqa=grouped,
         )
-        attended = attended.transpose(1, 2).reshape(batch, length, heads * head_dim)
+        attended = attended.transpose(1, 2).reshape(batch * length, heads * head_dim)
         update = layer.out(attended)
         if layer.dropouts:
             update = layer.dropouts[0](update)
@@ -263,7 +266,7 @@ class LayerStack:
         update = layer.down(up)
         if layer.dropouts:
             update = layer.dropouts[1](update)
-        return hidden + update, key, value
+        return (hidden + update).view(shape), key, value
 
 
 class _Unsupported(Exception):

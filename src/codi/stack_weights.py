@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from transformers.pytorch_utils import Conv1D
 
 from .fused_lora import FusedLoraFunction, autocast_state
@@ -60,9 +61,10 @@ class Projection:
         p = dropout.p if type(dropout) is nn.Dropout and dropout.training else 0.0
         return a, b, lora.scaling[name], p
 
-    def fused(self, x: torch.Tensor, adapter: tuple) -> torch.Tensor:
+    def fused(self, x: torch.Tensor, adapter: tuple, transposed: tuple | None = None) -> torch.Tensor:
         """The adapted projection as `FusedLoraFunction` runs it (codi.fused_lora): peft's ops and
-        dropout draws, with a hand-written backward."""
+        dropout draws, with a hand-written backward; `transposed`: the weights' transposed views, as
+        `FusedLoraFunction` takes them."""
         a, b, scaling, p = adapter
         base = self.base
         if not x.is_contiguous() or base._parameters["weight"].requires_grad:
@@ -72,7 +74,7 @@ class Projection:
             )
         autocast = autocast_state(x.device.type)
         weight, bias, conv1d = base._parameters["weight"], self.bias(), type(base) is Conv1D
-        return FusedLoraFunction.apply(x, weight, bias, a, b, scaling, p, conv1d, autocast)
+        return FusedLoraFunction.apply(x, weight, bias, a, b, scaling, p, conv1d, autocast, transposed)
 
 
 def projection(module: nn.Module) -> Projection | None:
@@ -102,7 +104,8 @@ class ProjectionGroup:
     def __init__(self, projections: tuple[Projection, ...]):
         self.projections = projections
         self._frozen: tuple[tuple, torch.Tensor, torch.Tensor | None] | None = None
-        self._grouped: tuple[tuple, GroupOperands, tuple] | None = None
+        self._grouped: tuple[tuple, GroupOperands, list] | None = None
+        self._views: tuple[tuple, tuple] | None = None
 
     def __len__(self) -> int:
         return len(self.projections)
@@ -141,10 +144,13 @@ class ProjectionGroup:
                 return GroupedLoraFunction.apply(
                     x, weight, bias, scaling, p, autocast, operands, *a_matrices, *b_matrices
                 )
-            outputs = [  # peft's computation in one autograd node each
+            if len(adapters) == 1:  # peft's computation in one autograd node
+                projection, adapter = self.projections[0], adapters[0]
+                return projection.fused(x, adapter, self._transposed(projection, adapter))
+            outputs = [
                 projection.fused(x, adapter) for projection, adapter in zip(self.projections, adapters)
             ]
-            return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
+            return torch.cat(outputs, dim=-1)
         merged = [torch.mm(b * c, a) for a, b, c, _ in adapters]
         if p == 0.0:  # x @ (W + M)^T
             delta = merged[0] if len(merged) == 1 else torch.cat(merged)
@@ -160,17 +166,34 @@ class ProjectionGroup:
         return out.view(*x.shape[:-1], out.shape[-1])
 
     def _operands(self, weight: torch.Tensor, a_matrices: list, b_matrices: list) -> GroupOperands:
-        """The group's `GroupOperands`, rebuilt when a weight changed: an optimizer step updates the
-        parameters in place, which bumps their version counters. Writes that bypass the counter (through
-        `.data`) are not seen. The key's tensors are kept alive with the operands, so that a replaced
-        parameter's new memory cannot take the old address."""
+        """The group's `GroupOperands` (copies of the weights), rebuilt when a weight may have changed:
+        a write through the tensor bumps its version counter; torch's fused AdamW (the Trainer's
+        default here) bumps none, so any torch optimizer step counts (`_optimizer_steps`); and a
+        backward through the group since the build marks the copies stale, as any optimizer
+        (DeepSpeed's, a hand-written loop) updates after a backward. So they are built once per LM
+        forward-backward, not at each of its calls. Not seen: writes through `.data` with no optimizer
+        step and no backward in between. The key's memory is kept alive with the copies, so that a
+        replaced parameter's new memory cannot take the old address."""
         tensors = (weight, *a_matrices, *b_matrices)
-        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+        key = (_optimizer_steps[0], *((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors))
         cached = self._grouped
-        if cached is None or cached[0] != key:
+        if cached is None or cached[0] != key or cached[1].stale:
             with cache_mode():
                 operands = GroupOperands.build(weight, a_matrices, b_matrices)
-            cached = self._grouped = (key, operands, tensors)
+            cached = self._grouped = (key, operands, [t.untyped_storage() for t in tensors])
+        return cached[1]
+
+    def _transposed(self, projection: Projection, adapter: tuple) -> tuple:
+        """(W^T or None for a `Conv1D` weight, A^T, B^T) as `FusedLoraFunction` takes them: views, so
+        they follow in-place updates; rebuilt when a parameter's memory changed (the views keep the
+        old memory alive, so new memory cannot take its address)."""
+        weight, a, b = projection.base._parameters["weight"], adapter[0], adapter[1]
+        key = (weight.data_ptr(), a.data_ptr(), b.data_ptr(), weight.dtype, a.dtype, b.dtype)
+        cached = self._views
+        if cached is None or cached[0] != key:
+            with cache_mode():
+                weight_t = None if type(projection.base) is Conv1D else weight.t()
+                cached = self._views = (key, (weight_t, a.t(), b.t()))
         return cached[1]
 
     def _groupable(self, x: torch.Tensor, weight: torch.Tensor, adapters: list) -> bool:
@@ -182,6 +205,18 @@ class ProjectionGroup:
             and not weight.requires_grad
             and all(a[0].shape[0] == first[0].shape[0] and a[2] == first[2] for a in adapters)
         )
+
+
+# torch optimizer steps so far, process-wide: the fused AdamW updates parameters in place without
+# bumping their version counters, so the stacked copies of `ProjectionGroup._operands` key on this too
+_optimizer_steps = [0]
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    _optimizer_steps[0] += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
 
 
 @contextmanager
