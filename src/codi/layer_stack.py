@@ -372,11 +372,13 @@ def _additive_mask_dtype(queries: torch.Tensor) -> torch.dtype | None:
     (not -inf); other devices have their own kernels. The kernel choice does not depend on the mask's
     dtype, so passing the converted mask changes no result."""
     device, dtype = queries.device.type, queries.dtype
+    if device not in ("cpu", "cuda"):
+        return None
     if torch.is_autocast_enabled(device) and dtype in (torch.float32, torch.float16, torch.bfloat16):
         dtype = torch.get_autocast_dtype(device)
-    if device == "cpu" or (device == "cuda" and dtype not in (torch.float16, torch.bfloat16)):
-        return dtype
-    return None
+    if device == "cuda" and dtype in (torch.float16, torch.bfloat16):
+        return None
+    return dtype
 
 
 def _mask_for(mask: torch.Tensor | None, query: torch.Tensor) -> torch.Tensor | None:
