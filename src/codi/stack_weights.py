@@ -157,13 +157,13 @@ class ProjectionGroup:
             return F.linear(x, weight + delta.to(weight.dtype), bias)
         # [x, dropout_1(x), ..., dropout_k(x)] @ [W, blockdiag(M_1, ..., M_k)]^T: one mask per adapter,
         # drawn (adapter, row, feature) so that on the CPU they are the masks peft's k calls draw
-        flat = x.reshape(-1, x.shape[-1])
+        flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         groups = len(merged)
-        dropped = F.dropout(flat.unsqueeze(0).expand(groups, -1, -1), p, True)
+        dropped = F.dropout(flat.expand(groups, -1, -1), p, True)
         inputs = torch.cat([flat, dropped.transpose(0, 1).reshape(flat.shape[0], -1)], dim=1)
         block = merged[0] if groups == 1 else torch.block_diag(*merged)
         out = F.linear(inputs, torch.cat([weight, block.to(weight.dtype)], dim=1), bias)
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], out.shape[-1])
 
     def _operands(self, weight: torch.Tensor, a_matrices: list, b_matrices: list) -> GroupOperands:
         """The group's `GroupOperands` (copies of the weights), rebuilt when a weight may have changed:
