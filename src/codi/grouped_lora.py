@@ -9,16 +9,18 @@ costs ~25 ops instead of 27 k.
 
 Same function: out_i = x @ W_i^T + b_i + scaling * dropout_i(x) @ A_i^T @ B_i^T, concatenated over i,
 with peft's order of roundings (each adapter's products as their own batch, the update scaled and then
-added; backward, the output gradient scaled before it goes through B): on the CPU the outputs are
-peft's to the last bit in the cases tested. The masks are drawn (adapter, row, feature) in one
-`bernoulli_`, which on the CPU is the stream of the k draws peft makes one after the other.
+added; backward, the output gradient scaled before it goes through B); what can differ from peft is
+how the matmul kernels block their sums (last bits, tests/test_stack_ops.py). The masks are drawn
+(adapter, row, feature) in one `bernoulli_`, which on the CPU is the stream of the k draws peft makes
+one after the other.
 
 The B matrices go in as one (k, r, out_total) batch, B_i^T in adapter i's columns and zeros elsewhere
 (`GroupOperands`): the batched product gives adapter i's update in its columns, exact zeros in the
 others, and its sum over the batch is the concatenated update without a copy of the low-rank
 activations into another layout. That does (k - 1) / k of the B multiply-adds on zeros: cheap next to
 the frozen matmul while the rank is small for the width, which is when the layer stack chooses this
-path. The stacked operands are built once per weight update (`codi.stack_weights`), not at every call.
+path. The stacked operands are built once per forward-backward (`codi.stack_weights`), not at every
+call.
 """
 
 from __future__ import annotations
@@ -105,9 +107,10 @@ class GroupedLoraFunction(torch.autograd.Function):
         count, rank = ctx.count, a.shape[1]
         grad = grad_out if grad_out.dim() == 2 else grad_out.reshape(-1, grad_out.shape[-1])
         scaled = grad * ctx.scaling  # autograd's order: the gradient of `update * scaling` first
-        grad_hidden = torch.bmm(scaled.expand(count, *scaled.shape), b.to(scaled.dtype))  # (k, n, r)
+        batched = scaled.expand(count, *scaled.shape)  # (k, n, out_total), no copy
+        grad_hidden = torch.bmm(batched, b.to(scaled.dtype))  # (k, n, r)
         # (k, out_total, r): adapter i's B gradient in its rows of batch i; one split picks them out
-        grad_b = torch.bmm(scaled.t().expand(count, -1, -1), hidden.to(scaled.dtype))
+        grad_b = torch.bmm(batched.transpose(1, 2), hidden.to(scaled.dtype))
         grad_b = grad_b.view(-1, rank).split(ctx.operands.b_pieces)[1::2]
         grad_a = torch.bmm(grad_hidden.transpose(1, 2), kept.to(grad_hidden.dtype)).unbind(0)  # (r, in) each
         grad_x = grad.mm(weight.to(grad.dtype))
