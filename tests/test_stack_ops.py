@@ -138,19 +138,22 @@ def _fresh_outputs(lm, batch):
     return LayerStack.build(lm)(**batch).logits
 
 
-def _update(lm, how: str, optimizer):
+def _update(stack, batch, how: str, optimizer):
+    """A training call's backward, then the weights changed `how`."""
+    lm = stack.hf_model
+    torch.manual_seed(7)
+    stack(**batch).logits.square().mean().backward()
     trainable = [p for p in lm.parameters() if p.requires_grad]
-    if how == "copy":  # a write through the tensors (bumps their version counters)
+    if how == "copy":  # a write through the tensors: it bumps their version counters
         with torch.no_grad():
             for param in trainable:
                 param.mul_(0.5)
-        return
-    torch.manual_seed(9)
-    LayerStack.build(lm)(inputs_embeds=torch.randn(2, 4, 32)).logits.square().mean().backward()
-    if how == "data":  # after a backward, as an optimizer outside torch's writes (no version bump)
+    elif how == "data":  # after a backward, as an update outside torch's optimizers: no version bump
         for param in trainable:
             param.data.add_(param.grad, alpha=-0.5)
     else:
+        with torch.no_grad():  # a call between the backward and the step (a logging callback)
+            stack(**batch)
         optimizer.step()
     lm.zero_grad(set_to_none=True)
 
@@ -158,7 +161,7 @@ def _update(lm, how: str, optimizer):
 @pytest.mark.parametrize("how", ["fused_adamw", "foreach_adamw", "copy", "data"])
 def test_cached_operands_follow_every_weight_update(how):
     """The torch fused AdamW (the Trainer default here) updates in place without bumping version
-    counters: the stack must not reuse copies of the weights from before the step."""
+    counters: the stack must not reuse copies of the weights from before any kind of update."""
     lm = _lm("llama", 4, 0.0)
     stack = LayerStack.build(lm)
     trainable = [p for p in lm.parameters() if p.requires_grad]
@@ -168,8 +171,7 @@ def test_cached_operands_follow_every_weight_update(how):
     for _ in range(2):
         torch.manual_seed(7)
         before = stack(**batch).logits
-        before.square().mean().backward()  # a training call, as the step before an update runs
-        _update(lm, how, optimizer)
+        _update(stack, batch, how, optimizer)
         torch.manual_seed(7)
         after = stack(**batch).logits
         assert not torch.equal(after, before)
