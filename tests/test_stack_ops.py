@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import batch_for
 from test_layer_stack import _close, _lm, _three_calls
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -237,3 +238,29 @@ def test_per_layer_ops_are_pinned():
     assert forward.count("bmm") == 2 * 2 * layers  # A and B of q/k/v and of gate/up: nothing else
     assert len(forward) <= 249, len(forward)  # 249 on 2026-12-04
     assert len(backward) <= 305, len(backward)  # 305 on 2026-12-04
+
+
+def test_training_steps_on_the_stack_follow_the_transformers_path(make_model):
+    """Three CODI training steps (eight LM calls each, torch's fused AdamW between them) on the stack
+    and on transformers' forward, from the same weights with the same dropout draws: the same losses
+    at every step, so nothing the stack keeps between calls outlives an update."""
+    from dataclasses import replace
+
+    losses = {}
+    for stack in (True, False):
+        model = make_model("llama", seed=0).train()
+        model = model.with_settings(args=replace(model.args, layer_stack=stack))
+        assert (model.stack is not None) == stack
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=0.05, fused=True)
+        batch = batch_for(model)
+        losses[stack] = []
+        for step in range(3):
+            torch.manual_seed(step)
+            loss = model(**batch)["loss"]
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses[stack].append(float(loss.detach()))
+    assert losses[True][0] != losses[True][2]  # the updates change the model
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5, abs=1e-6)
