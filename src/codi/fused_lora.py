@@ -71,26 +71,40 @@ class FusedLoraFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, p: float, conv1d: bool, autocast):
-        flat = x.view(-1, x.shape[-1])
+    def forward(
+        ctx,
+        x,
+        weight,
+        bias,
+        lora_a,
+        lora_b,
+        scaling: float,
+        p: float,
+        conv1d: bool,
+        autocast,
+        transposed=None,
+    ):
+        # `transposed`: (W^T or None for Conv1D, A^T, B^T), views a caller keeps across calls
+        weight_t, a_t, b_t = transposed if transposed is not None else (None, lora_a.t(), lora_b.t())
+        flat = x if x.dim() == 2 else x.view(-1, x.shape[-1])
         if conv1d:
             base = torch.addmm(bias, flat, weight) if bias is not None else flat.mm(weight)
         else:
-            wt = weight.t()
+            wt = weight_t if weight_t is not None else weight.t()
             base = torch.addmm(bias, flat, wt) if bias is not None else flat.mm(wt)
         lora_in = _cast(flat, lora_a.dtype)  # peft's `_cast_input_dtype`
         if p > 0.0:  # drawn on the flat view: same numel and memory order, so the same mask
             dropped_flat, mask, scale = _draw_dropout(lora_in, p)
         else:
             dropped_flat, mask, scale = lora_in, None, 1.0
-        hidden = dropped_flat.mm(lora_a.t())
-        update = hidden.mm(lora_b.t()) * scaling
+        hidden = dropped_flat.mm(a_t)
+        update = hidden.mm(b_t) * scaling
         out = base + update
         ctx.save_for_backward(weight, lora_a, lora_b, dropped_flat, hidden, mask)
         ctx.scaling, ctx.scale, ctx.conv1d = scaling, scale, conv1d
         ctx.device_type, ctx.x_dtype = x.device.type, x.dtype
         ctx.autocast = autocast
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -100,7 +114,7 @@ class FusedLoraFunction(torch.autograd.Function):
     def _backward(ctx, grad_out):
         weight, lora_a, lora_b, dropped_flat, hidden, mask = ctx.saved_tensors
         need_x, _, _, need_a, need_b = ctx.needs_input_grad[:5]
-        grad = grad_out.reshape(-1, grad_out.shape[-1])
+        grad = grad_out if grad_out.dim() == 2 else grad_out.reshape(-1, grad_out.shape[-1])
         grad_scaled = grad * ctx.scaling
         grad_x = grad_a = grad_b = None  # A's and B's come back in the matmul dtype: autograd casts them
         if need_b:
@@ -112,8 +126,9 @@ class FusedLoraFunction(torch.autograd.Function):
             if need_x:
                 grad_x = _cast(grad.mm(weight.t() if ctx.conv1d else weight), ctx.x_dtype)
                 _add_lora_input_grad(ctx, grad_x, grad_hidden, lora_a, mask)
-                grad_x = grad_x.view(grad_out.shape[:-1] + (grad_x.shape[-1],))
-        return grad_x, None, None, grad_a, grad_b, None, None, None, None
+                if grad_out.dim() != 2:
+                    grad_x = grad_x.view(grad_out.shape[:-1] + (grad_x.shape[-1],))
+        return grad_x, None, None, grad_a, grad_b, None, None, None, None, None
 
 
 def _add_lora_input_grad(ctx, grad_x, grad_hidden, lora_a, mask) -> None:

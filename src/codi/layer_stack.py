@@ -11,10 +11,11 @@ fewer per step as measured, docs/speed.md) and with less arithmetic where the me
 - a LoRA adapter runs as codi's fused LoRA node, or through its merged update `scaling * B @ A` when
   the rank is large for the width (`codi.stack_weights`): the adapter's function, rounding aside, with
   peft's dropout masks on the CPU;
-- the rotary embedding is applied to queries and keys together, `rotate_half` as a signed permutation;
-- attention is one `scaled_dot_product_attention` call per layer with a boolean mask built once per
-  call; the cache is a list of per-layer key/value tensors (`StackCache`), so nothing in the layer
-  depends on cache objects or layer indices (a compiler sees one layer function, called L times).
+- the rotary embedding is applied to queries and keys together, `rotate_half` as a roll and a sign;
+- attention is one `scaled_dot_product_attention` call per layer with a mask built once per call
+  (additive where the kernel would convert a boolean one at every layer); the cache is a list of
+  per-layer key/value tensors (`StackCache`), so nothing in the layer depends on cache objects or
+  layer indices (a compiler sees one layer function, called L times).
 
 It reads the weights from the live modules at every call (training updates them in place) and returns
 what transformers returns: logits, hidden states (embeddings, every layer, the last after the final
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .stack_norm import stack_norm
-from .stack_weights import ProjectionGroup, projection
+from .stack_weights import ProjectionGroup, cache_mode, projection
 
 
 @dataclass
@@ -92,7 +93,7 @@ class LayerStack:
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.body = hf_model.get_decoder() if arch == "llama" else hf_model.transformer
-        self._rotation: dict[tuple, torch.Tensor] = {}
+        self._signs: dict[tuple, torch.Tensor] = {}
         self.final_norm = stack_norm(self.body.norm) if arch == "llama" else self.body.ln_f
         self._first_layer = self._decoder_layers()[0]
         self._first_layer_type = type(self._first_layer)
@@ -172,7 +173,9 @@ class LayerStack:
         past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + length, device=inputs_embeds.device).unsqueeze(0)
-        mask = _attention_mask(attention_mask, batch, past, length, inputs_embeds.device)
+        mask = _attention_mask(
+            attention_mask, batch, past, length, inputs_embeds.device, _additive_mask_dtype(inputs_embeds)
+        )
         hidden = self._embed(inputs_embeds, position_ids)
         rope = self._rope(hidden, position_ids)
         states = [hidden] if output_hidden_states else None
@@ -206,33 +209,38 @@ class LayerStack:
         return self.body.drop(hidden)
 
     def _rope(self, hidden: torch.Tensor, position_ids: torch.Tensor):
-        """(cos, sin, rotation) broadcast over heads, or None (GPT-2: learned absolute positions)."""
+        """(cos, signed sin), (B, 1, T, head_dim) each to broadcast over heads, or None (GPT-2: learned
+        absolute positions). `rotate_half(x) * sin == roll(x, head_dim / 2) * signed_sin` exactly: the
+        roll moves each half to the other's place, and the sign (-1 on the first half) is exact in any
+        float dtype; one op per layer where the permutation as a matmul dispatched six."""
         if self.arch != "llama":
             return None
         cos, sin = self.body.rotary_emb(hidden, position_ids=position_ids)
-        key = (self.head_dim, cos.dtype, cos.device)
-        rotation = self._rotation.get(key)
-        if rotation is None:  # rotate_half(x) == x @ rotation: (-x2, x1), exact in any float dtype
-            half = self.head_dim // 2
-            rotation = torch.zeros(self.head_dim, self.head_dim, dtype=cos.dtype, device=cos.device)
-            rotation[half:, :half] = -torch.eye(half, dtype=cos.dtype, device=cos.device)
-            rotation[:half, half:] = torch.eye(half, dtype=cos.dtype, device=cos.device)
-            self._rotation[key] = rotation
-        return cos.unsqueeze(2), sin.unsqueeze(2), rotation
+        key = (self.head_dim, sin.dtype, sin.device)
+        signs = self._signs.get(key)
+        if signs is None:
+            with cache_mode():
+                signs = torch.ones(self.head_dim, dtype=sin.dtype, device=sin.device)
+                signs[: self.head_dim // 2] = -1
+            self._signs[key] = signs
+        return cos.unsqueeze(1), (sin * signs).unsqueeze(1)
 
     def _layer(self, layer: _Layer, hidden, past_kv, mask, rope):
         """One decoder layer: (hidden out, keys, values), keys/values including the past."""
-        batch, length, _ = hidden.shape
+        shape = hidden.shape
+        batch, length, _ = shape
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
+        # (B T, D) inside: every projection takes and gives 2-D tensors, with no view in or out
+        hidden = hidden.reshape(batch * length, shape[-1])
         qkv = layer.qkv(layer.norm_1(hidden))
-        qkv = qkv.view(batch, length, heads + 2 * kv_heads, head_dim)
+        # heads first before splitting: one transpose instead of one per part
+        qkv = qkv.view(batch, length, heads + 2 * kv_heads, head_dim).transpose(1, 2)
         # split, not slices: one gradient copy backward instead of a zero-filled one per slice
-        qk, value = qkv.split([heads + kv_heads, kv_heads], dim=2)
+        qk, value = qkv.split([heads + kv_heads, kv_heads], dim=1)
         if rope is not None:
-            cos, sin, rotation = rope
-            qk = torch.addcmul(qk * cos, qk @ rotation, sin)
-        query, key = (part.transpose(1, 2) for part in qk.split([heads, kv_heads], dim=2))
-        value = value.transpose(1, 2)
+            cos, signed_sin = rope
+            qk = torch.addcmul(qk * cos, qk.roll(head_dim // 2, -1), signed_sin)
+        query, key = qk.split([heads, kv_heads], dim=1)
         if past_kv is not None:
             key = torch.cat([past_kv[0], key], dim=2)
             value = torch.cat([past_kv[1], value], dim=2)
@@ -248,13 +256,13 @@ class LayerStack:
             query,
             attend_key,
             attend_value,
-            attn_mask=mask,
+            attn_mask=_mask_for(mask, query),
             dropout_p=dropout if attention.training else 0.0,
             is_causal=mask is None and past_kv is None and length > 1,
             scale=attention.scaling,
             enable_gqa=grouped,
         )
-        attended = attended.transpose(1, 2).reshape(batch, length, heads * head_dim)
+        attended = attended.transpose(1, 2).reshape(batch * length, heads * head_dim)
         update = layer.out(attended)
         if layer.dropouts:
             update = layer.dropouts[0](update)
@@ -268,7 +276,7 @@ class LayerStack:
         update = layer.down(up)
         if layer.dropouts:
             update = layer.dropouts[1](update)
-        return hidden + update, key, value
+        return (hidden + update).view(shape), key, value
 
 
 class _Unsupported(Exception):
@@ -339,11 +347,16 @@ def gqa_kernel(device_type: str, mask: torch.Tensor | None) -> bool:
     return device_type == "cpu" or mask is None
 
 
-def _attention_mask(attention_mask, batch: int, past: int, length: int, device) -> torch.Tensor | None:
-    """Boolean (B, 1, length, past + length): causal and the keys' padding; None: causal, no padding.
+def _attention_mask(
+    attention_mask, batch: int, past: int, length: int, device, dtype: torch.dtype | None = None
+) -> torch.Tensor | None:
+    """(B, 1, length, past + length): causal and the keys' padding, boolean, or additive (0 / -inf) in
+    `dtype` when given; None: causal, no padding.
 
     A query whose every key is masked (a padded position) attends to itself, so its row stays finite;
-    such positions feed nothing that is kept.
+    such positions feed nothing that is kept. The additive form is the one `scaled_dot_product_attention`
+    converts a boolean mask to at every call (`_additive_mask_dtype`): built once per call here, not once
+    per layer.
     """
     if attention_mask is None:
         if past == 0:
@@ -356,7 +369,38 @@ def _attention_mask(attention_mask, batch: int, past: int, length: int, device) 
     rows = torch.arange(past, past + length, device=device).unsqueeze(1)
     allowed = keys & (columns <= rows)
     alone = (columns == rows) & ~allowed.any(dim=-1, keepdim=True)
-    return allowed | alone
+    allowed = allowed | alone
+    if dtype is None:
+        return allowed
+    return torch.where(allowed, torch.zeros((), dtype=dtype, device=device), float("-inf"))
+
+
+def _additive_mask_dtype(queries: torch.Tensor) -> torch.dtype | None:
+    """The dtype `scaled_dot_product_attention` converts a boolean mask to (0 where allowed, -inf where
+    not) for these queries (autocast casts them first), or None where the mask should stay boolean: on
+    CUDA in half precision the cuDNN kernel may run, and it converts with a finite fill value of its own
+    (not -inf); other devices have their own kernels. The kernel choice does not depend on the mask's
+    dtype, so passing the converted mask changes no result."""
+    device, dtype = queries.device.type, queries.dtype
+    if device not in ("cpu", "cuda"):
+        return None
+    if torch.is_autocast_enabled(device) and dtype in (torch.float32, torch.float16, torch.bfloat16):
+        dtype = torch.get_autocast_dtype(device)
+    if device == "cuda" and dtype in (torch.float16, torch.bfloat16):
+        return None
+    return dtype
+
+
+def _mask_for(mask: torch.Tensor | None, query: torch.Tensor) -> torch.Tensor | None:
+    """`mask` as this layer's attention takes it: an additive mask must be in the queries' dtype (the
+    stack builds it from the embeddings' dtype, which they almost always share)."""
+    if mask is None or mask.dtype == torch.bool:
+        return mask
+    dtype = _additive_mask_dtype(query)
+    if dtype == mask.dtype:
+        return mask
+    allowed = mask == 0
+    return allowed if dtype is None else mask.to(dtype)
 
 
 def _keep(hidden: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
