@@ -101,26 +101,25 @@ def _norm(spec: LayerSpec, x, weight, bias):
     return weight * x32.to(x.dtype)
 
 
-def _rotate(x, cos, sin):
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+def _rotate(x, cos, signed_sin):
+    """Rotary positions: `rotate_half(x) * sin` as `roll(x) * signed_sin` (the layer stack's tables)."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
 
 
 def layer_math(spec: LayerSpec, hidden, past, mask, rope, weights, is_causal: bool, gqa: bool):
     """One decoder layer: (hidden out, keys, values), keys/values (B, kv_heads, P + T, head_dim)
     including `past`. `weights`: (norm_1, norm_2, qkv, out, up, down), each norm (weight, bias) and
-    each projection group (weight, bias, ((A, B), ...)); `rope`: (cos, sin) broadcast over heads or None."""
+    each projection group (weight, bias, ((A, B), ...)); `rope`: the layer stack's (cos, signed sin),
+    (B, 1, T, head_dim) each, or None."""
     batch, length, _ = hidden.shape
     heads, kv_heads, head_dim = spec.heads, spec.kv_heads, spec.head_dim
     norm_1, norm_2, qkv_part, out_part, up_part, down_part = weights
     train = spec.training
     qkv = _project(_norm(spec, hidden, *norm_1), qkv_part, spec.lora[0], train)
-    qkv = qkv.view(batch, length, heads + 2 * kv_heads, head_dim)
-    query, key, value = qkv.split([heads, kv_heads, kv_heads], dim=2)
+    qkv = qkv.view(batch, length, heads + 2 * kv_heads, head_dim).transpose(1, 2)
+    query, key, value = qkv.split([heads, kv_heads, kv_heads], dim=1)
     if rope is not None:
         query, key = _rotate(query, *rope), _rotate(key, *rope)
-    query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     if past is not None:
         key = torch.cat([past[0], key], dim=2)
         value = torch.cat([past[1], value], dim=2)
@@ -240,7 +239,6 @@ def compiled_runner(stack, mask, continued: bool, length: int):
         if past_kv is not None and not past_kv[0].is_contiguous():
             # a cropped cache (a view of a longer one) in the layout every call returns: one graph
             past_kv = (past_kv[0].contiguous(), past_kv[1].contiguous())
-        rope = rope[:2] if rope is not None else None
         _dynamic_sizes(hidden, past_kv, mask, rope)
         return function(hidden, past_kv, mask, rope, weights[id(layer)], is_causal, gqa)
 
@@ -252,7 +250,7 @@ def _dynamic_sizes(hidden, past_kv, mask, rope) -> None:
     from torch._dynamo import maybe_mark_dynamic
 
     marks = [(hidden, (0, 1)), (mask, (0, 2, 3))]
-    marks += [(table, (0, 1)) for table in rope or ()]
+    marks += [(table, (0, 2)) for table in rope or ()]
     marks += [(cached, (0, 2)) for cached in past_kv or ()]
     for tensor, dims in marks:
         if tensor is not None:
