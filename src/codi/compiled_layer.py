@@ -211,11 +211,10 @@ def layer_inputs(stack, layer) -> tuple[LayerSpec | None, tuple]:
     return spec, weights
 
 
-def compiled_runner(stack, mask, continued: bool, length: int):
+def compiled_runner(stack, mask, continued: bool, length: int, gqa: bool):
     """A stand-in for `stack._layer` for one LM call, running the compiled function; None when it does
-    not cover the stack's layers (they differ, or `layer_inputs` refuses one)."""
-    from .layer_stack import gqa_kernel
-
+    not cover the stack's layers (they differ, or `layer_inputs` refuses one). `gqa`: whether the
+    attention kernel groups key/value heads itself (`codi.layer_stack.gqa_kernel`)."""
     inputs = [layer_inputs(stack, layer) for layer in stack.layers]
     specs = [spec for spec, _ in inputs]
     if any(spec is None or spec != specs[0] for spec in specs):
@@ -223,7 +222,6 @@ def compiled_runner(stack, mask, continued: bool, length: int):
     weights = {id(layer): layer_weights for layer, (_, layer_weights) in zip(stack.layers, inputs)}
     grad = torch.is_grad_enabled()
     is_causal = mask is None and not continued and length > 1
-    gqa = gqa_kernel(stack.hf_model.device.type, mask)
     functions = {}
 
     def run(layer, hidden, past_kv, mask, rope):

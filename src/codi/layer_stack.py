@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .compiled_layer import compiled_runner
 from .stack_norm import stack_norm
 from .stack_weights import ProjectionGroup, cache_mode, projection
 
@@ -182,9 +183,8 @@ class LayerStack:
         keys, values = [], []
         run_layer = self._layer
         if self.compile_backend is not None:
-            from .compiled_layer import compiled_runner
-
-            run_layer = compiled_runner(self, mask, cache is not None, length) or self._layer
+            gqa = gqa_kernel(inputs_embeds.device.type, mask)
+            run_layer = compiled_runner(self, mask, cache is not None, length, gqa) or self._layer
         for index, layer in enumerate(self.layers):
             past_kv = (cache.keys[index], cache.values[index]) if cache is not None else None
             hidden, key, value = run_layer(layer, hidden, past_kv, mask, rope)
