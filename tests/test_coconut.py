@@ -53,12 +53,19 @@ QUESTIONS = [record.question for record in STEP_RECORDS] + ["Hi", "The answer is
 
 
 def coconut_model(
-    path: str, settings: CoconutArguments, std: float = 0.3, seed: int = 0, use_lora: bool = True
+    path: str,
+    settings: CoconutArguments,
+    std: float = 0.3,
+    seed: int = 0,
+    use_lora: bool = True,
+    lora_dropout: float = 0.1,
 ) -> CoconutModel:
     """A tiny Coconut model whose weights are re-drawn with a larger std (varied hidden states and
     greedy outputs; a default-init tiny model repeats one token)."""
     torch.manual_seed(seed)
-    args = CODIModelArguments(model_name_or_path=path, lora_r=8, use_prj=False, use_lora=use_lora)
+    args = CODIModelArguments(
+        model_name_or_path=path, lora_r=8, use_prj=False, use_lora=use_lora, lora_dropout=lora_dropout
+    )
     model = CoconutModel.from_base(args).configure(settings)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
