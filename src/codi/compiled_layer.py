@@ -1,24 +1,25 @@
 """The layer stack's decoder layer as one `torch.compile`d function of tensors (opt-in: `compile_layers`).
 
-On a GPU the eager layer stack still dispatches ~200 ATen ops per decoder layer per LM call, each a few
-microseconds of host time for microseconds of GPU work (docs/speed.md). Compiled, a layer is a handful of
-fused kernels and one cached graph call. What makes it compile once, not once per layer or per step:
+On a GPU the eager layer stack still dispatches a few hundred ATen ops per decoder layer per LM call,
+each microseconds of host time for less of GPU work (docs/speed.md). Compiled, a layer is a few dozen
+kernels and one cached graph call. What makes it compile once, not once per layer or per step:
 
 - the layer is a pure function of tensors (`layer_math`): the hidden states, the past keys/values,
-  the mask and rotary tables, and the layer's weights passed as arguments, so the 30 layers of one
-  model share one graph (modules passed in would be guarded on identity: one graph per layer);
+  the mask and rotary tables, and the layer's weights passed as arguments, so the layers of one model
+  share one graph (modules passed in would be guarded on identity: one graph per layer);
 - everything that is not a tensor (architecture, head counts, epsilons, LoRA scaling and dropout, the
-  training flag) is one tuple of constants (`LayerSpec`) built once per model and mode;
-- shapes are dynamic (`dynamic=True`): the batch, the call's length and the cache's length vary
-  without recompiling. What does compile apart: a first call with no cache (the teacher, a prompt)
-  against a continued one, length 1 against longer (dynamo specialises sizes 0 and 1), training
-  against evaluation, gradients on against off. A CODI step needs three graphs, decoding two or three.
+  training flag) is one frozen `LayerSpec`, closed over: dynamo reads it as constants;
+- the sizes that vary (batch, call length, cache length) are marked dynamic at each call; a cropped
+  cache is made contiguous, the layout every call returns. What does compile apart: a first call with
+  no cache against a continued one, one position against several (dynamo specialises sizes 0 and 1),
+  training against evaluation, gradients on against off. A CODI step needs three graphs, decoding three
+  or four more.
 
-The arithmetic is transformers' (RMSNorm in float32, rotary `rotate_half`, one fused attention call,
-each LoRA adapter `scaling * B(A(dropout(x)))` on its own); the compiler derives the backward.
-Dropout draws come from the compiler's random stream, so with dropout on a compiled step is the
-same distribution, not the same masks, as the eager one; with dropout off
-`tests/test_compiled_layer.py` proves it equal to the eager stack, values and gradients.
+The arithmetic is transformers' (RMSNorm in float32, rotary as the layer stack applies it, one fused
+attention call, each LoRA adapter `scaling * B(A(dropout(x)))`, the adapters of one input batched);
+the compiler derives the backward. Dropout draws come from the compiler's random stream, so with
+dropout on a compiled step is the same distribution, not the same masks, as the eager one; with dropout
+off `tests/test_compiled_layer.py` proves it equal to transformers' forward, values and gradients.
 """
 
 from __future__ import annotations
@@ -161,9 +162,8 @@ def compiled_layer_math(backend: str, spec: LayerSpec, grad: bool, single_row: b
     of several (dynamo specialises a size of 1: decoding one question and a batch compile apart); once
     per process (every model of the process with this spec shares the graphs).
 
-    Each compiled function has a code object of its own,
-    because dynamo counts graphs per code object against `recompile_limit` (8) and then runs the
-    function eagerly; one (spec, mode) needs at most four.
+    Each compiled function has a code object of its own, because dynamo counts graphs per code object
+    against `recompile_limit` (8) and then runs the function eagerly; one (spec, mode) needs at most four.
     """
 
     def layer(hidden, past, mask, rope, weights, is_causal, gqa):
