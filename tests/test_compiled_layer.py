@@ -129,3 +129,14 @@ def test_compiling_is_the_loading_machines_choice_not_the_checkpoints(make_model
     model.with_settings(args=replace(model.args, compile_layers=BACKEND)).save_pretrained(str(tmp_path))
     assert codi.load(str(tmp_path)).stack.compile_backend is None
     assert codi.load(str(tmp_path), compile_layers=BACKEND).stack.compile_backend == BACKEND
+
+
+def test_an_unknown_backend_is_a_one_line_error_and_an_uncovered_model_a_warning(caplog):
+    from codi import CODIModelArguments
+    from codi.layer_stack import build_stack
+
+    with pytest.raises(ValueError, match=r"^compile_layers: no torch.compile backend 'inductr'$"):
+        CODIModelArguments(model_name_or_path="gpt2", compile_layers="inductr")
+    with caplog.at_level("WARNING", logger="codi.layer_stack"):
+        assert build_stack(_lm("llama", None), enabled=False, compile_backend=BACKEND) is None
+    assert "layer_stack is off" in caplog.text and "uncompiled" in caplog.text

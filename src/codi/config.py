@@ -84,10 +84,8 @@ class CODIModelArguments:
     compile_layers: str = field(
         default="",
         metadata={
-            "help": "Compile each decoder layer of codi's layer stack with this torch.compile backend "
-            "(e.g. inductor): the layer as a few fused kernels, one graph shared by every layer; it pays "
-            "where the step is bound by per-op host cost (GPUs), after a compile of a minute or more "
-            "(docs/speed.md). Empty: eager."
+            "help": "Compile each layer of codi's layer stack with this torch.compile backend (inductor): "
+            "for GPUs, after a minute or more of compiling (docs/speed.md). Empty: eager."
         },
     )
     lora_init: bool = field(
@@ -169,6 +167,14 @@ class CODIModelArguments:
         )
         _check(bool(self.answer_prompt.strip()), "answer_prompt must not be empty")
         _check(self.dtype in DTYPES, f"dtype must be {' | '.join(DTYPES)}, got {self.dtype!r}")
+        if self.compile_layers:  # only then: importing dynamo takes seconds
+            from torch._dynamo import list_backends
+
+            backend = self.compile_layers
+            _check(
+                backend in list_backends(exclude_tags=()),
+                f"compile_layers: no torch.compile backend {backend!r}",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -27,6 +27,7 @@ transformers' forward; a 4-D mask or a transformers cache also goes to transform
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -38,6 +39,8 @@ from torch import nn
 from .compiled_layer import compiled_runner
 from .stack_norm import stack_norm
 from .stack_weights import ProjectionGroup, cache_mode, projection
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -174,15 +177,17 @@ class LayerStack:
         past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + length, device=inputs_embeds.device).unsqueeze(0)
-        mask = _attention_mask(
-            attention_mask, batch, past, length, inputs_embeds.device, _additive_mask_dtype(inputs_embeds)
-        )
+        compiled = self.compile_backend is not None
+        # additive saves the eager layers a conversion each; a compiled graph converts a boolean mask
+        # itself, in whatever dtype its queries have
+        additive = None if compiled else _additive_mask_dtype(inputs_embeds)
+        mask = _attention_mask(attention_mask, batch, past, length, inputs_embeds.device, additive)
         hidden = self._embed(inputs_embeds, position_ids)
         rope = self._rope(hidden, position_ids)
         states = [hidden] if output_hidden_states else None
         keys, values = [], []
         run_layer = self._layer
-        if self.compile_backend is not None:
+        if compiled:
             gqa = gqa_kernel(inputs_embeds.device.type, mask)
             run_layer = compiled_runner(self, mask, cache is not None, length, gqa) or self._layer
         for index, layer in enumerate(self.layers):
@@ -277,6 +282,21 @@ class LayerStack:
         if layer.dropouts:
             update = layer.dropouts[1](update)
         return (hidden + update).view(shape), key, value
+
+
+def build_stack(hf_model: nn.Module, enabled: bool, compile_backend: str = "") -> LayerStack | None:
+    """The model's layer stack when `enabled` and it covers the model (else None: transformers' forward),
+    its layers compiled with `compile_backend` when given."""
+    stack = LayerStack.build(hf_model, compile_backend=compile_backend or None) if enabled else None
+    if stack is None and compile_backend:
+        why = "layer_stack is off" if not enabled else f"it does not cover {type(hf_model).__name__}"
+        logger.warning(
+            "compile_layers=%s compiles the layer stack's layers, but %s: transformers' forward runs "
+            "uncompiled",
+            compile_backend,
+            why,
+        )
+    return stack
 
 
 class _Unsupported(Exception):

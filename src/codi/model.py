@@ -29,7 +29,7 @@ from .config import CODIModelArguments
 from .io.checkpoint import CheckpointMixin
 from .io.hf import add_special_tokens, build_lm
 from .latent import LatentPrefix, LatentTransform, build_projection
-from .layer_stack import LayerStack, StackCache
+from .layer_stack import LayerStack, StackCache, build_stack
 from .losses import (
     TrainingObjective,
     combine_losses,
@@ -67,7 +67,7 @@ class CODIModel(CheckpointMixin, nn.Module):
         self.policy = ReferencePolicy.from_flags(args.reference_compat, args.fix_attn_mask)
         self.pad_id, self.bot_id, self.eot_id = add_special_tokens(tokenizer)
         self.prj = build_projection(hidden_size, args)
-        self.stack = _build_stack(self.hf_model, args)
+        self.stack = build_stack(self.hf_model, args.layer_stack, args.compile_layers)
         self.special_token_embeddings = None
         if args.train_special_token_embeddings:
             rows = self.hf_model.get_input_embeddings().weight[[self.bot_id, self.eot_id]]
@@ -91,7 +91,7 @@ class CODIModel(CheckpointMixin, nn.Module):
         if args is not None:
             view.args = args
             if (args.layer_stack, args.compile_layers) != (self.args.layer_stack, self.args.compile_layers):
-                view.stack = _build_stack(self.hf_model, args)
+                view.stack = build_stack(self.hf_model, args.layer_stack, args.compile_layers)
             view.policy = ReferencePolicy.from_flags(args.reference_compat, args.fix_attn_mask)
         return view
 
@@ -442,9 +442,3 @@ def _keep_state(prefix: LatentPrefix, out, all_layers: bool) -> None:
     prefix.hidden.append(out.hidden_states[-1][:, -1])
     if all_layers:
         prefix.all_hidden.append(tuple(h[:, -1] for h in out.hidden_states))
-
-
-def _build_stack(hf_model: nn.Module, args: CODIModelArguments) -> LayerStack | None:
-    if not args.layer_stack:
-        return None
-    return LayerStack.build(hf_model, compile_backend=args.compile_layers or None)
